@@ -1,0 +1,66 @@
+/*
+ * The child side of the Bitrix24 frame protocol, without loading BX24.js from the internet.
+ *
+ * The portal names our iframe "DOMAIN|PROTOCOL|APP_SID" and talks to us with postMessage:
+ * we send "command:JSON-params:callbackKey:APP_SID" to the portal origin and it answers
+ * "callbackKey:JSON". Only messages from that origin are read.
+ */
+(function () {
+  "use strict";
+  var parts = (window.name || "").split("|");
+  var available = window.parent !== window && parts.length >= 3 && /^[A-Za-z0-9.:\-\[\]]+$/.test(parts[0]);
+  var origin = available ? (parts[1] === "1" ? "https://" : "http://") + parts[0] : null;
+  var appSid = available ? parts[2] : null;
+  var pending = {};
+  var sequence = 0;
+
+  window.addEventListener("message", function (event) {
+    if (!available || event.origin !== origin || typeof event.data !== "string") return;
+    var colon = event.data.indexOf(":");
+    var key = colon < 0 ? event.data : event.data.slice(0, colon);
+    var callback = pending[key];
+    if (!callback) return;
+    delete pending[key];
+    var payload = colon < 0 ? "" : event.data.slice(colon + 1);
+    var value = null;
+    try { value = payload ? JSON.parse(payload) : null; } catch (e) { value = payload; }
+    callback(value);
+  });
+
+  function send(command, params, timeoutMs) {
+    return new Promise(function (resolve, reject) {
+      if (!available) { reject(new Error("Not inside a Bitrix24 frame")); return; }
+      sequence += 1;
+      var key = "b24r" + sequence + "_" + Math.random().toString(36).slice(2, 10);
+      pending[key] = resolve;
+      var body = params ? JSON.stringify(params) : "";
+      window.parent.postMessage([command, body, key, appSid].join(":"), origin);
+      setTimeout(function () {
+        if (pending[key]) { delete pending[key]; reject(new Error("No answer to " + command)); }
+      }, timeoutMs || 10000);
+    });
+  }
+
+  function contentHeight() {
+    return Math.max(document.documentElement.scrollHeight, document.body ? document.body.scrollHeight : 0);
+  }
+
+  window.B24Frame = {
+    available: available,
+    send: send,
+    fitWindow: function () { return send("resizeWindow", { width: "100%", height: contentHeight() }); },
+    refreshAuth: function () { return send("refreshAuth"); },
+    installFinish: function () { return send("setInstallFinish"); },
+    /* Keep the frame as tall as the page: on load and whenever the content changes size. */
+    autoFit: function () {
+      if (!available) return;
+      var last = 0;
+      var fit = function () {
+        var height = contentHeight();
+        if (height !== last) { last = height; send("resizeWindow", { width: "100%", height: height }).catch(function () {}); }
+      };
+      fit();
+      if (window.ResizeObserver) new ResizeObserver(fit).observe(document.body);
+    }
+  };
+})();

@@ -1,0 +1,4 @@
+(function () {
+  "use strict";
+  if (window.B24Frame) window.B24Frame.autoFit();
+})();

@@ -1,0 +1,93 @@
+import logging
+
+import pytest
+
+from b24app.logs import OneLineFormatter, SecretMaskingFilter, mask_secrets
+
+FRAME_AUTH_ID = "4991e86600715db20058f18a00000001302a076f538759f623791a7dece3ebd357ae95"
+EVENT_ACCESS = "s6p6eclrvim6da22ft9ch94ekreb52lv"
+APP_TOKEN = "51856fefc120afa4b628cc82d3935cce"
+MEMBER_ID = "a223c6b3710f85df22e9377d6c4f7553"
+
+
+@pytest.mark.parametrize(
+    "text, secret",
+    [
+        (f"POST body AUTH_ID={FRAME_AUTH_ID}&member_id={MEMBER_ID}", FRAME_AUTH_ID),
+        (f"auth[access_token]={EVENT_ACCESS}&auth[member_id]={MEMBER_ID}", EVENT_ACCESS),
+        (f"auth[application_token]={APP_TOKEN}", APP_TOKEN),
+        (f'{{"refresh_token": "{EVENT_ACCESS}", "member_id": "{MEMBER_ID}"}}', EVENT_ACCESS),
+        (f"{{'access_token': '{FRAME_AUTH_ID}'}}", FRAME_AUTH_ID),
+        ("GET /oauth/token/?grant_type=refresh_token&client_secret=LJSl0lNB76B5YY6u0YVQ", "LJSl0lNB76B5YY6u0YVQ"),
+        (f"token expired for {FRAME_AUTH_ID}", FRAME_AUTH_ID),
+        (f"unknown value {EVENT_ACCESS} seen", EVENT_ACCESS),
+        (f"APPLICATION_TOKEN: {APP_TOKEN}", APP_TOKEN),
+        (f'{{"auth": "{APP_TOKEN}", "id": 17}}', APP_TOKEN),
+    ],
+)
+def test_mask_secrets_hides_token_shapes(text, secret):
+    masked = mask_secrets(text)
+    assert secret not in masked
+    assert secret[:4] + "***" in masked
+
+
+def test_mask_secrets_keeps_member_id_and_codes_readable():
+    text = f"portal {MEMBER_ID} answered QUERY_LIMIT_EXCEEDED for tasks.task.result.update id=17"
+    assert mask_secrets(text) == text
+
+
+def test_mask_secrets_hides_configured_secrets(settings):
+    settings.B24_CLIENT_SECRET = "a-very-odd-Client-Secret-value"
+    assert "a-very-odd-Client-Secret-value" not in mask_secrets("oops a-very-odd-Client-Secret-value")
+
+
+def _emit(logger_name: str, *args, exc: BaseException | None = None) -> str:
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(self.format(record))
+
+    handler = Collect()
+    handler.addFilter(SecretMaskingFilter())
+    handler.setFormatter(OneLineFormatter())
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        if exc is None:
+            logger.warning(*args)
+        else:
+            try:
+                raise exc
+            except type(exc):
+                logger.exception(*args)
+    finally:
+        logger.removeHandler(handler)
+    assert len(records) == 1
+    return records[0]
+
+
+def test_log_line_masks_arguments_and_tracebacks_on_one_line():
+    line = _emit(
+        "tests.masking",
+        "refresh failed for %s",
+        {"refresh_token": EVENT_ACCESS},
+        exc=ValueError(f"bad AUTH_ID={FRAME_AUTH_ID}"),
+    )
+    assert EVENT_ACCESS not in line
+    assert FRAME_AUTH_ID not in line
+    assert "\n" not in line
+    assert "ValueError" in line and "refresh failed for" in line
+
+
+def test_logging_config_masks_on_the_stdout_handler(settings):
+    assert settings.LOGGING["handlers"]["stdout"]["stream"] == "ext://sys.stdout"
+    handler = next(h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler))
+    record = logging.LogRecord(
+        "b24app.anything", logging.WARNING, __file__, 1, "event auth[access_token]=%s",
+        (EVENT_ACCESS,), None,
+    )
+    assert handler.filter(record)
+    line = handler.format(record)
+    assert line.endswith("WARNING b24app.anything event auth[access_token]=s6p6***")

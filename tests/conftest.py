@@ -1,0 +1,59 @@
+"""Shared fixtures and the rule that CI never skips a test for want of a service.
+
+Tests marked `postgres`, `redis` or `browser` need PostgreSQL (DATABASE_URL=postgres://…),
+Redis (REDIS_URL) or Debian's Chromium. On a developer machine without them such tests are
+skipped with the reason; in CI (CI=true) a missing service fails the test instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _missing_service(marker: str) -> str | None:
+    from django.conf import settings
+    from django.db import connection
+
+    if marker == "postgres" and connection.vendor != "postgresql":
+        return "needs PostgreSQL: set DATABASE_URL=postgres://…"
+    if marker == "redis":
+        if not settings.REDIS_URL:
+            return "needs Redis: set REDIS_URL (or CELERY_BROKER_URL=redis://…)"
+        import redis
+
+        try:
+            redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=1).ping()
+        except redis.RedisError:
+            return f"needs Redis, but {settings.REDIS_URL.split('@')[-1]} does not answer"
+    if marker == "browser" and not (os.path.exists(CHROMIUM) and shutil.which("chromium")):
+        return "needs Debian's Chromium: apt-get install -y chromium"
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker in ("postgres", "redis", "browser"):
+        if item.get_closest_marker(marker) is None:
+            continue
+        reason = _missing_service(marker)
+        if reason is None:
+            continue
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must provide every service; {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _collected_static(tmp_path_factory):
+    """Collect static files once, as a deployment does, so the manifest storage works as in
+    production (DEBUG is off in tests)."""
+    from django.core.management import call_command
+    from django.test import override_settings
+
+    with override_settings(STATIC_ROOT=tmp_path_factory.mktemp("static")):
+        call_command("collectstatic", interactive=False, verbosity=0)
+        yield
