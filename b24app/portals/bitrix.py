@@ -1,0 +1,954 @@
+"""The only module that speaks HTTP to Bitrix24: REST client, OAuth server, typed errors.
+
+Nothing here touches the database. Tokens, the "token expired" refresh and the "portal moved"
+update are passed in by the services layer, which owns storage and locking::
+
+    config = BitrixConfig(client_id=..., client_secret=..., oauth_servers=(...,))
+    session = build_session(config)                      # one per process
+    client = BitrixClient(
+        account.client_endpoint, account.access_token, config=config, session=session,
+        on_expired=lambda: account_tokens_refresh(account_id=...),   # returns the new token
+        on_domain_change=lambda endpoint: portal_endpoint_update(...),
+        limiter=limiter, limiter_key=portal.member_id, rate=portal.rate_limit,
+    )
+    item = client.call_v3("tasks.task.result.add", {"fields": {"taskId": 51, "text": "Done"}},
+                          idempotency_key=change.key)["item"]
+
+Errors are all :class:`BitrixError` subclasses chosen by error code and HTTP status (never by
+message text, which is localised). Tokens and the client secret never appear in URLs, log
+records, error messages or reprs. Protocol references (§) point to ``bitrix24-protocol.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import requests
+from oauthlib.oauth2 import InsecureTransportError, OAuth2Error
+from requests.adapters import HTTPAdapter
+from requests_oauthlib import OAuth2Session
+
+from b24app.portals.netguard import (
+    BitrixError,
+    GuardedAdapter,
+    UnsafeURL,
+    check_base_url,
+    client_endpoint_for,
+    parse_origin,
+)
+from b24app.portals.ratelimit import RateLimiter, RateLimitTimeout
+
+__all__ = [
+    "ACCESS_DENIED_CODES",
+    "AUTH_ERROR_CODES",
+    "DEFAULT_OAUTH_SERVERS",
+    "TOKEN_EXPIRED_CODES",
+    "UNAVAILABLE_CODES",
+    "VALIDATION_CODES",
+    "WRITE_SUFFIXES",
+    "BitrixAccessDenied",
+    "BitrixAuthError",
+    "BitrixClient",
+    "BitrixConfig",
+    "BitrixError",
+    "BitrixTokenExpired",
+    "BitrixUnavailable",
+    "BitrixValidationError",
+    "OAuthServer",
+    "TokenSet",
+    "UnsafeURL",
+    "build_session",
+    "mask_secret",
+    "oauth_origin_for",
+]
+
+logger = logging.getLogger("b24app.bitrix")
+
+DEFAULT_OAUTH_SERVERS = ("https://oauth.bitrix.info", "https://oauth.bitrix24.tech")
+V3_PREFIX = "BITRIX_REST_V3_EXCEPTION_"
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+class BitrixUnavailable(BitrixError):
+    """Bitrix24 cannot serve the request now; retry later (after ``retry_after`` seconds if set).
+
+    ``operating_reset_at`` (Unix seconds) is set for ``OPERATION_TIME_LIMIT`` when known: the
+    method is blocked for this app until then (§7.2).
+    """
+
+    def __init__(
+        self,
+        code: str,
+        description: str = "",
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        operating_reset_at: int | None = None,
+    ) -> None:
+        super().__init__(code, description, status=status)
+        self.retry_after = retry_after
+        self.operating_reset_at = operating_reset_at
+
+
+class BitrixAuthError(BitrixError):
+    """The connection is dead (revoked, unpaid, uninstalled, bad refresh token): re-authorise."""
+
+
+class BitrixTokenExpired(BitrixError):
+    """The access token expired (``expired_token``/``invalid_token``) and no refresh was tried."""
+
+
+class BitrixAccessDenied(BitrixError):
+    """The token works but this user or app may not do this (rights, scope, auth type)."""
+
+
+class BitrixValidationError(BitrixError):
+    """Bitrix24 refused the request's content; ``validation`` lists ``{"field", "message"}``."""
+
+    def __init__(
+        self,
+        code: str,
+        description: str = "",
+        *,
+        status: int | None = None,
+        validation: Iterable[Mapping[str, str | None]] = (),
+    ) -> None:
+        super().__init__(code, description, status=status)
+        self.validation: list[dict[str, str | None]] = [
+            {"field": entry.get("field"), "message": entry.get("message") or ""}
+            for entry in validation
+        ]
+
+    def __str__(self) -> str:
+        details = "; ".join(
+            f"{entry['field']}: {entry['message']}" if entry["field"] else str(entry["message"])
+            for entry in self.validation
+        )
+        return f"{super().__str__()} [{details}]" if details else super().__str__()
+
+
+TOKEN_EXPIRED_CODES = frozenset({"expired_token", "invalid_token"})
+"""Refresh the access token and repeat the call once (§2.3, §6.2)."""
+
+AUTH_ERROR_CODES = frozenset(
+    {
+        "invalid_grant",
+        "bad_verification_code",
+        "invalid_client",
+        "wrong_client",
+        "NO_AUTH_FOUND",
+        "PAYMENT_REQUIRED",
+        "PORTAL_DELETED",
+        "NOT_INSTALLED",
+        "APPLICATION_NOT_FOUND",
+        "ERROR_OAUTH",
+        "authorization_error",
+    }
+)
+"""The connection is dead; a refresh does not help (§2.5, §6)."""
+
+ACCESS_DENIED_CODES = frozenset(
+    {
+        "ACCESS_DENIED",
+        "ACCESS_ERROR",
+        "ALLOWED_ONLY_INTRANET_USER",
+        "INVALID_CREDENTIALS",
+        "INVALID_SCOPE",
+        "invalid_scope",
+        "insufficient_scope",
+        "METHOD_CONFIRM_DENIED",
+        "METHOD_CONFIRM_WAITING",
+        "user_access_error",
+        "WRONG_AUTH_TYPE",
+        V3_PREFIX + "ACCESSDENIEDEXCEPTION",
+        V3_PREFIX + "INSUFFICIENTSCOPEEXCEPTION",
+    }
+)
+
+UNAVAILABLE_CODES = frozenset(
+    {
+        "QUERY_LIMIT_EXCEEDED",
+        "OPERATION_TIME_LIMIT",
+        "OVERLOAD_LIMIT",
+        "INTERNAL_SERVER_ERROR",
+        "ERROR_UNEXPECTED_ANSWER",
+    }
+)
+
+VALIDATION_CODES = frozenset(
+    {
+        "ERROR_ARGUMENT",
+        "INVALID_ARG_VALUE",
+        "ERROR_BATCH_LENGTH_EXCEEDED",
+        "100",  # classic "Invalid value … Should be value of type int" (§5.4)
+        V3_PREFIX + "UNKNOWNDTOPROPERTYEXCEPTION",
+        V3_PREFIX + "UNKNOWNFILTEROPERATOREXCEPTION",
+        V3_PREFIX + "ENTITYNOTFOUNDEXCEPTION",
+        V3_PREFIX + "IDEMPOTENCYKEYREUSEDEXCEPTION",
+    }
+)
+"""Plus every v3 ``…_VALIDATION_…`` and ``…_INVALID…EXCEPTION`` code (see ``_error_class``)."""
+
+
+def _error_class(code: str, status: int | None) -> type[BitrixError]:
+    if code in TOKEN_EXPIRED_CODES:
+        return BitrixTokenExpired
+    if code in AUTH_ERROR_CODES:
+        return BitrixAuthError
+    if code in ACCESS_DENIED_CODES:
+        return BitrixAccessDenied
+    if code in UNAVAILABLE_CODES:
+        return BitrixUnavailable
+    if code in VALIDATION_CODES:
+        return BitrixValidationError
+    if code.startswith(V3_PREFIX):
+        name = code.removeprefix(V3_PREFIX)
+        if name.startswith("VALIDATION_") or (
+            name.startswith("INVALID") and name.endswith("EXCEPTION")
+        ):
+            return BitrixValidationError
+    if status is not None:
+        if status >= 500 or status == 429:
+            return BitrixUnavailable
+        if status == 401:
+            return BitrixAuthError
+        if status == 403:
+            return BitrixAccessDenied
+    return BitrixError
+
+
+def mask_secret(value: str | None) -> str:
+    """Loggable form of a token or secret: the first 4 characters and ``***`` (§9.1)."""
+    if not value:
+        return ""
+    return f"{value[:4]}***" if len(value) >= 8 else "***"
+
+
+# Token-like runs: 24+ letters and digits with at least one of each (Bitrix24 tokens are 32-70
+# such characters). Localised words and error codes (with "_") do not match.
+_TOKEN_LIKE = re.compile(r"\b(?=[A-Za-z]*[0-9])(?=[0-9]*[A-Za-z])[A-Za-z0-9]{24,}\b")
+
+
+def _redact(text: str, secrets: Iterable[str]) -> str:
+    """Mask the given secrets and anything that looks like a token in server-provided text."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, mask_secret(secret))
+    return _TOKEN_LIKE.sub(lambda match: mask_secret(match.group()), text)
+
+
+@dataclass(frozen=True)
+class _ErrorInfo:
+    """An error response reduced to what the typed exceptions carry."""
+
+    code: str
+    status: int
+    from_body: bool
+    """``code`` came from the response body (otherwise it is ours, e.g. ``HTTP_502``)."""
+    description: str = ""
+    validation: tuple[dict[str, str | None], ...] = ()
+    time: Mapping[str, Any] | None = None
+    retry_after: float | None = None
+
+    @classmethod
+    def from_response(
+        cls, response: requests.Response, body: Any, secrets: Iterable[str]
+    ) -> _ErrorInfo | None:
+        """``None`` for a success; both error shapes of §5.2 / §6 otherwise.
+
+        A JSON ``error`` key is an error whatever the status (``wrong_client`` comes with 200).
+        """
+        status = response.status_code
+        secrets = tuple(secrets)
+        retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
+        if not isinstance(body, dict):
+            if 300 <= status < 400:
+                code = "UNEXPECTED_REDIRECT"
+            else:
+                code = "INVALID_RESPONSE" if status < 300 else f"HTTP_{status}"
+            return cls(code, status, from_body=False, retry_after=retry_after)
+        error = body.get("error")
+        if error in (None, ""):
+            if status < 300:
+                return None
+            return cls(f"HTTP_{status}", status, from_body=False, retry_after=retry_after)
+        if isinstance(error, dict):  # REST 3.0: {"error": {"code", "message", "validation"}}
+            code = str(error.get("code") or "")
+            description = str(error.get("message") or "")
+            raw_validation = error.get("validation")
+            entries = raw_validation if isinstance(raw_validation, list) else []
+            validation = tuple(
+                {
+                    "field": None if entry.get("field") is None else str(entry["field"]),
+                    "message": _redact(str(entry.get("message") or ""), secrets),
+                }
+                for entry in entries
+                if isinstance(entry, dict)
+            )
+        else:  # classic: {"error": "CODE", "error_description": "...", ["argument": "..."]}
+            code = str(error)
+            description = str(body.get("error_description") or "")
+            argument = body.get("argument")
+            validation = (
+                ({"field": str(argument), "message": _redact(description, secrets)},)
+                if argument
+                else ()
+            )
+        return cls(
+            code or f"HTTP_{status}",
+            status,
+            from_body=bool(code),
+            description=_redact(description, secrets),
+            validation=validation,
+            time=_time_block(body),
+            retry_after=retry_after,
+        )
+
+    def exception(self, *, operating_reset_at: int | None = None) -> BitrixError:
+        """The typed exception for this error."""
+        if self.from_body:
+            error_class = _error_class(self.code, self.status)
+        elif self.status >= 500 or self.status == 429:
+            error_class = BitrixUnavailable
+        else:  # no error code: the status alone does not say what went wrong
+            error_class = BitrixError
+        if error_class is BitrixUnavailable:
+            retry_after = self.retry_after
+            if retry_after is None and operating_reset_at is not None:
+                retry_after = max(0.0, operating_reset_at - time.time())
+            return BitrixUnavailable(
+                self.code,
+                self.description,
+                status=self.status,
+                retry_after=retry_after,
+                operating_reset_at=operating_reset_at,
+            )
+        if error_class is BitrixValidationError:
+            return BitrixValidationError(
+                self.code, self.description, status=self.status, validation=self.validation
+            )
+        return error_class(self.code, self.description, status=self.status)
+
+
+def _time_block(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    block = body.get("time")
+    return block if isinstance(block, dict) else None
+
+
+def _retry_after_seconds(header: str | None) -> float | None:
+    if not header:
+        return None
+    try:
+        seconds = float(header)
+    except ValueError:
+        try:
+            moment = parsedate_to_datetime(header)
+        except (TypeError, ValueError):
+            return None
+        seconds = (moment - datetime.now(UTC)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _json_body(response: requests.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _transport_error(exc: requests.RequestException, host: str) -> BitrixError:
+    name = type(exc).__name__
+    if isinstance(exc, requests.Timeout):
+        return BitrixUnavailable("TIMEOUT", f"{name} talking to {host}")
+    if isinstance(exc, requests.ConnectionError):
+        return BitrixUnavailable("CONNECTION_ERROR", f"{name} talking to {host}")
+    if isinstance(exc, requests.TooManyRedirects):
+        return BitrixError("UNEXPECTED_REDIRECT", f"{host} answered with a redirect")
+    return BitrixError("REQUEST_FAILED", f"{name} talking to {host}")
+
+
+def _log_exchange(
+    method: str,
+    api: str,
+    host: str,
+    *,
+    status: int | None,
+    started: float,
+    error: str | None,
+    waited: float = 0.0,
+) -> None:
+    logger.info(
+        "bitrix24 call method=%s api=%s host=%s status=%s duration_ms=%d wait_ms=%d error=%s",
+        method,
+        api,
+        host,
+        status if status is not None else "-",
+        (time.monotonic() - started) * 1000,
+        waited * 1000,
+        error or "-",
+    )
+
+
+# --- configuration and tokens ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class BitrixConfig:
+    """App-wide settings of the Bitrix24 transport (from ``B24_*`` env vars, §contract).
+
+    ``oauth_servers`` (``B24_OAUTH_SERVERS``) is normalised to bare origins; a comma-separated
+    string is accepted. ``allow_private`` is ``B24_ALLOW_PRIVATE_PORTALS``.
+    """
+
+    client_id: str
+    client_secret: str
+    oauth_servers: tuple[str, ...] = DEFAULT_OAUTH_SERVERS
+    allow_private: bool = False
+    connect_timeout: float = 3.05
+    read_timeout: float = 20.0
+    user_agent: str = "b24-results/0.1"
+
+    def __post_init__(self) -> None:
+        servers = self.oauth_servers
+        if isinstance(servers, str):
+            servers = tuple(part for part in servers.split(",") if part.strip())
+        origins = tuple(
+            _bare_origin(server.strip(), allow_http=self.allow_private, paths=("", "/"))
+            for server in servers
+        )
+        object.__setattr__(self, "oauth_servers", origins)
+
+    @property
+    def timeout(self) -> tuple[float, float]:
+        """``(connect, read)`` timeout for ``requests``."""
+        return (self.connect_timeout, self.read_timeout)
+
+    def __repr__(self) -> str:
+        return (
+            f"BitrixConfig(client_id={self.client_id!r}, "
+            f"client_secret={mask_secret(self.client_secret)!r}, "
+            f"oauth_servers={self.oauth_servers!r}, allow_private={self.allow_private!r}, "
+            f"connect_timeout={self.connect_timeout!r}, read_timeout={self.read_timeout!r}, "
+            f"user_agent={self.user_agent!r})"
+        )
+
+
+@dataclass(frozen=True, repr=False)
+class TokenSet:
+    """Tokens and portal facts from a token response (§2.2) or an install payload (§1.4)."""
+
+    access_token: str
+    refresh_token: str
+    expires_at: datetime
+    """Aware UTC datetime when ``access_token`` expires."""
+    scope: str
+    """Comma-separated granted scopes."""
+    member_id: str
+    user_id: int | None
+    client_endpoint: str
+    server_endpoint: str
+    status: str
+
+    @classmethod
+    def from_response(cls, data: Mapping[str, Any]) -> TokenSet:
+        """Build from a token response; ``expires`` wins over ``expires_in``."""
+        access_token = data.get("access_token")
+        refresh_token = data.get("refresh_token")
+        if not access_token or not refresh_token:
+            raise BitrixError("INVALID_TOKEN_RESPONSE", "token response lacks a token")
+        try:
+            if data.get("expires") not in (None, ""):
+                expires_at = datetime.fromtimestamp(int(float(data["expires"])), UTC)
+            else:
+                lifetime = int(data.get("expires_in") or 3600)  # 1 hour per §2.4
+                expires_at = datetime.now(UTC) + timedelta(seconds=lifetime)
+            user_id = None if data.get("user_id") in (None, "") else int(data["user_id"])
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise BitrixError(
+                "INVALID_TOKEN_RESPONSE", "token response has a malformed expiry or user_id"
+            ) from exc
+        return cls(
+            access_token=str(access_token),
+            refresh_token=str(refresh_token),
+            expires_at=expires_at,
+            scope=_scope_text(data.get("scope")),
+            member_id=str(data.get("member_id") or ""),
+            user_id=user_id,
+            client_endpoint=str(data.get("client_endpoint") or ""),
+            server_endpoint=str(data.get("server_endpoint") or ""),
+            status=str(data.get("status") or ""),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenSet(access_token={mask_secret(self.access_token)!r}, "
+            f"refresh_token={mask_secret(self.refresh_token)!r}, "
+            f"expires_at={self.expires_at.isoformat()!r}, scope={self.scope!r}, "
+            f"member_id={self.member_id!r}, user_id={self.user_id!r}, "
+            f"client_endpoint={self.client_endpoint!r}, "
+            f"server_endpoint={self.server_endpoint!r}, status={self.status!r})"
+        )
+
+
+def _scope_text(value: Any) -> str:
+    """Comma list of scopes from a string (commas and/or spaces, §1.4) or a list (oauthlib)."""
+    if isinstance(value, list | tuple):
+        value = ",".join(str(part) for part in value)
+    return ",".join(part for part in re.split(r"[\s,]+", str(value or "")) if part)
+
+
+def _bare_origin(url: str, *, allow_http: bool, paths: tuple[str, ...]) -> str:
+    """Origin of ``url`` when its path is one of ``paths`` and it has no query."""
+    origin = parse_origin(url, allow_http=allow_http)
+    parts = urlsplit(url)
+    if parts.path not in paths or parts.query:
+        raise UnsafeURL("NOT_AN_ORIGIN", f"{url!r} is not an OAuth server origin")
+    return str(origin)
+
+
+def build_session(config: BitrixConfig, *, pool_maxsize: int = 32) -> requests.Session:
+    """A ``requests.Session`` for Bitrix24; share one per process.
+
+    Unless ``allow_private`` is on, every connection's peer address is checked when it connects
+    (:class:`~b24app.portals.netguard.GuardedAdapter`). Retries are left to the callers.
+    """
+    session = requests.Session()
+    adapter_class = HTTPAdapter if config.allow_private else GuardedAdapter
+    for prefix in ("https://", "http://"):
+        session.mount(prefix, adapter_class(pool_connections=16, pool_maxsize=pool_maxsize))
+    session.headers["User-Agent"] = config.user_agent
+    return session
+
+
+# --- OAuth server ------------------------------------------------------------------------------
+
+
+def oauth_origin_for(server_endpoint: str, config: BitrixConfig) -> str:
+    """The allow-listed OAuth server origin for a ``server_endpoint`` such as ``…/rest/``.
+
+    The normalised origin must be exactly one of ``config.oauth_servers``; ``http`` only with
+    ``allow_private``. Raises :class:`UnsafeURL` otherwise.
+    """
+    origin = _bare_origin(
+        server_endpoint, allow_http=config.allow_private, paths=("", "/", "/rest", "/rest/")
+    )
+    if origin not in config.oauth_servers:
+        raise UnsafeURL(
+            "OAUTH_SERVER_NOT_ALLOWED", f"{origin} is not one of the allowed OAuth servers"
+        )
+    return origin
+
+
+class _DropDebugRecords(logging.Filter):
+    """requests-oauthlib logs token request bodies and token responses at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.DEBUG
+
+
+_oauthlib_logger = logging.getLogger("requests_oauthlib.oauth2_session")
+if not any(isinstance(f, _DropDebugRecords) for f in _oauthlib_logger.filters):
+    _oauthlib_logger.addFilter(_DropDebugRecords())
+
+
+class OAuthServer:
+    """The Bitrix24 authorization server (§2): token exchange, refresh, trusted ``app.info``.
+
+    Every method takes the OAuth server as stored for the portal (``server_endpoint`` or its
+    origin) and talks only to it when it is allow-listed (:func:`oauth_origin_for`).
+    ``client_secret`` travels only in POST bodies to that server. Redirects are never followed.
+    """
+
+    def __init__(self, config: BitrixConfig, session: requests.Session | None = None) -> None:
+        self._config = config
+        self._session = session if session is not None else build_session(config)
+
+    def refresh(self, server_origin: str, refresh_token: str) -> TokenSet:
+        """Trade a refresh token for a new pair (§2.3). The old refresh token is spent."""
+        origin = oauth_origin_for(server_origin, self._config)
+        body = self._post_form(
+            f"{origin}/oauth/token/",
+            "oauth.token",
+            {
+                "grant_type": "refresh_token",
+                "client_id": self._config.client_id,
+                "client_secret": self._config.client_secret,
+                "refresh_token": refresh_token,
+            },
+            secrets=(refresh_token,),
+        )
+        return TokenSet.from_response(body)
+
+    def exchange_code(self, server_origin: str, code: str) -> TokenSet:
+        """Trade an authorization code (valid 30 s) for tokens (§2.2), via requests-oauthlib.
+
+        For an ``http`` OAuth server (``allow_private`` testing only) oauthlib also needs
+        ``OAUTHLIB_INSECURE_TRANSPORT=1`` in the environment.
+        """
+        origin = oauth_origin_for(server_origin, self._config)
+        host = urlsplit(origin).netloc
+        secrets = (code, self._config.client_secret)
+        oauth = OAuth2Session(self._config.client_id)
+        # Reuse the shared session's (guarded) adapters; the shared session owns and closes them.
+        for prefix, adapter in self._session.adapters.items():
+            oauth.mount(prefix, adapter)
+        oauth.max_redirects = 0
+        started = time.monotonic()
+
+        def check_response(response: requests.Response) -> requests.Response:
+            error = _ErrorInfo.from_response(response, _json_body(response), secrets)
+            _log_exchange(
+                "oauth.token",
+                "oauth",
+                host,
+                status=response.status_code,
+                started=started,
+                error=error.code if error else None,
+            )
+            if error is not None:
+                raise error.exception()
+            return response
+
+        oauth.register_compliance_hook("access_token_response", check_response)
+        try:
+            token = oauth.fetch_token(
+                f"{origin}/oauth/token/",
+                code=code,
+                client_secret=self._config.client_secret,
+                include_client_id=True,
+                timeout=self._config.timeout,
+                headers={
+                    "Accept": "application/json",
+                    "Content-Type": "application/x-www-form-urlencoded",
+                    "User-Agent": self._config.user_agent,
+                },
+            )
+        except requests.RequestException as exc:
+            error = _transport_error(exc, host)
+            _log_exchange(
+                "oauth.token", "oauth", host, status=None, started=started, error=error.code
+            )
+            raise error from exc
+        except InsecureTransportError as exc:
+            raise UnsafeURL(
+                "INSECURE_TRANSPORT",
+                "oauthlib refuses http; set OAUTHLIB_INSECURE_TRANSPORT=1 for local testing",
+            ) from exc
+        except OAuth2Error as exc:
+            raise BitrixError(
+                "INVALID_TOKEN_RESPONSE", _redact(str(exc.description or exc.error), secrets)
+            ) from exc
+        return TokenSet.from_response(token)
+
+    def app_info(self, server_origin: str, access_token: str) -> dict[str, Any]:
+        """Trusted ``app.info`` on the OAuth server (§2.7): ``client_id``, ``install{…}``, …"""
+        origin = oauth_origin_for(server_origin, self._config)
+        body = self._post_form(
+            f"{origin}/rest/app.info", "app.info", {"auth": access_token}, secrets=(access_token,)
+        )
+        result = body.get("result")
+        if not isinstance(result, dict):
+            raise BitrixError("INVALID_RESPONSE", "app.info returned no result object")
+        return result
+
+    def authorize_url(self, portal_base_url: str, state: str) -> str:
+        """Where to send the browser to start the code flow (§2.2, no ``redirect_uri``)."""
+        origin = check_base_url(portal_base_url, allow_private=self._config.allow_private)
+        query = urlencode({"client_id": self._config.client_id, "state": state})
+        return f"{origin}/oauth/authorize/?{query}"
+
+    def _post_form(
+        self, url: str, method: str, data: Mapping[str, str], *, secrets: Iterable[str]
+    ) -> dict[str, Any]:
+        """POST a form to the OAuth server; returns the JSON object or raises the typed error."""
+        host = urlsplit(url).netloc
+        secrets = (*secrets, self._config.client_secret)
+        started = time.monotonic()
+        try:
+            response = self._session.post(
+                url,
+                data=dict(data),
+                headers={"Accept": "application/json", "User-Agent": self._config.user_agent},
+                timeout=self._config.timeout,
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            error = _transport_error(exc, host)
+            _log_exchange(method, "oauth", host, status=None, started=started, error=error.code)
+            raise error from exc
+        body = _json_body(response)
+        error_info = _ErrorInfo.from_response(response, body, secrets)
+        _log_exchange(
+            method,
+            "oauth",
+            host,
+            status=response.status_code,
+            started=started,
+            error=error_info.code if error_info else None,
+        )
+        if error_info is not None:
+            raise error_info.exception()
+        return body
+
+
+# --- REST client -------------------------------------------------------------------------------
+
+Api = Literal["classic", "v3"]
+
+WRITE_SUFFIXES = (".add", ".update", ".delete", ".addfromchatmessage")
+"""v3 methods whose name ends like this always carry an ``Idempotency-Key`` (§5.2)."""
+
+QUERY_LIMIT_PENALTY_SHARE = 0.5
+"""After ``QUERY_LIMIT_EXCEEDED`` (and no ``Retry-After``) pause the portal for the time its
+bucket needs to drain this share of the burst (25 s × 0.5 for 50/2), at least 1 s."""
+
+_METHOD_NAME = re.compile(r"^[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*$")
+_IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+
+
+class BitrixClient:
+    """REST calls to one portal with one user's access token (§5).
+
+    Not thread-safe: it updates its token, endpoint and ``last_time``; make one per task/request.
+
+    * ``on_expired()`` is the caller's locked refresh; it returns the new access token. On
+      ``expired_token``/``invalid_token`` the client calls it and repeats the request once,
+      unchanged. Without it :class:`BitrixTokenExpired` is raised.
+    * ``on_domain_change(new_client_endpoint)`` is called when the portal answers with a redirect
+      to a new (checked) host; the request is then sent there once more.
+    * ``limiter``/``limiter_key`` (the portal's ``member_id``)/``rate`` (burst, per second) pace
+      every request; ``limiter_max_wait`` bounds the wait for a slot (``None``: wait as long as
+      it takes), beyond it :class:`BitrixUnavailable` ``RATE_LIMITED`` is raised.
+    """
+
+    def __init__(
+        self,
+        client_endpoint: str,
+        access_token: str,
+        *,
+        config: BitrixConfig,
+        on_expired: Callable[[], str] | None = None,
+        on_domain_change: Callable[[str], None] | None = None,
+        limiter: RateLimiter | None = None,
+        limiter_key: str | None = None,
+        rate: tuple[int, float] = (50, 2.0),
+        limiter_max_wait: float | None = 30.0,
+        session: requests.Session | None = None,
+    ) -> None:
+        self._config = config
+        self._origin = check_base_url(client_endpoint, allow_private=config.allow_private)
+        self._access_token = access_token
+        self._on_expired = on_expired
+        self._on_domain_change = on_domain_change
+        self._limiter = limiter
+        self._limiter_key = limiter_key or urlsplit(self._origin).netloc
+        self._burst, self._rate = rate
+        self._limiter_max_wait = limiter_max_wait
+        self._session = session if session is not None else build_session(config)
+        self._operating_reset_at: dict[str, int] = {}
+        self.last_time: Mapping[str, Any] | None = None
+        """The ``time`` block of the last successful response (§6.3)."""
+
+    @property
+    def client_endpoint(self) -> str:
+        """Current portal REST root (changes after a domain change)."""
+        return client_endpoint_for(self._origin)
+
+    def __repr__(self) -> str:
+        return f"BitrixClient({self.client_endpoint!r}, {mask_secret(self._access_token)!r})"
+
+    def call(self, method: str, params: Mapping[str, Any] | None = None) -> Any:
+        """Classic REST (§5.1): POST JSON to ``{client_endpoint}{method}``; returns ``result``."""
+        return self._execute(method, "classic", dict(params or {}), self._headers())
+
+    def call_v3(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        write: bool = False,
+    ) -> Any:
+        """REST 3.0 (§5.2): POST JSON to ``{portal}/rest/api/{method}``; returns ``result``.
+
+        Writes (``write=True``, a given ``idempotency_key``, or a name ending in
+        :data:`WRITE_SUFFIXES`) carry ``Idempotency-Key``: the given one (1–255 printable ASCII)
+        or a fresh one. Pass your own to make retries across processes safe.
+        """
+        headers = self._headers()
+        if write or idempotency_key is not None or method.lower().endswith(WRITE_SUFFIXES):
+            key = idempotency_key if idempotency_key is not None else uuid.uuid4().hex
+            if not _IDEMPOTENCY_KEY.match(key):
+                raise ValueError("Idempotency-Key must be 1-255 printable ASCII characters")
+            headers["Idempotency-Key"] = key
+        return self._execute(method, "v3", dict(params or {}), headers)
+
+    def list_v3(
+        self, method: str, params: Mapping[str, Any] | None = None, page_size: int = 50
+    ) -> list[Any]:
+        """All ``items`` of a v3 list method, paging with ``pagination{limit, offset}`` until a
+        short page (v3 lists return no total, §5.3)."""
+        if not 1 <= page_size <= 1000:
+            raise ValueError("page_size must be between 1 and 1000")
+        items: list[Any] = []
+        while True:
+            page_params = {
+                **(params or {}),
+                "pagination": {"limit": page_size, "offset": len(items)},
+            }
+            result = self.call_v3(method, page_params)
+            page = result.get("items") if isinstance(result, dict) else None
+            if not isinstance(page, list):
+                raise BitrixError("INVALID_RESPONSE", f"{method} returned no items list")
+            items.extend(page)
+            if len(page) < page_size:
+                return items
+
+    # -- internals --
+
+    def _headers(self) -> dict[str, str]:
+        return {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": self._config.user_agent,
+        }
+
+    def _url(self, method: str, api: Api) -> str:
+        if api == "v3":
+            return f"{self._origin}/rest/api/{method}"
+        return f"{self.client_endpoint}{method}"
+
+    def _execute(
+        self, method: str, api: Api, params: dict[str, Any], headers: dict[str, str]
+    ) -> Any:
+        if not _METHOD_NAME.match(method):
+            raise ValueError(f"invalid Bitrix24 method name {method!r}")
+        refreshed = moved = False
+        while True:
+            response, started, waited = self._send(method, api, params, headers)
+            host = urlsplit(self._origin).netloc
+            if response.is_redirect and not moved:
+                _log_exchange(
+                    method,
+                    api,
+                    host,
+                    status=response.status_code,
+                    started=started,
+                    error="DOMAIN_CHANGED",
+                    waited=waited,
+                )
+                self._follow_domain_change(response)
+                moved = True
+                continue
+            body = _json_body(response)
+            error = _ErrorInfo.from_response(response, body, (self._access_token,))
+            _log_exchange(
+                method,
+                api,
+                host,
+                status=response.status_code,
+                started=started,
+                error=error.code if error else None,
+                waited=waited,
+            )
+            if error is None:
+                return self._success(method, body)
+            exc = self._exception_for(method, error)
+            if not isinstance(exc, BitrixTokenExpired) or self._on_expired is None:
+                raise exc
+            if refreshed:
+                raise BitrixAuthError(exc.code, exc.description, status=exc.status) from exc
+            self._access_token = self._on_expired()
+            refreshed = True
+
+    def _send(
+        self, method: str, api: Api, params: dict[str, Any], headers: dict[str, str]
+    ) -> tuple[requests.Response, float, float]:
+        """Acquire a rate-limit slot and POST once; returns (response, started, seconds waited)."""
+        waited = self._acquire_slot()
+        host = urlsplit(self._origin).netloc
+        started = time.monotonic()
+        try:
+            response = self._session.post(
+                self._url(method, api),
+                json={**params, "auth": self._access_token},
+                headers=headers,
+                timeout=self._config.timeout,
+                allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            error = _transport_error(exc, host)
+            _log_exchange(
+                method, api, host, status=None, started=started, error=error.code, waited=waited
+            )
+            raise error from exc
+        return response, started, waited
+
+    def _acquire_slot(self) -> float:
+        if self._limiter is None:
+            return 0.0
+        try:
+            return self._limiter.acquire(
+                self._limiter_key, self._burst, self._rate, max_wait=self._limiter_max_wait
+            )
+        except RateLimitTimeout as exc:
+            raise BitrixUnavailable(
+                "RATE_LIMITED",
+                "no request slot for this portal within the allowed wait",
+                retry_after=exc.retry_after,
+            ) from exc
+
+    def _follow_domain_change(self, response: requests.Response) -> None:
+        location = urljoin(response.url, response.headers["Location"])
+        new_origin = check_base_url(location, allow_private=self._config.allow_private)
+        if new_origin == self._origin:
+            raise BitrixError(
+                "UNEXPECTED_REDIRECT",
+                f"portal redirected within {urlsplit(new_origin).netloc}",
+                status=response.status_code,
+            )
+        self._origin = new_origin
+        logger.warning(
+            "bitrix24 portal moved to %s (§5.1 domain change)", urlsplit(new_origin).netloc
+        )
+        if self._on_domain_change is not None:
+            self._on_domain_change(self.client_endpoint)
+
+    def _success(self, method: str, body: dict[str, Any]) -> Any:
+        if "result" not in body:
+            raise BitrixError("INVALID_RESPONSE", f"{method} returned no result")
+        time_block = _time_block(body)
+        if time_block is not None:
+            self.last_time = time_block
+            reset_at = time_block.get("operating_reset_at")
+            if isinstance(reset_at, int | float):
+                self._operating_reset_at[method] = int(reset_at)
+        return body["result"]
+
+    def _exception_for(self, method: str, error: _ErrorInfo) -> BitrixError:
+        if error.code == "QUERY_LIMIT_EXCEEDED":
+            seconds = error.retry_after
+            if seconds is None:
+                seconds = max(1.0, self._burst * QUERY_LIMIT_PENALTY_SHARE / self._rate)
+            if self._limiter is not None:
+                self._limiter.penalize(self._limiter_key, seconds)
+            return BitrixUnavailable(
+                error.code, error.description, status=error.status, retry_after=seconds
+            )
+        if error.code == "OPERATION_TIME_LIMIT":
+            reset_at = (error.time or {}).get("operating_reset_at")
+            if not isinstance(reset_at, int | float):
+                reset_at = self._operating_reset_at.get(method)
+            return error.exception(operating_reset_at=None if reset_at is None else int(reset_at))
+        return error.exception()

@@ -1,0 +1,298 @@
+"""Per-portal request pacing that keeps every process and machine under Bitrix24's limit.
+
+Bitrix24 (protocol §7.1) keeps a counter per portal and source address: every request adds 1,
+the counter drains ``rate`` per second, and a request that finds it above ``burst`` gets
+``503 QUERY_LIMIT_EXCEEDED``. The limiters here model that bucket with GCRA (the generic cell rate
+algorithm): each caller *reserves* the next free slot and sleeps until it, so callers queue in
+arrival order and the portal's counter never goes above ``burst``.
+
+Safety margins: we aim at ``burst - 2`` (network jitter can bunch requests that left us evenly
+spaced) and never schedule faster than ``rate``. After a ``QUERY_LIMIT_EXCEEDED`` (the counter was
+fuller than we thought: other apps on our address, a clock step) :meth:`penalize` blocks the key
+and treats the bucket as full when the block ends, so traffic resumes at the steady rate.
+
+:class:`RedisLeakyBucket` shares the schedule between all processes and machines through one Lua
+script and Redis' own clock; :class:`LocalLeakyBucket` does the same inside one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+__all__ = [
+    "LocalLeakyBucket",
+    "RateLimitTimeout",
+    "RateLimiter",
+    "RedisLeakyBucket",
+    "limiter_from_url",
+    "parse_rate",
+]
+
+logger = logging.getLogger("b24app.ratelimit")
+
+BURST_MARGIN = 2
+"""Requests of the portal's burst we leave unused to absorb jitter."""
+
+FALLBACK_RATE_SHARE = 0.25
+"""Share of the rate one process uses on its own while Redis is unreachable (burst 1)."""
+
+
+class RateLimitTimeout(Exception):
+    """The next free slot is further away than the caller's ``max_wait``; nothing was reserved."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"next request slot is {retry_after:.2f}s away")
+        self.retry_after = retry_after
+
+
+class RateLimiter(Protocol):
+    """What the Bitrix24 client needs from a limiter."""
+
+    def acquire(self, key: str, burst: int, rate: float, *, max_wait: float | None = None) -> float:
+        """Reserve a request slot for ``key``, sleep until it and return the seconds waited.
+
+        Raises :class:`RateLimitTimeout` (without reserving) when the wait would exceed
+        ``max_wait``.
+        """
+        ...
+
+    def penalize(self, key: str, seconds: float) -> None:
+        """Allow no request for ``key`` for ``seconds``, then resume at the steady rate."""
+        ...
+
+    def reset(self, key: str) -> None:
+        """Forget everything about ``key`` (an empty bucket)."""
+        ...
+
+
+def parse_rate(text: str) -> tuple[int, float]:
+    """Parse ``"burst/per_second"`` (``B24_RATE_LIMIT``, e.g. ``"50/2"``) into ``(50, 2.0)``."""
+    burst_text, sep, rate_text = str(text).strip().partition("/")
+    if not sep or "/" in rate_text:
+        raise ValueError(f"rate limit {text!r} must look like 'burst/per_second', e.g. '50/2'")
+    try:
+        burst = int(burst_text.strip())
+    except ValueError:
+        raise ValueError(f"rate limit {text!r}: burst must be a whole number") from None
+    try:
+        rate = float(rate_text.strip())
+    except ValueError:
+        raise ValueError(f"rate limit {text!r}: per_second must be a number") from None
+    if burst < 1:
+        raise ValueError(f"rate limit {text!r}: burst must be at least 1")
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"rate limit {text!r}: per_second must be a positive number")
+    return burst, rate
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """GCRA parameters: seconds between requests and how far ahead a burst may run."""
+
+    interval: float
+    tolerance: float
+
+    @classmethod
+    def for_limit(cls, burst: int, rate: float) -> _Schedule:
+        if burst < 1 or not rate > 0:
+            raise ValueError(f"invalid limit burst={burst!r} rate={rate!r}")
+        interval = 1.0 / rate
+        return cls(interval=interval, tolerance=(max(1, burst - BURST_MARGIN) - 1) * interval)
+
+
+class LocalLeakyBucket:
+    """In-process limiter (threads of one process); same semantics as :class:`RedisLeakyBucket`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tat: dict[str, float] = {}  # theoretical arrival time, time.monotonic() seconds
+        self._blocked_until: dict[str, float] = {}
+
+    def acquire(self, key: str, burst: int, rate: float, *, max_wait: float | None = None) -> float:
+        schedule = _Schedule.for_limit(burst, rate)
+        with self._lock:
+            now = time.monotonic()
+            tat = max(self._tat.get(key, now), now)
+            blocked_until = self._blocked_until.get(key)
+            if blocked_until is not None:
+                tat = max(tat, blocked_until + schedule.tolerance)
+            wait = max(tat - schedule.tolerance - now, 0.0)
+            if max_wait is not None and wait > max_wait:
+                raise RateLimitTimeout(wait)
+            self._tat[key] = tat + schedule.interval
+        if wait > 0:
+            time.sleep(wait)
+        return wait
+
+    def penalize(self, key: str, seconds: float) -> None:
+        with self._lock:
+            until = time.monotonic() + max(seconds, 0.0)
+            self._blocked_until[key] = max(self._blocked_until.get(key, until), until)
+
+    def reset(self, key: str) -> None:
+        with self._lock:
+            self._tat.pop(key, None)
+            self._blocked_until.pop(key, None)
+
+
+# All times in microseconds of Redis' clock. The bucket is a hash {tat, until}; see module doc.
+_ACQUIRE_SCRIPT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local max_wait = tonumber(ARGV[3])
+local state = redis.call('HMGET', KEYS[1], 'tat', 'until')
+local tat = math.max(tonumber(state[1]) or now, now)
+if state[2] then
+  tat = math.max(tat, tonumber(state[2]) + tolerance)
+end
+local wait = math.max(tat - tolerance - now, 0)
+if max_wait >= 0 and wait > max_wait then
+  return {0, wait}
+end
+tat = tat + interval
+redis.call('HSET', KEYS[1], 'tat', string.format('%.0f', tat))
+redis.call('PEXPIRE', KEYS[1], math.ceil((tat - now) / 1000) + 1000)
+return {1, wait}
+"""
+
+_PENALIZE_SCRIPT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local blocked_until = now + tonumber(ARGV[1])
+local current = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
+if blocked_until > current then
+  redis.call('HSET', KEYS[1], 'until', string.format('%.0f', blocked_until))
+end
+local keep_ms = math.ceil(tonumber(ARGV[1]) / 1000) + tonumber(ARGV[2])
+if redis.call('PTTL', KEYS[1]) < keep_ms then
+  redis.call('PEXPIRE', KEYS[1], keep_ms)
+end
+return 1
+"""
+
+_MICROS = 1_000_000
+
+
+class RedisLeakyBucket:
+    """Limiter shared by every process and machine that uses the same Redis.
+
+    Fails safe: while Redis is unreachable each process paces itself with a
+    :class:`LocalLeakyBucket` at burst 1 and :data:`FALLBACK_RATE_SHARE` of the rate, logs one
+    warning per outage and retries Redis after ``retry_interval`` seconds. It never raises a
+    Redis error into the caller.
+    """
+
+    PENALTY_KEEP_MS = 600_000
+    """How long a penalised bucket is kept after its block ends (it is treated as full)."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        prefix: str = "b24:rl:",
+        *,
+        socket_timeout: float = 0.5,
+        retry_interval: float = 5.0,
+    ) -> None:
+        self._redis = redis.Redis.from_url(
+            redis_url,
+            socket_connect_timeout=socket_timeout,
+            socket_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), 1),
+        )
+        self._prefix = prefix
+        self._acquire_script = self._redis.register_script(_ACQUIRE_SCRIPT)
+        self._penalize_script = self._redis.register_script(_PENALIZE_SCRIPT)
+        self._fallback = LocalLeakyBucket()
+        self._retry_interval = retry_interval
+        self._state_lock = threading.Lock()
+        self._skip_redis_until: float | None = None  # time.monotonic(); None while Redis is fine
+
+    def acquire(self, key: str, burst: int, rate: float, *, max_wait: float | None = None) -> float:
+        schedule = _Schedule.for_limit(burst, rate)
+        if self._redis_usable():
+            try:
+                granted, wait_us = self._acquire_script(
+                    keys=[self._prefix + key],
+                    args=[
+                        round(schedule.interval * _MICROS),
+                        round(schedule.tolerance * _MICROS),
+                        -1 if max_wait is None else round(max_wait * _MICROS),
+                    ],
+                )
+            except redis.RedisError as exc:
+                self._redis_failed(exc)
+            else:
+                self._redis_ok()
+                wait = int(wait_us) / _MICROS
+                if not int(granted):
+                    raise RateLimitTimeout(wait)
+                if wait > 0:
+                    time.sleep(wait)
+                return wait
+        return self._fallback.acquire(key, 1, rate * FALLBACK_RATE_SHARE, max_wait=max_wait)
+
+    def penalize(self, key: str, seconds: float) -> None:
+        self._fallback.penalize(key, seconds)
+        if not self._redis_usable():
+            return
+        try:
+            self._penalize_script(
+                keys=[self._prefix + key],
+                args=[round(max(seconds, 0.0) * _MICROS), self.PENALTY_KEEP_MS],
+            )
+        except redis.RedisError as exc:
+            self._redis_failed(exc)
+        else:
+            self._redis_ok()
+
+    def reset(self, key: str) -> None:
+        self._fallback.reset(key)
+        if not self._redis_usable():
+            return
+        try:
+            self._redis.delete(self._prefix + key)
+        except redis.RedisError as exc:
+            self._redis_failed(exc)
+        else:
+            self._redis_ok()
+
+    def _redis_usable(self) -> bool:
+        with self._state_lock:
+            return self._skip_redis_until is None or time.monotonic() >= self._skip_redis_until
+
+    def _redis_failed(self, exc: redis.RedisError) -> None:
+        with self._state_lock:
+            first_failure = self._skip_redis_until is None
+            self._skip_redis_until = time.monotonic() + self._retry_interval
+        if first_failure:
+            logger.warning(
+                "rate limiter: Redis unavailable (%s); pacing this process locally at %.0f%% "
+                "of the portal rate until it is back",
+                type(exc).__name__,
+                FALLBACK_RATE_SHARE * 100,
+            )
+
+    def _redis_ok(self) -> None:
+        with self._state_lock:
+            recovered = self._skip_redis_until is not None
+            self._skip_redis_until = None
+        if recovered:
+            logger.info("rate limiter: Redis is back; shared pacing resumed")
+
+
+def limiter_from_url(redis_url: str | None) -> RateLimiter:
+    """The shared Redis limiter for ``REDIS_URL``, or an in-process one when it is unset."""
+    if redis_url:
+        return RedisLeakyBucket(redis_url)
+    return LocalLeakyBucket()

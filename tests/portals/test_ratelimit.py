@@ -1,0 +1,253 @@
+"""Per-portal leaky-bucket limiter: shared through real Redis, in-process, and failing safe.
+
+The Redis tests use ``REDIS_URL`` (default ``redis://127.0.0.1:6379/15``) and unique keys that
+they delete afterwards. Without a reachable Redis they are skipped, except in CI where they fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from b24app.portals.ratelimit import (
+    BURST_MARGIN,
+    LocalLeakyBucket,
+    RateLimitTimeout,
+    RedisLeakyBucket,
+    limiter_from_url,
+    parse_rate,
+)
+
+REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/15"
+PREFIX = "b24:rl:test:"
+BURST, RATE = 10, 20.0
+
+
+@pytest.fixture
+def redis_url() -> str:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
+    except redis.RedisError:
+        reason = f"needs Redis at {REDIS_URL.split('@')[-1]} (set REDIS_URL)"
+        if os.environ.get("CI"):
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    return REDIS_URL
+
+
+@pytest.fixture
+def key(redis_url: str) -> Iterator[str]:
+    name = uuid.uuid4().hex
+    yield name
+    redis.Redis.from_url(redis_url).delete(PREFIX + name)
+
+
+def peak_portal_counter(stamps: list[float], rate: float) -> float:
+    """Replay Bitrix24's counter (+1 per request, drains ``rate``/s) and return its maximum."""
+    counter = peak = 0.0
+    previous = None
+    for stamp in sorted(stamps):
+        if previous is not None:
+            counter = max(0.0, counter - (stamp - previous) * rate)
+        counter += 1
+        peak = max(peak, counter)
+        previous = stamp
+    return peak
+
+
+def assert_within_limit_and_fast(stamps: list[float], burst: int, rate: float) -> None:
+    assert peak_portal_counter(stamps, rate) <= burst
+    span = max(stamps) - min(stamps)
+    allowed = burst + rate * span  # the most the portal would have accepted in that time
+    assert len(stamps) >= 0.9 * allowed, f"{len(stamps)} requests, {allowed:.1f} allowed"
+
+
+def run_threads(limiter, key: str, threads: int, per_thread: int, start_at: float) -> list[float]:
+    stamps: list[float] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(per_thread):
+            limiter.acquire(key, BURST, RATE)
+            sent_at = time.time()
+            with lock:
+                stamps.append(sent_at)
+
+    time.sleep(max(0.0, start_at - time.time()))
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
+    return stamps
+
+
+def _process_main(redis_url: str, key: str, start_at: float, results) -> None:
+    limiter = RedisLeakyBucket(redis_url, prefix=PREFIX)
+    results.put(run_threads(limiter, key, threads=8, per_thread=2, start_at=start_at))
+
+
+# --- Redis, shared by processes ----------------------------------------------------------------
+
+
+def test_redis_leaky_bucket_processes_and_threads_never_exceed_the_bucket(redis_url, key) -> None:
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    start_at = time.time() + 0.5
+    processes = [
+        context.Process(target=_process_main, args=(redis_url, key, start_at, results))
+        for _ in range(4)
+    ]
+    for process in processes:
+        process.start()
+    stamps = [stamp for _ in processes for stamp in results.get(timeout=20)]
+    for process in processes:
+        process.join(timeout=5)
+        assert process.exitcode == 0
+
+    assert len(stamps) == 4 * 8 * 2
+    assert_within_limit_and_fast(stamps, BURST, RATE)
+
+
+def test_redis_leaky_bucket_allows_the_burst_then_the_rate(redis_url, key) -> None:
+    limiter = RedisLeakyBucket(redis_url, prefix=PREFIX)
+    waits = [limiter.acquire(key, BURST, RATE) for _ in range(BURST - BURST_MARGIN + 2)]
+    assert waits[: BURST - BURST_MARGIN] == [0.0] * (BURST - BURST_MARGIN)
+    assert all(0.0 < wait <= 1 / RATE + 0.01 for wait in waits[BURST - BURST_MARGIN :])
+
+
+def test_redis_leaky_bucket_penalize_delays_the_next_acquire(redis_url, key) -> None:
+    limiter = RedisLeakyBucket(redis_url, prefix=PREFIX)
+    limiter.acquire(key, BURST, RATE)
+    limiter.penalize(key, 0.5)
+
+    started = time.monotonic()
+    waited = limiter.acquire(key, BURST, RATE)
+
+    assert 0.45 <= waited <= 0.55
+    assert time.monotonic() - started >= 0.45
+    # after a penalty the bucket counts as full: no burst, only the steady rate
+    assert limiter.acquire(key, BURST, RATE) >= 0.04
+
+
+def test_redis_leaky_bucket_max_wait_raises_without_reserving(redis_url, key) -> None:
+    limiter = RedisLeakyBucket(redis_url, prefix=PREFIX)
+    limiter.penalize(key, 2.0)
+    for _ in range(3):
+        with pytest.raises(RateLimitTimeout) as caught:
+            limiter.acquire(key, BURST, RATE, max_wait=0.1)
+        assert 1.9 <= caught.value.retry_after <= 2.0  # unchanged: nothing was reserved
+
+
+def test_redis_leaky_bucket_keys_expire_and_reset_clears(redis_url, key) -> None:
+    limiter = RedisLeakyBucket(redis_url, prefix=PREFIX)
+    client = redis.Redis.from_url(redis_url)
+    limiter.acquire(key, BURST, RATE)
+    assert 0 < client.pttl(PREFIX + key) <= 2000
+
+    limiter.penalize(key, 1.0)
+    limiter.reset(key)
+
+    assert not client.exists(PREFIX + key)
+    assert limiter.acquire(key, BURST, RATE) == 0.0
+
+
+def test_redis_leaky_bucket_keys_are_independent(redis_url, key) -> None:
+    limiter = RedisLeakyBucket(redis_url, prefix=PREFIX)
+    other = key + "-other"
+    try:
+        limiter.penalize(key, 5.0)
+        assert limiter.acquire(other, BURST, RATE) == 0.0
+    finally:
+        limiter.reset(other)
+
+
+# --- Redis unreachable -------------------------------------------------------------------------
+
+
+def test_redis_leaky_bucket_falls_back_safely_when_redis_is_down(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="b24app.ratelimit")
+    limiter = RedisLeakyBucket("redis://127.0.0.1:1/0", prefix=PREFIX)  # nothing listens there
+
+    stamps = []
+    for _ in range(4):
+        limiter.acquire("down", BURST, RATE)
+        stamps.append(time.monotonic())
+    limiter.penalize("down", 0.0)
+    limiter.reset("down")
+
+    # burst 1 at a quarter of the rate: 5/s, i.e. 0.2 s apart, never faster than allowed
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    assert all(gap >= 0.19 for gap in gaps), gaps
+    assert peak_portal_counter(stamps, RATE) <= BURST
+    warnings = [r for r in caplog.records if r.name == "b24app.ratelimit"]
+    assert len(warnings) == 1
+    assert "Redis unavailable" in warnings[0].getMessage()
+
+
+# --- in-process --------------------------------------------------------------------------------
+
+
+def test_local_leaky_bucket_threads_never_exceed_the_bucket() -> None:
+    limiter = LocalLeakyBucket()
+    stamps = run_threads(limiter, "portal", threads=16, per_thread=3, start_at=time.time())
+    assert len(stamps) == 48
+    assert_within_limit_and_fast(stamps, BURST, RATE)
+
+
+def test_local_leaky_bucket_penalize_delays_the_next_acquire() -> None:
+    limiter = LocalLeakyBucket()
+    limiter.acquire("portal", BURST, RATE)
+    limiter.penalize("portal", 0.3)
+    assert 0.25 <= limiter.acquire("portal", BURST, RATE) <= 0.3
+    limiter.reset("portal")
+    assert limiter.acquire("portal", BURST, RATE) == 0.0
+
+
+def test_local_leaky_bucket_max_wait_raises_without_reserving() -> None:
+    limiter = LocalLeakyBucket()
+    for _ in range(BURST - BURST_MARGIN):
+        limiter.acquire("portal", BURST, RATE)
+    with pytest.raises(RateLimitTimeout):
+        limiter.acquire("portal", BURST, RATE, max_wait=0.0)
+    assert limiter.acquire("portal", BURST, RATE, max_wait=0.1) <= 1 / RATE
+
+
+@pytest.mark.parametrize(("burst", "rate"), [(0, 2.0), (50, 0.0), (50, -1.0), (50, float("nan"))])
+def test_local_leaky_bucket_rejects_invalid_limits(burst, rate) -> None:
+    with pytest.raises(ValueError):
+        LocalLeakyBucket().acquire("portal", burst, rate)
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("50/2", (50, 2.0)), ("250/5", (250, 5.0)), (" 10 / 0.5 ", (10, 0.5))],
+)
+def test_parse_rate_reads_burst_and_rate(text, expected) -> None:
+    assert parse_rate(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "50", "50/", "/2", "50/2/3", "a/2", "50/b", "0/2", "-1/2", "50/0", "50/-2", "50/inf"],
+)
+def test_parse_rate_rejects_bad_input(text) -> None:
+    with pytest.raises(ValueError, match="rate limit"):
+        parse_rate(text)
+
+
+def test_limiter_from_url_picks_redis_or_local() -> None:
+    assert isinstance(limiter_from_url(None), LocalLeakyBucket)
+    assert isinstance(limiter_from_url(""), LocalLeakyBucket)
+    assert isinstance(limiter_from_url("redis://127.0.0.1:6379/15"), RedisLeakyBucket)
