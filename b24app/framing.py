@@ -35,5 +35,7 @@ class FramePolicyMiddleware:
             policy = "frame-ancestors 'none'"
         existing = response.get("Content-Security-Policy", "")
         if "frame-ancestors" not in existing:
-            response["Content-Security-Policy"] = "; ".join(filter(None, (existing.strip("; "), policy)))
+            response["Content-Security-Policy"] = "; ".join(
+                filter(None, (existing.strip("; "), policy))
+            )
         return response

@@ -69,7 +69,9 @@ def _ms(started: float) -> int:
 @require_GET
 def healthz(request):
     checks: dict[str, dict] = {"database": _run(_database), "token_keys": _run(_token_keys)}
-    checks["broker"] = _run(_broker) if settings.CELERY_BROKER_URL else {"ok": True, "mode": "inline"}
+    checks["broker"] = (
+        _run(_broker) if settings.CELERY_BROKER_URL else {"ok": True, "mode": "inline"}
+    )
     checks["redis"] = _run(_redis) if settings.REDIS_URL else {"ok": True, "mode": "in-process"}
     healthy = all(check["ok"] for check in checks.values())
     response = JsonResponse({"status": "ok" if healthy else "unavailable", "checks": checks})

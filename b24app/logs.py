@@ -1,8 +1,8 @@
 """Logging to stdout, one line per event, with secrets masked.
 
-Bitrix24 hands the app bearer secrets in many shapes: `AUTH_ID`/`REFRESH_ID` form fields, `auth[...]`
-event keys, `auth` in JSON bodies, `access_token=` in query strings, OAuth token responses. Code must
-never log them; this filter is the net under that rule. It masks
+Bitrix24 hands the app bearer secrets in many shapes: `AUTH_ID`/`REFRESH_ID` form fields,
+`auth[...]` event keys, `auth` in JSON bodies, `access_token=` in query strings, OAuth token
+responses. Code must never log them; this filter is the net under that rule. It masks
 
 - the value of any key that names a secret (in `key=value`, `"key": "value"`, `key: value` forms),
 - free-standing strings shaped like Bitrix24 tokens (long hex runs such as `AUTH_ID`, 32-char
@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 
 MASK = "***"
 
-_SECRET_KEYS = (
+# Names of fields that hold secrets (not secrets themselves).
+_SECRET_FIELD_NAMES = (
     r"access_token|refresh_token|application_token|client_secret|auth_id|refresh_id|"
     r"auth|password|secret|token|authorization"
 )
@@ -29,7 +30,7 @@ _SECRET_KEYS = (
 # bracket keys like auth[access_token] are matched through their inner name.
 _KEYED = re.compile(
     r"""(?P<key>(?<![A-Za-z0-9_])(?:"""
-    + _SECRET_KEYS
+    + _SECRET_FIELD_NAMES
     + r""")\]?)(?P<sep>["']?\s*[:=]\s*["']?)(?P<value>[^\s"'&,;)}\]]{4,})""",
     re.IGNORECASE,
 )
@@ -59,7 +60,9 @@ def mask_secrets(text: str) -> str:
     for secret in _configured_secrets():
         if secret in text:
             text = text.replace(secret, MASK)
-    text = _KEYED.sub(lambda m: m.group("key") + m.group("sep") + _mask_value(m.group("value")), text)
+    text = _KEYED.sub(
+        lambda m: m.group("key") + m.group("sep") + _mask_value(m.group("value")), text
+    )
     text = _LONG_HEX.sub(lambda m: _mask_value(m.group(0)), text)
     return _EVENT_TOKEN.sub(lambda m: _mask_value(m.group(0)), text)
 

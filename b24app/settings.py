@@ -6,6 +6,7 @@ present; the real environment wins over it.
 
 import base64
 import hashlib
+import os
 from pathlib import Path
 
 import environ
@@ -50,6 +51,9 @@ B24_OAUTH_SERVERS = tuple(
 )
 B24_ALLOW_PRIVATE_PORTALS = env.bool("B24_ALLOW_PRIVATE_PORTALS", default=False)
 B24_RATE_LIMIT = env.str("B24_RATE_LIMIT", default="50/2")
+if B24_ALLOW_PRIVATE_PORTALS:
+    # oauthlib refuses http:// token endpoints unless told otherwise; only for local portals.
+    os.environ.setdefault("OAUTHLIB_INSECURE_TRANSPORT", "1")
 
 
 def _token_keys() -> list[str]:
@@ -191,10 +195,16 @@ CELERY_TASK_SOFT_TIME_LIMIT = 60
 CELERY_TASK_TIME_LIMIT = 90
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Redis redelivers an unacknowledged task after the visibility timeout; keep it well above the
-# longest task so a slow task is not run twice, and short enough that a killed worker's task returns.
+# longest task so a slow task is not run twice, and short enough that a killed worker's task
+# comes back.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 15 * 60}
 CELERY_TIMEZONE = "UTC"
-CELERY_BEAT_SCHEDULE: dict = {}
+CELERY_BEAT_SCHEDULE = {
+    "accounts-keepalive": {
+        "task": "b24app.portals.tasks.accounts_keepalive_task",
+        "schedule": 24 * 60 * 60,
+    },
+}
 
 # --- Logging ------------------------------------------------------------------------------------
 

@@ -57,3 +57,42 @@ def _collected_static(tmp_path_factory):
     with override_settings(STATIC_ROOT=tmp_path_factory.mktemp("static")):
         call_command("collectstatic", interactive=False, verbosity=0)
         yield
+
+
+def pytest_report_header(config) -> list[str]:
+    from django.conf import settings
+
+    database = settings.DATABASES["default"]
+    redis_url = settings.REDIS_URL.split("@")[-1] if settings.REDIS_URL else "unset (in-process)"
+    broker = settings.CELERY_BROKER_URL.split("@")[-1] if settings.CELERY_BROKER_URL else "inline"
+    engine = database["ENGINE"].rsplit(".", 1)[-1]
+    return [
+        f"database: {engine} {database.get('HOST') or database['NAME']}",
+        f"redis: {redis_url}; celery broker: {broker}",
+    ]
+
+
+@pytest.fixture
+def fake(settings):
+    """A fake Bitrix24 (OAuth server + portals) on loopback, trusted by the app's settings."""
+    from tests.fakeportal import FakeBitrix
+
+    fake = FakeBitrix(client_id=settings.B24_CLIENT_ID, client_secret=settings.B24_CLIENT_SECRET)
+    fake.app_url = "http://testserver"
+    fake.start()
+    settings.B24_OAUTH_SERVERS = (fake.oauth_url,)
+    settings.B24_ALLOW_PRIVATE_PORTALS = True
+    settings.B24_APP_URL = "https://app.example.test"
+    try:
+        yield fake
+    finally:
+        fake.stop()
+
+
+@pytest.fixture
+def portal(fake):
+    """A fake portal with an admin (Anna, user 1) and an ordinary user (Boris, user 2)."""
+    portal = fake.add_portal()
+    portal.add_user(name="Anna", last_name="Smirnova", admin=True)
+    portal.add_user(name="Boris", last_name="Petrov", admin=False)
+    return portal

@@ -2,7 +2,9 @@
 
 import pytest
 
-FRAME_QUERY = "?DOMAIN=portal.bitrix24.com&PROTOCOL=1&LANG=en&APP_SID=926d17365a87fbb35bace60dcc8f08cf"
+FRAME_QUERY = (
+    "?DOMAIN=portal.bitrix24.com&PROTOCOL=1&LANG=en&APP_SID=926d17365a87fbb35bace60dcc8f08cf"
+)
 
 
 @pytest.mark.django_db

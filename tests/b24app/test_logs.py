@@ -18,7 +18,10 @@ MEMBER_ID = "a223c6b3710f85df22e9377d6c4f7553"
         (f"auth[application_token]={APP_TOKEN}", APP_TOKEN),
         (f'{{"refresh_token": "{EVENT_ACCESS}", "member_id": "{MEMBER_ID}"}}', EVENT_ACCESS),
         (f"{{'access_token': '{FRAME_AUTH_ID}'}}", FRAME_AUTH_ID),
-        ("GET /oauth/token/?grant_type=refresh_token&client_secret=LJSl0lNB76B5YY6u0YVQ", "LJSl0lNB76B5YY6u0YVQ"),
+        (
+            "GET /oauth/token/?grant_type=refresh_token&client_secret=LJSl0lNB76B5YY6u0YVQ",
+            "LJSl0lNB76B5YY6u0YVQ",
+        ),
         (f"token expired for {FRAME_AUTH_ID}", FRAME_AUTH_ID),
         (f"unknown value {EVENT_ACCESS} seen", EVENT_ACCESS),
         (f"APPLICATION_TOKEN: {APP_TOKEN}", APP_TOKEN),
@@ -38,7 +41,9 @@ def test_mask_secrets_keeps_member_id_and_codes_readable():
 
 def test_mask_secrets_hides_configured_secrets(settings):
     settings.B24_CLIENT_SECRET = "a-very-odd-Client-Secret-value"
-    assert "a-very-odd-Client-Secret-value" not in mask_secrets("oops a-very-odd-Client-Secret-value")
+    assert "a-very-odd-Client-Secret-value" not in mask_secrets(
+        "oops a-very-odd-Client-Secret-value"
+    )
 
 
 def _emit(logger_name: str, *args, exc: BaseException | None = None) -> str:
@@ -85,8 +90,13 @@ def test_logging_config_masks_on_the_stdout_handler(settings):
     assert settings.LOGGING["handlers"]["stdout"]["stream"] == "ext://sys.stdout"
     handler = next(h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler))
     record = logging.LogRecord(
-        "b24app.anything", logging.WARNING, __file__, 1, "event auth[access_token]=%s",
-        (EVENT_ACCESS,), None,
+        "b24app.anything",
+        logging.WARNING,
+        __file__,
+        1,
+        "event auth[access_token]=%s",
+        (EVENT_ACCESS,),
+        None,
     )
     assert handler.filter(record)
     line = handler.format(record)

@@ -1,0 +1,61 @@
+# The two commands of the README:  make run  (the app + the sandbox portal)  and  make test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+SANDBOX_PORT ?= 8100
+SANDBOX_OAUTH_PORT ?= 8101
+# The sandbox's own app credentials: they exist only inside the fake portal on this machine.
+SANDBOX_CLIENT_ID := app.sandbox000000001.00000001
+SANDBOX_CLIENT_SECRET := sandbox-client-secret-not-a-real-one
+
+.PHONY: run test install install-dev env lint bench clean
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Python 3.11 or newer is required (found $$($(PYTHON) --version))"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+
+# A .env with a fresh secret key for local runs; an existing .env is never touched.
+env: $(BIN)/python
+	@if [ ! -f .env ]; then \
+		{ echo "# Written by 'make run' for local use. See .env.example for every variable."; \
+		  echo "DJANGO_DEBUG=true"; \
+		  echo "DJANGO_SECRET_KEY=$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(50))')"; \
+		} > .env; echo "Wrote .env with a fresh DJANGO_SECRET_KEY"; fi
+
+run: install env
+	$(BIN)/python manage.py migrate --noinput
+	@if [ -n "$$B24_CLIENT_ID" ] || grep -qE '^B24_CLIENT_ID=.+' .env; then \
+		echo "B24_CLIENT_ID is set: serving real Bitrix24 portals on http://localhost:$(PORT)/"; \
+		exec $(BIN)/python manage.py runserver $(PORT); \
+	fi; \
+	export B24_CLIENT_ID=$(SANDBOX_CLIENT_ID) B24_CLIENT_SECRET=$(SANDBOX_CLIENT_SECRET) \
+		B24_OAUTH_SERVERS=http://127.0.0.1:$(SANDBOX_OAUTH_PORT) B24_ALLOW_PRIVATE_PORTALS=true \
+		B24_APP_URL=http://localhost:$(PORT); \
+	$(BIN)/python -m tests.fakeportal --app-url http://localhost:$(PORT) \
+		--port $(SANDBOX_PORT) --oauth-port $(SANDBOX_OAUTH_PORT) \
+		--client-id $$B24_CLIENT_ID --client-secret $$B24_CLIENT_SECRET & sandbox=$$!; \
+	trap 'kill $$sandbox 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/python manage.py runserver $(PORT)
+
+test: install-dev
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: install-dev
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache staticfiles *.egg-info
