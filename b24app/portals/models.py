@@ -1,0 +1,119 @@
+"""Installed portals and their users' OAuth tokens.
+
+A portal is its `member_id`; the domain is an attribute that can change. Each Bitrix24 user who
+opened the app (or installed it) has an `Account` holding that user's tokens, encrypted with
+`B24_TOKEN_KEYS`. Writes go through `services.py`; reads through `selectors.py`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.db import models
+from django.utils import timezone
+
+from b24app.portals import crypto
+
+
+class Portal(models.Model):
+    class State(models.TextChoices):
+        NEW = "new", "New"
+        ACTIVE = "active", "Active"
+        BLOCKED = "blocked", "Blocked"
+        UNINSTALLED = "uninstalled", "Uninstalled"
+
+    member_id = models.CharField(max_length=64, unique=True)
+    domain = models.CharField(max_length=255, db_index=True)
+    client_endpoint = models.CharField(max_length=300, help_text="Portal REST root, …/rest/")
+    oauth_server = models.CharField(
+        max_length=200, help_text="Allow-listed OAuth server origin that vouched for the portal"
+    )
+    app_status = models.CharField(
+        max_length=1,
+        blank=True,
+        help_text="L local, F free, D demo, T trial, P paid, S subscription",
+    )
+    # Only a SHA-256 of the application_token is kept: it is compared, never sent anywhere.
+    application_token_hash = models.CharField(max_length=64, blank=True)
+    state = models.CharField(max_length=12, choices=State.choices, default=State.NEW, db_index=True)
+    state_reason = models.CharField(max_length=500, blank=True)
+    state_changed_at = models.DateTimeField(default=timezone.now)
+    rate_limit = models.CharField(
+        max_length=20, blank=True, help_text="burst/per second, e.g. 250/5; empty: B24_RATE_LIMIT"
+    )
+    installed_at = models.DateTimeField(null=True, blank=True)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["domain"]
+
+    def __str__(self) -> str:
+        return f"{self.domain} ({self.member_id})"
+
+    @property
+    def base_url(self) -> str:
+        """`https://domain` (the client endpoint without its `rest/`)."""
+        return self.client_endpoint.removesuffix("/").removesuffix("/rest")
+
+    @property
+    def origin(self) -> str:
+        return self.base_url
+
+    def set_state(self, state: str, reason: str = "", *, at: datetime | None = None) -> None:
+        self.state = state
+        self.state_reason = reason[:500]
+        self.state_changed_at = at or timezone.now()
+
+
+class Account(models.Model):
+    """One Bitrix24 user of one portal, with that user's tokens."""
+
+    class State(models.TextChoices):
+        ACTIVE = "active", "Active"
+        BLOCKED = "blocked", "Blocked"
+
+    portal = models.ForeignKey(Portal, on_delete=models.CASCADE, related_name="accounts")
+    user_id = models.PositiveBigIntegerField(help_text="Bitrix24 user id")
+    display_name = models.CharField(max_length=255, blank=True)
+    is_installer = models.BooleanField(default=False)
+    is_admin = models.BooleanField(default=False)
+    access_token_encrypted = models.TextField(blank=True, editable=False)
+    refresh_token_encrypted = models.TextField(blank=True, editable=False)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    scope = models.CharField(max_length=500, blank=True)
+    token_version = models.PositiveIntegerField(
+        default=0, help_text="Goes up each time a new token pair is stored"
+    )
+    tokens_issued_at = models.DateTimeField(
+        null=True, blank=True, db_index=True, help_text="When the stored refresh token was issued"
+    )
+    state = models.CharField(max_length=10, choices=State.choices, default=State.ACTIVE)
+    state_reason = models.CharField(max_length=500, blank=True)
+    last_refreshed_at = models.DateTimeField(null=True, blank=True)
+    last_refresh_error = models.CharField(max_length=500, blank=True)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["portal", "user_id"], name="account_unique_portal_user")
+        ]
+        ordering = ["portal", "user_id"]
+
+    def __str__(self) -> str:
+        return f"user {self.user_id} on {self.portal.domain}"
+
+    @property
+    def access_token(self) -> str:
+        return crypto.decrypt(self.access_token_encrypted)
+
+    @property
+    def refresh_token(self) -> str:
+        return crypto.decrypt(self.refresh_token_encrypted)
+
+    @property
+    def has_tokens(self) -> bool:
+        return bool(self.refresh_token_encrypted)

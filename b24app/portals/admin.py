@@ -1,0 +1,132 @@
+"""The operator console: portal connections, their state, errors and repair actions.
+
+Token values are never shown: an account shows whether it has tokens and their first four
+characters at most.
+"""
+
+from __future__ import annotations
+
+from django.contrib import admin, messages
+from django.http import HttpResponseRedirect
+from django.urls import reverse
+from django.utils.http import urlencode
+
+from b24app.portals import crypto, selectors, services
+from b24app.portals.models import Account, Portal
+
+
+class AccountInline(admin.TabularInline):
+    model = Account
+    extra = 0
+    can_delete = False
+    show_change_link = False
+    fields = (
+        "user_id",
+        "display_name",
+        "is_installer",
+        "is_admin",
+        "state",
+        "state_reason",
+        "access_token_masked",
+        "refresh_token_masked",
+        "expires_at",
+        "token_version",
+        "last_refreshed_at",
+        "last_refresh_error",
+    )
+    readonly_fields = fields
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="access token")
+    def access_token_masked(self, account: Account) -> str:
+        return crypto.mask(account.access_token) if account.access_token_encrypted else "—"
+
+    @admin.display(description="refresh token")
+    def refresh_token_masked(self, account: Account) -> str:
+        return crypto.mask(account.refresh_token) if account.refresh_token_encrypted else "—"
+
+
+@admin.register(Portal)
+class PortalAdmin(admin.ModelAdmin):
+    list_display = (
+        "domain",
+        "member_id",
+        "state",
+        "state_reason",
+        "app_status",
+        "installed_at",
+        "last_seen_at",
+        "accounts_count",
+        "last_refresh_error",
+    )
+    list_filter = ("state", "app_status")
+    search_fields = ("domain", "member_id")
+    readonly_fields = (
+        "member_id",
+        "domain",
+        "client_endpoint",
+        "oauth_server",
+        "app_status",
+        "state",
+        "state_reason",
+        "state_changed_at",
+        "installed_at",
+        "last_seen_at",
+        "created_at",
+        "updated_at",
+    )
+    fields = readonly_fields[:8] + ("rate_limit",) + readonly_fields[8:]
+    inlines = [AccountInline]
+    actions = ["verify_connection", "refresh_tokens_now", "block", "reconnect_via_oauth"]
+
+    def get_queryset(self, request):
+        return selectors.portals_overview()
+
+    def has_add_permission(self, request):
+        return False  # portals arrive by installing the app
+
+    @admin.display(description="accounts", ordering="accounts_count")
+    def accounts_count(self, portal: Portal) -> int:
+        return portal.accounts_count
+
+    @admin.display(description="last refresh error")
+    def last_refresh_error(self, portal: Portal) -> str:
+        return selectors.portal_last_refresh_error(portal)
+
+    @admin.action(description="Verify connection (app.info)")
+    def verify_connection(self, request, queryset):
+        for portal in queryset:
+            try:
+                outcome = services.portal_verify(portal=portal)
+            except services.PortalError as exc:
+                self.message_user(request, f"{portal.domain}: {exc.message}", messages.ERROR)
+            else:
+                self.message_user(request, f"{portal.domain}: connected, app {outcome}.")
+
+    @admin.action(description="Refresh tokens now")
+    def refresh_tokens_now(self, request, queryset):
+        for portal in queryset:
+            refreshed, failed = services.portal_tokens_refresh(portal=portal)
+            level = messages.ERROR if failed else messages.SUCCESS
+            self.message_user(
+                request, f"{portal.domain}: {refreshed} refreshed, {failed} failed.", level
+            )
+
+    @admin.action(description="Block")
+    def block(self, request, queryset):
+        for portal in queryset:
+            services.portal_block(
+                portal_id=portal.pk, reason=f"blocked by operator {request.user.get_username()}"
+            )
+        self.message_user(request, f"{queryset.count()} portal(s) blocked.")
+
+    @admin.action(description="Reconnect via OAuth")
+    def reconnect_via_oauth(self, request, queryset):
+        if queryset.count() != 1:
+            self.message_user(request, "Reconnect one portal at a time.", messages.WARNING)
+            return None
+        portal = queryset.get()
+        query = urlencode({"portal": portal.member_id})
+        return HttpResponseRedirect(f"{reverse('portals:oauth_start')}?{query}")

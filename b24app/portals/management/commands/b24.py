@@ -1,0 +1,72 @@
+"""`manage.py b24 portals` lists portal connections; `manage.py b24 rotate-keys` re-encrypts
+every stored token under the first of B24_TOKEN_KEYS."""
+
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
+
+from b24app.portals import crypto, selectors
+from b24app.portals.models import Account
+
+
+class Command(BaseCommand):
+    help = "Bitrix24 portal connections: list them, or rotate the token encryption keys."
+
+    def add_arguments(self, parser):
+        sub = parser.add_subparsers(dest="action", required=True)
+        listing = sub.add_parser("portals", help="list portals with state, reason and errors")
+        listing.add_argument("--state", choices=["new", "active", "blocked", "uninstalled"])
+        sub.add_parser("rotate-keys", help="re-encrypt all tokens under the first key")
+
+    def handle(self, *args, action, **options):
+        if action == "portals":
+            self._portals(options.get("state"))
+        else:
+            self._rotate_keys()
+
+    def _portals(self, state: str | None) -> None:
+        portals = selectors.portals_overview()
+        if state:
+            portals = portals.filter(state=state)
+        header = ("DOMAIN", "MEMBER_ID", "STATE", "APP", "ACCOUNTS", "LAST SEEN", "REASON / ERROR")
+        rows = [header]
+        for portal in portals:
+            error = selectors.portal_last_refresh_error(portal)
+            rows.append(
+                (
+                    portal.domain,
+                    portal.member_id,
+                    portal.state,
+                    portal.app_status or "-",
+                    str(portal.accounts_count),
+                    portal.last_seen_at.strftime("%Y-%m-%d %H:%M") if portal.last_seen_at else "-",
+                    " / ".join(part for part in (portal.state_reason, error) if part) or "-",
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+        for row in rows:
+            cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+            self.stdout.write("  ".join([*cells, row[-1]]).rstrip())
+        self.stdout.write(f"{len(rows) - 1} portal(s)")
+
+    def _rotate_keys(self) -> None:
+        done = 0
+        try:
+            with transaction.atomic():
+                for account in Account.objects.select_for_update().exclude(
+                    access_token_encrypted="", refresh_token_encrypted=""
+                ):
+                    account.access_token_encrypted = crypto.reencrypt(
+                        account.access_token_encrypted
+                    )
+                    account.refresh_token_encrypted = crypto.reencrypt(
+                        account.refresh_token_encrypted
+                    )
+                    account.save(
+                        update_fields=["access_token_encrypted", "refresh_token_encrypted"]
+                    )
+                    done += 1
+        except crypto.TokenKeyError as exc:
+            raise CommandError(f"{exc} Nothing was changed.") from exc
+        self.stdout.write(f"Re-encrypted the tokens of {done} account(s) under the first key.")

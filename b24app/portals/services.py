@@ -1,0 +1,678 @@
+"""Writes about portals and accounts: install, lifecycle events, OAuth reconnect, token refresh.
+
+Every HTTP exchange goes through `bitrix.py`. No transaction is held open across an HTTP call,
+except the token refresh under its row lock (short, bounded by the client's timeouts and the
+database's lock timeout).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import lru_cache
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from b24app.portals import crypto
+from b24app.portals.bitrix import (
+    BitrixAuthError,
+    BitrixClient,
+    BitrixConfig,
+    BitrixError,
+    BitrixUnavailable,
+    OAuthServer,
+    TokenSet,
+    UnsafeURL,
+    build_session,
+    oauth_origin_for,
+)
+from b24app.portals.models import Account, Portal
+from b24app.portals.netguard import check_base_url, client_endpoint_for
+from b24app.portals.ratelimit import RateLimiter, limiter_from_url, parse_rate
+
+logger = logging.getLogger("b24app.portals")
+
+LOCK_TIMEOUT = "15s"
+"""How long a caller waits for another caller's token refresh before giving up."""
+
+TASK_TAB = "TASK_VIEW_TAB"
+TASK_TAB_TITLES = {"en": "Results", "ru": "Результаты"}
+LIFECYCLE_EVENTS = ("ONAPPUNINSTALL", "ONAPPUPDATE")
+
+
+class PortalError(Exception):
+    """A request about a portal that cannot be carried out; `message` is safe to show a person."""
+
+    def __init__(self, message: str, *, code: str = "invalid") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class NotConfigured(PortalError):
+    pass
+
+
+class VerificationFailed(PortalError):
+    pass
+
+
+# --- process-wide plumbing ---------------------------------------------------------------------
+
+
+def bitrix_config() -> BitrixConfig:
+    return _config(
+        settings.B24_CLIENT_ID,
+        settings.B24_CLIENT_SECRET,
+        tuple(settings.B24_OAUTH_SERVERS),
+        settings.B24_ALLOW_PRIVATE_PORTALS,
+    )
+
+
+@lru_cache(maxsize=4)
+def _config(client_id, client_secret, oauth_servers, allow_private) -> BitrixConfig:
+    return BitrixConfig(
+        client_id=client_id,
+        client_secret=client_secret,
+        oauth_servers=oauth_servers,
+        allow_private=allow_private,
+    )
+
+
+@lru_cache(maxsize=4)
+def _session_for(config: BitrixConfig):
+    return build_session(config)
+
+
+def http_session():
+    return _session_for(bitrix_config())
+
+
+@lru_cache(maxsize=4)
+def _limiter_for(redis_url: str) -> RateLimiter:
+    return limiter_from_url(redis_url or None)
+
+
+def rate_limiter() -> RateLimiter:
+    return _limiter_for(settings.REDIS_URL)
+
+
+def oauth_server() -> OAuthServer:
+    return OAuthServer(bitrix_config(), session=http_session())
+
+
+def portal_rate(portal: Portal) -> tuple[int, float]:
+    return parse_rate(portal.rate_limit or settings.B24_RATE_LIMIT)
+
+
+def require_configured() -> BitrixConfig:
+    config = bitrix_config()
+    if not (config.client_id and config.client_secret):
+        raise NotConfigured(
+            "This app is not connected to Bitrix24 yet: its operator has to set "
+            "B24_CLIENT_ID and B24_CLIENT_SECRET.",
+            code="not_configured",
+        )
+    return config
+
+
+# --- verification ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerifiedAuth:
+    """What the OAuth server vouched for about an access token."""
+
+    oauth_server: str
+    member_id: str
+    domain: str
+    client_endpoint: str
+    user_id: int | None
+    status: str
+    scope: str
+    installed: bool
+
+
+def auth_verify(
+    *, access_token: str, member_id: str, domain: str | None, server_endpoint: str | None
+) -> VerifiedAuth:
+    """Ask an allow-listed OAuth server's `app.info` whether `access_token` was issued to this
+    app for portal `member_id` (and `domain`, when given). Raises `VerificationFailed`.
+
+    Without a `server_endpoint` (older frame POSTs lack it) every allow-listed server is asked
+    in turn; a token only ever goes to servers on `B24_OAUTH_SERVERS`.
+    """
+    config = require_configured()
+    if not access_token or not member_id:
+        raise VerificationFailed("The request carries no Bitrix24 authorization.")
+    try:
+        origins = (
+            (oauth_origin_for(server_endpoint, config),)
+            if server_endpoint
+            else config.oauth_servers
+        )
+    except UnsafeURL as exc:
+        raise VerificationFailed(
+            "The request names an OAuth server this app does not trust.", code="untrusted_server"
+        ) from exc
+    info, origin, unavailable = None, None, False
+    for origin in origins:
+        try:
+            info = oauth_server().app_info(origin, access_token)
+            break
+        except BitrixUnavailable:
+            unavailable = True
+        except BitrixError:
+            continue  # this server does not know the token
+    if info is None:
+        if unavailable:
+            raise VerificationFailed(
+                "Bitrix24 could not confirm the request right now; try again.", code="unavailable"
+            )
+        raise VerificationFailed("Bitrix24 did not confirm the authorization.", code="rejected")
+    install = info.get("install") if isinstance(info.get("install"), dict) else {}
+    if str(info.get("client_id", "")) != config.client_id:
+        raise VerificationFailed("The authorization was issued to another app.", code="mismatch")
+    if str(install.get("member_id", "")) != member_id:
+        raise VerificationFailed("The authorization belongs to another portal.", code="mismatch")
+    vouched_domain = str(install.get("domain", "")).lower()
+    if domain is not None and vouched_domain != domain.lower():
+        raise VerificationFailed("The authorization belongs to another domain.", code="mismatch")
+    try:
+        base = check_base_url(
+            str(install.get("client_endpoint") or f"https://{vouched_domain}/rest/"),
+            allow_private=config.allow_private,
+        )
+    except UnsafeURL as exc:
+        raise VerificationFailed(
+            "The portal's address is not one this app may talk to.", code="unsafe_portal"
+        ) from exc
+    user_id = info.get("user_id")
+    return VerifiedAuth(
+        oauth_server=origin,
+        member_id=member_id,
+        domain=vouched_domain,
+        client_endpoint=client_endpoint_for(base),
+        user_id=int(user_id) if str(user_id or "").isdigit() else None,
+        status=str(install.get("status") or ""),
+        scope=str(info.get("scope") or install.get("scope") or ""),
+        installed=bool(install.get("installed")),
+    )
+
+
+def application_token_matches(portal: Portal, application_token: str) -> bool:
+    """Constant-time check of a posted `application_token` against the stored fingerprint."""
+    if not portal.application_token_hash or not application_token:
+        return False
+    return hmac.compare_digest(portal.application_token_hash, crypto.fingerprint(application_token))
+
+
+# --- portals and accounts ----------------------------------------------------------------------
+
+
+@transaction.atomic
+def portal_upsert(*, verified: VerifiedAuth, application_token: str = "") -> Portal:
+    """Create or update the portal the OAuth server vouched for, and make it active."""
+    portal, _ = Portal.objects.select_for_update().get_or_create(
+        member_id=verified.member_id,
+        defaults={
+            "domain": verified.domain,
+            "client_endpoint": verified.client_endpoint,
+            "oauth_server": verified.oauth_server,
+        },
+    )
+    now = timezone.now()
+    portal.domain = verified.domain
+    portal.client_endpoint = verified.client_endpoint
+    portal.oauth_server = verified.oauth_server
+    portal.app_status = verified.status[:1]
+    if application_token:
+        portal.application_token_hash = crypto.fingerprint(application_token)
+    if portal.state != Portal.State.ACTIVE:
+        portal.set_state(Portal.State.ACTIVE, "installed", at=now)
+        portal.installed_at = now
+    portal.last_seen_at = now
+    portal.save()
+    return portal
+
+
+@transaction.atomic
+def account_tokens_store(
+    *,
+    portal: Portal,
+    user_id: int,
+    tokens: TokenSet,
+    is_installer: bool | None = None,
+    is_admin: bool | None = None,
+    display_name: str | None = None,
+) -> Account:
+    """Store a fresh token pair for (portal, user): a new `token_version`, active again."""
+    account, _ = Account.objects.select_for_update().get_or_create(portal=portal, user_id=user_id)
+    _tokens_apply(account, tokens)
+    if is_installer is not None:
+        account.is_installer = is_installer or account.is_installer
+    if is_admin is not None:
+        account.is_admin = is_admin
+    if display_name:
+        account.display_name = display_name[:255]
+    account.last_seen_at = timezone.now()
+    account.save()
+    return account
+
+
+def _tokens_apply(account: Account, tokens: TokenSet) -> None:
+    now = timezone.now()
+    account.access_token_encrypted = crypto.encrypt(tokens.access_token)
+    account.refresh_token_encrypted = crypto.encrypt(tokens.refresh_token)
+    account.expires_at = tokens.expires_at
+    if tokens.scope:
+        account.scope = tokens.scope[:500]
+    account.token_version += 1
+    account.tokens_issued_at = now
+    account.state = Account.State.ACTIVE
+    account.state_reason = ""
+    account.last_refresh_error = ""
+
+
+def _lock_timeout() -> None:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+
+
+def account_tokens_refresh(*, account_id: int, seen_version: int | None = None) -> Account:
+    """Refresh an account's tokens once, race-free.
+
+    Under a row lock on the account, re-read it: if its `token_version` moved past
+    `seen_version`, another caller already refreshed and its tokens win. Otherwise spend the
+    refresh token and store the new pair in the same transaction. `invalid_grant` (with nobody
+    else having refreshed, which the lock guarantees) blocks the account, and its portal when it
+    is the installer's. Transient failures are recorded and raised; nothing is blocked for them.
+    """
+    failure: BitrixError | None = None
+    with transaction.atomic():
+        _lock_timeout()
+        account = Account.objects.select_for_update().select_related("portal").get(pk=account_id)
+        if seen_version is not None and account.token_version != seen_version:
+            return account
+        if account.state == Account.State.BLOCKED or not account.has_tokens:
+            raise BitrixAuthError(
+                "ACCOUNT_BLOCKED", account.state_reason or "the account has no tokens"
+            )
+        now = timezone.now()
+        try:
+            tokens = oauth_server().refresh(account.portal.oauth_server, account.refresh_token)
+        except BitrixAuthError as exc:
+            failure = exc
+            reason = (
+                f"Refresh token rejected by Bitrix24 ({exc.code}); the user must open the app again"
+            )
+            _account_block(account, reason, at=now)
+        except BitrixError as exc:
+            failure = exc
+            account.last_refresh_error = f"{exc.code}: temporary, will retry"[:500]
+            account.save(update_fields=["last_refresh_error", "updated_at"])
+        else:
+            _tokens_apply(account, tokens)
+            account.last_refreshed_at = now
+            account.save()
+            logger.info(
+                "tokens refreshed portal=%s user=%s version=%s",
+                account.portal.member_id,
+                account.user_id,
+                account.token_version,
+            )
+    if failure is not None:
+        logger.warning(
+            "token refresh failed portal=%s user=%s code=%s",
+            account.portal.member_id,
+            account.user_id,
+            failure.code,
+        )
+        raise failure
+    return account
+
+
+def _account_block(account: Account, reason: str, *, at) -> None:
+    account.state = Account.State.BLOCKED
+    account.state_reason = reason[:500]
+    account.last_refresh_error = reason[:500]
+    account.save(update_fields=["state", "state_reason", "last_refresh_error", "updated_at"])
+    if account.is_installer:
+        portal = account.portal
+        portal.set_state(Portal.State.BLOCKED, reason, at=at)
+        portal.save(update_fields=["state", "state_reason", "state_changed_at", "updated_at"])
+
+
+@transaction.atomic
+def portal_endpoint_update(*, portal_id: int, client_endpoint: str) -> None:
+    """The portal answered from a new address (domain change, §5.1): remember it."""
+    portal = Portal.objects.select_for_update().get(pk=portal_id)
+    portal.client_endpoint = client_endpoint
+    portal.domain = client_endpoint.split("://", 1)[-1].split("/", 1)[0]
+    portal.save(update_fields=["client_endpoint", "domain", "updated_at"])
+    logger.info("portal moved member_id=%s domain=%s", portal.member_id, portal.domain)
+
+
+def account_client(account: Account) -> BitrixClient:
+    """A REST client acting as `account`'s user, refreshing lazily and race-free."""
+    portal = account.portal
+    if account.state == Account.State.BLOCKED or not account.has_tokens:
+        raise BitrixAuthError("ACCOUNT_BLOCKED", account.state_reason or "no tokens")
+    seen = {"version": account.token_version}
+
+    def on_expired() -> str:
+        fresh = account_tokens_refresh(account_id=account.pk, seen_version=seen["version"])
+        seen["version"] = fresh.token_version
+        return fresh.access_token
+
+    access_token = account.access_token
+    if account.expires_at is not None and account.expires_at <= timezone.now():
+        access_token = on_expired()
+    return BitrixClient(
+        portal.client_endpoint,
+        access_token,
+        config=bitrix_config(),
+        on_expired=on_expired,
+        on_domain_change=lambda endpoint: portal_endpoint_update(
+            portal_id=portal.pk, client_endpoint=endpoint
+        ),
+        limiter=rate_limiter(),
+        limiter_key=portal.member_id,
+        rate=portal_rate(portal),
+        session=http_session(),
+    )
+
+
+# --- lifecycle ---------------------------------------------------------------------------------
+
+
+@transaction.atomic
+def portal_uninstall(*, portal: Portal, clean: bool) -> None:
+    """Bitrix24 removed the app: its tokens are dead. Wipe them; with `clean`, forget the users."""
+    portal = Portal.objects.select_for_update().get(pk=portal.pk)
+    portal.set_state(
+        Portal.State.UNINSTALLED,
+        "uninstalled on the portal" + (" (data cleaned)" if clean else ""),
+    )
+    portal.application_token_hash = ""
+    portal.last_seen_at = timezone.now()
+    portal.save()
+    if clean:
+        portal.accounts.all().delete()
+    else:
+        portal.accounts.update(
+            access_token_encrypted="",
+            refresh_token_encrypted="",
+            expires_at=None,
+            state=Account.State.BLOCKED,
+            state_reason="app uninstalled",
+            updated_at=timezone.now(),
+        )
+
+
+@transaction.atomic
+def portal_block(*, portal_id: int, reason: str) -> Portal:
+    portal = Portal.objects.select_for_update().get(pk=portal_id)
+    portal.set_state(Portal.State.BLOCKED, reason)
+    portal.save(update_fields=["state", "state_reason", "state_changed_at", "updated_at"])
+    return portal
+
+
+# --- install -----------------------------------------------------------------------------------
+
+
+def _parse_expires_in(raw: str) -> int:
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        return 3600
+    return value if 0 < value <= 86400 else 3600
+
+
+def _frame_tokens(
+    *, access_token: str, refresh_token: str, expires_in: str, verified: VerifiedAuth
+):
+    return TokenSet(
+        access_token=access_token,
+        refresh_token=refresh_token,
+        expires_at=timezone.now() + timedelta(seconds=_parse_expires_in(expires_in)),
+        scope=verified.scope,
+        member_id=verified.member_id,
+        user_id=verified.user_id,
+        client_endpoint=verified.client_endpoint,
+        server_endpoint=verified.oauth_server + "/rest/",
+        status=verified.status,
+    )
+
+
+def portal_install(*, auth: dict[str, str], app_url: str) -> Portal:
+    """The install wizard (`POST /b24/install/`): verify, store, bind, so the page may finish.
+
+    `auth` holds the frame POST (`AUTH_ID`, `REFRESH_ID`, `AUTH_EXPIRES`, `member_id`,
+    `SERVER_ENDPOINT`, `APPLICATION_TOKEN`) and the query's `DOMAIN`. Raises `PortalError`
+    with a message for the installing admin; repeating it is harmless.
+    """
+    verified = auth_verify(
+        access_token=auth.get("AUTH_ID", ""),
+        member_id=auth.get("member_id", ""),
+        domain=auth.get("DOMAIN") or None,
+        server_endpoint=auth.get("SERVER_ENDPOINT") or None,
+    )
+    if not auth.get("REFRESH_ID"):
+        raise PortalError("Bitrix24 sent no refresh token; open the installer again.")
+    tokens = _frame_tokens(
+        access_token=auth["AUTH_ID"],
+        refresh_token=auth["REFRESH_ID"],
+        expires_in=auth.get("AUTH_EXPIRES", ""),
+        verified=verified,
+    )
+    client = BitrixClient(
+        verified.client_endpoint,
+        tokens.access_token,
+        config=bitrix_config(),
+        limiter=rate_limiter(),
+        limiter_key=verified.member_id,
+        rate=parse_rate(settings.B24_RATE_LIMIT),
+        session=http_session(),
+    )
+    try:
+        profile = client.call("profile") or {}
+    except BitrixError as exc:
+        raise PortalError("Bitrix24 did not tell who is installing the app; try again.") from exc
+    user_id = int(profile.get("ID") or verified.user_id or 0)
+    if not user_id:
+        raise PortalError("Bitrix24 did not tell who is installing the app; try again.")
+    if not profile.get("ADMIN"):
+        raise PortalError("Only a Bitrix24 administrator can install this app.", code="not_admin")
+    with transaction.atomic():
+        portal = portal_upsert(
+            verified=verified, application_token=auth.get("APPLICATION_TOKEN", "")
+        )
+        account_tokens_store(
+            portal=portal,
+            user_id=user_id,
+            tokens=tokens,
+            is_installer=True,
+            is_admin=True,
+            display_name=_profile_name(profile),
+        )
+    try:
+        portal_bindings_ensure(client=client, app_url=app_url)
+    except BitrixError as exc:
+        logger.warning("install bindings failed portal=%s code=%s", portal.member_id, exc.code)
+        raise PortalError(
+            "Bitrix24 refused to add the Results tab or the app's event handlers "
+            f"({exc.code}). Nothing is finished yet; open the installer again."
+        ) from exc
+    logger.info("installed portal=%s domain=%s user=%s", portal.member_id, portal.domain, user_id)
+    return portal
+
+
+def _profile_name(profile: dict) -> str:
+    return " ".join(part for part in (profile.get("NAME"), profile.get("LAST_NAME")) if part)
+
+
+def portal_bindings_ensure(*, client: BitrixClient, app_url: str) -> None:
+    """Bind the task tab and the lifecycle events to this app, unless already bound."""
+    handler = f"{app_url}/b24/app/"
+    placements = client.call("placement.get") or []
+    if not any(
+        item.get("placement") == TASK_TAB and item.get("handler") == handler for item in placements
+    ):
+        client.call(
+            "placement.bind",
+            {
+                "PLACEMENT": TASK_TAB,
+                "HANDLER": handler,
+                "TITLE": TASK_TAB_TITLES["en"],
+                "LANG_ALL": {lang: {"TITLE": title} for lang, title in TASK_TAB_TITLES.items()},
+            },
+        )
+    events_handler = f"{app_url}/b24/events/"
+    bound = {
+        (str(item.get("event", "")).upper(), item.get("handler"))
+        for item in client.call("event.get") or []
+    }
+    for event in LIFECYCLE_EVENTS:
+        if (event, events_handler) not in bound:
+            client.call("event.bind", {"event": event, "handler": events_handler})
+
+
+# --- lifecycle events (`POST /b24/events/`) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EventOutcome:
+    status: int
+    code: str
+
+    @property
+    def accepted(self) -> bool:
+        return self.status < 300
+
+
+def _event_tokens(auth: dict, verified: VerifiedAuth) -> TokenSet | None:
+    if not auth.get("refresh_token"):
+        return None
+    data = {**auth, "member_id": verified.member_id}
+    data.setdefault("user_id", verified.user_id)
+    try:
+        return TokenSet.from_response(data)
+    except BitrixError:
+        return None
+
+
+def event_handle(*, event: str, data: dict, auth: dict) -> EventOutcome:
+    """Apply an app lifecycle event after checking it came from Bitrix24.
+
+    `ONAPPINSTALL`/`ONAPPUPDATE` carry a live access token: the OAuth server must vouch for it
+    (client, portal, domain) before anything is stored. `ONAPPUNINSTALL` carries none (access is
+    revoked first), so the constant-time `application_token` check is the only proof.
+    """
+    event = event.upper()
+    member_id = str(auth.get("member_id", ""))
+    if event == "ONAPPUNINSTALL":
+        portal = Portal.objects.filter(member_id=member_id).first()
+        if portal is None or not application_token_matches(
+            portal, str(auth.get("application_token", ""))
+        ):
+            return EventOutcome(401, "invalid_application_token")
+        clean = str(data.get("CLEAN", "0")).strip().lower() in ("1", "y", "true")
+        portal_uninstall(portal=portal, clean=clean)
+        logger.info("uninstalled portal=%s clean=%s", member_id, clean)
+        return EventOutcome(200, "uninstalled")
+    if event not in ("ONAPPINSTALL", "ONAPPUPDATE"):
+        return EventOutcome(400, "unsupported_event")
+    application_token = str(auth.get("application_token", ""))
+    if not application_token:
+        return EventOutcome(400, "missing_application_token")
+    try:
+        verified = auth_verify(
+            access_token=str(auth.get("access_token", "")),
+            member_id=member_id,
+            domain=str(auth.get("domain", "")) or None,
+            server_endpoint=str(auth.get("server_endpoint", "")) or None,
+        )
+    except VerificationFailed as exc:
+        return EventOutcome(503 if exc.code == "unavailable" else 401, exc.code)
+    tokens = _event_tokens(auth, verified)
+    with transaction.atomic():
+        portal = portal_upsert(verified=verified, application_token=application_token)
+        if tokens is not None and tokens.user_id:
+            account_tokens_store(
+                portal=portal,
+                user_id=tokens.user_id,
+                tokens=tokens,
+                is_installer=True if event == "ONAPPINSTALL" else None,
+                is_admin=True if event == "ONAPPINSTALL" else None,
+            )
+    logger.info("%s applied portal=%s", event, member_id)
+    return EventOutcome(200, event.lower())
+
+
+# --- OAuth reconnect ---------------------------------------------------------------------------
+
+
+def portal_reconnect(*, portal: Portal, code: str, operator: str) -> Account:
+    """Finish the authorization-code flow an operator started: store the authorizing user's
+    tokens as the portal's connection and make a blocked portal active again."""
+    if not code:
+        raise PortalError("Bitrix24 sent no authorization code; start the reconnect again.")
+    require_configured()
+    try:
+        tokens = oauth_server().exchange_code(portal.oauth_server, code)
+    except BitrixError as exc:
+        raise PortalError(f"Bitrix24 refused the authorization code ({exc.code}).") from exc
+    if tokens.member_id != portal.member_id or not tokens.user_id:
+        raise PortalError("Bitrix24 issued tokens for another portal; nothing was changed.")
+    with transaction.atomic():
+        account = account_tokens_store(
+            portal=portal, user_id=tokens.user_id, tokens=tokens, is_installer=True
+        )
+        portal = Portal.objects.select_for_update().get(pk=portal.pk)
+        if portal.state in (Portal.State.BLOCKED, Portal.State.NEW):
+            portal.set_state(Portal.State.ACTIVE, f"reconnected via OAuth by {operator}")
+            portal.save(update_fields=["state", "state_reason", "state_changed_at", "updated_at"])
+    logger.info("reconnected portal=%s user=%s by=%s", portal.member_id, tokens.user_id, operator)
+    return account
+
+
+# --- operator actions --------------------------------------------------------------------------
+
+
+def portal_verify(*, portal: Portal) -> str:
+    """Check the connection with `app.info` through the portal's connection account."""
+    from b24app.portals.selectors import portal_connection_account
+
+    account = portal_connection_account(portal)
+    if account is None:
+        raise PortalError("No user of this portal has working tokens; reconnect via OAuth.")
+    try:
+        info = account_client(account).call("app.info") or {}
+    except BitrixError as exc:
+        raise PortalError(f"Bitrix24 answered {exc.code}.") from exc
+    Portal.objects.filter(pk=portal.pk).update(
+        last_seen_at=timezone.now(), app_status=str(info.get("STATUS") or portal.app_status)[:1]
+    )
+    return "installed" if info.get("INSTALLED") else "not fully installed"
+
+
+def portal_tokens_refresh(*, portal: Portal) -> tuple[int, int]:
+    """Refresh every account of the portal through the locked service: (refreshed, failed)."""
+    refreshed = failed = 0
+    for account_id, version in (
+        portal.accounts.filter(state=Account.State.ACTIVE)
+        .exclude(refresh_token_encrypted="")
+        .values_list("pk", "token_version")
+    ):
+        try:
+            account_tokens_refresh(account_id=account_id, seen_version=version)
+            refreshed += 1
+        except BitrixError:
+            failed += 1
+    return refreshed, failed

@@ -1,0 +1,130 @@
+"""Bitrix24-facing endpoints: the install wizard, lifecycle events, the OAuth reconnect."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.admin.views.decorators import staff_member_required
+from django.core import signing
+from django.http import HttpResponseBadRequest, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
+
+from b24app.framing import allow_portal_framing
+from b24app.portals import services
+from b24app.portals.bitrix import BitrixError
+from b24app.portals.forms import bracket_decode
+from b24app.portals.models import Portal
+
+logger = logging.getLogger("b24app.portals")
+
+OAUTH_STATE_SALT = "b24app.portals.oauth"
+OAUTH_STATE_MAX_AGE = 600
+OAUTH_SESSION_KEY = "b24_oauth_nonce"
+INSTALL_FIELDS = (
+    "AUTH_ID",
+    "AUTH_EXPIRES",
+    "REFRESH_ID",
+    "SERVER_ENDPOINT",
+    "APPLICATION_TOKEN",
+    "member_id",
+)
+
+
+def app_url(request) -> str:
+    return settings.B24_APP_URL or request.build_absolute_uri("/").rstrip("/")
+
+
+@csrf_exempt  # a cross-site POST from the Bitrix24 frame, verified with the OAuth server instead
+@require_POST
+def install(request):
+    auth = {name: request.POST.get(name, "") for name in INSTALL_FIELDS}
+    auth["DOMAIN"] = request.GET.get("DOMAIN", "")
+    status, error, portal = 200, None, None
+    try:
+        portal = services.portal_install(auth=auth, app_url=app_url(request))
+    except services.PortalError as exc:
+        status = 503 if exc.code in ("not_configured", "unavailable") else 400
+        if exc.code in ("rejected", "mismatch", "untrusted_server", "unsafe_portal", "not_admin"):
+            status = 403
+        error = exc.message
+        logger.warning("install refused code=%s member_id=%s", exc.code, auth["member_id"][:64])
+    response = render(
+        request,
+        "portals/install.html",
+        {"portal": portal, "error": error},
+        status=status,
+    )
+    if portal is not None:
+        allow_portal_framing(response, portal.origin)
+    return response
+
+
+@csrf_exempt  # server-to-server POST from Bitrix24's event queue, verified per event
+@require_POST
+def events(request):
+    payload = bracket_decode(request.POST.items())
+    event = payload.get("event")
+    auth = payload.get("auth")
+    data = payload.get("data")
+    if not isinstance(event, str) or not isinstance(auth, dict):
+        logger.warning("event refused: malformed body")
+        return JsonResponse({"status": "error", "error": "malformed_event"}, status=400)
+    outcome = services.event_handle(
+        event=event, data=data if isinstance(data, dict) else {}, auth=auth
+    )
+    if not outcome.accepted:
+        logger.warning(
+            "event refused event=%s member_id=%s code=%s",
+            event[:40],
+            str(auth.get("member_id", ""))[:64],
+            outcome.code,
+        )
+        return JsonResponse({"status": "error", "error": outcome.code}, status=outcome.status)
+    return JsonResponse({"status": "ok", "message": "event accepted"})
+
+
+@staff_member_required
+@require_GET
+def oauth_start(request):
+    portal = get_object_or_404(Portal, member_id=request.GET.get("portal", ""))
+    nonce = secrets.token_urlsafe(16)
+    request.session[OAUTH_SESSION_KEY] = nonce
+    state = signing.dumps({"m": portal.member_id, "n": nonce}, salt=OAUTH_STATE_SALT)
+    try:
+        services.require_configured()
+        return redirect(services.oauth_server().authorize_url(portal.base_url, state))
+    except (services.PortalError, BitrixError) as exc:
+        messages.error(request, f"Cannot start the OAuth reconnect: {exc}")
+        return redirect(reverse("admin:portals_portal_change", args=[portal.pk]))
+
+
+@staff_member_required
+@require_GET
+def oauth_callback(request):
+    try:
+        state = signing.loads(
+            request.GET.get("state", ""), salt=OAUTH_STATE_SALT, max_age=OAUTH_STATE_MAX_AGE
+        )
+    except signing.BadSignature:
+        return HttpResponseBadRequest("The reconnect link is invalid or expired; start again.")
+    nonce = request.session.pop(OAUTH_SESSION_KEY, None)
+    if not nonce or not secrets.compare_digest(str(state.get("n", "")), nonce):
+        return HttpResponseBadRequest("This reconnect was not started from this browser.")
+    portal = get_object_or_404(Portal, member_id=state.get("m", ""))
+    if request.GET.get("member_id") not in (None, portal.member_id):
+        return HttpResponseBadRequest("Bitrix24 answered for another portal.")
+    try:
+        services.portal_reconnect(
+            portal=portal, code=request.GET.get("code", ""), operator=request.user.get_username()
+        )
+    except services.PortalError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, f"{portal.domain} is reconnected.")
+    return redirect(reverse("admin:portals_portal_change", args=[portal.pk]))

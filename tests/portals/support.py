@@ -1,0 +1,38 @@
+"""Helpers for driving the app the way Bitrix24 does, through Django's test client."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode, urlsplit
+
+
+def post_frame(client, url: str, fields: dict):
+    """POST a frame/installer request (query string + form body) to the app."""
+    parts = urlsplit(url)
+    return client.post(f"{parts.path}?{parts.query}", fields)
+
+
+def post_event(client, pairs):
+    """POST an event body (PHP bracket keys, form-encoded) to the app."""
+    return client.post(
+        "/b24/events/", data=urlencode(pairs), content_type="application/x-www-form-urlencoded"
+    )
+
+
+def install(client, portal, user_id: int = 1):
+    """Run the install wizard; when it succeeds, finish as the page's `installFinish` would."""
+    url, fields = portal.install_post(user_id)
+    response = post_frame(client, url, fields)
+    if response.status_code == 200:
+        portal.mark_installed()
+    return response
+
+
+def issued_tokens(fake, portal) -> list[str]:
+    """Every access and refresh token the fake ever issued for `portal`."""
+    with fake.lock:
+        return [
+            token.token
+            for store in (fake.access_tokens, fake.refresh_tokens)
+            for token in store.values()
+            if token.member_id == portal.member_id
+        ]

@@ -1,0 +1,148 @@
+"""Lifecycle events (`POST /b24/events/`): verified, applied once, forged ones change nothing."""
+
+import pytest
+
+from b24app.portals.models import Account, Portal
+from tests.portals.support import install, post_event
+
+pytestmark = pytest.mark.django_db
+
+
+def _stored(portal) -> Portal:
+    return Portal.objects.get(member_id=portal.member_id)
+
+
+def _snapshot():
+    return (
+        list(Portal.objects.values()),
+        list(Account.objects.values().order_by("pk")),
+    )
+
+
+def test_event_install_before_wizard_stores_application_token_and_installer(client, portal):
+    response = post_event(client, portal.event_body("ONAPPINSTALL", user_id=1))
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "message": "event accepted"}
+    stored = _stored(portal)
+    assert stored.state == Portal.State.ACTIVE
+    assert stored.application_token_hash and portal.application_token not in str(stored.__dict__)
+    installer = Account.objects.get(portal=stored, user_id=1)
+    assert installer.is_installer and installer.has_tokens
+    # The wizard afterwards completes the same portal.
+    assert install(client, portal).status_code == 200
+    assert Portal.objects.count() == 1 and Account.objects.count() == 1
+
+
+def test_event_install_after_wizard_keeps_the_portal(client, portal):
+    install(client, portal)
+    version = Account.objects.get().token_version
+    assert post_event(client, portal.event_body("ONAPPINSTALL", user_id=1)).status_code == 200
+    account = Account.objects.get()
+    assert account.token_version == version + 1
+    assert _stored(portal).application_token_hash
+
+
+def test_event_update_replaces_application_token(client, portal):
+    post_event(client, portal.event_body("ONAPPINSTALL"))
+    old_token = portal.application_token
+    portal.application_token = "f" * 32  # what ONAPPUPDATE brings: a new application_token
+    assert post_event(client, portal.event_body("ONAPPUPDATE")).status_code == 200
+    forged = portal.event_body("ONAPPUNINSTALL", user_id=None, application_token=old_token)
+    assert post_event(client, forged).status_code == 401
+    assert _stored(portal).state == Portal.State.ACTIVE
+    assert post_event(client, portal.event_body("ONAPPUNINSTALL", user_id=None)).status_code == 200
+
+
+@pytest.mark.parametrize("clean", [0, 1])
+def test_event_uninstall_wipes_tokens_and_honours_clean(client, portal, clean):
+    install(client, portal)
+    post_event(client, portal.event_body("ONAPPINSTALL"))
+    body = portal.event_body("ONAPPUNINSTALL", user_id=None, data={"CLEAN": clean})
+    assert post_event(client, body).status_code == 200
+    stored = _stored(portal)
+    assert stored.state == Portal.State.UNINSTALLED
+    assert stored.application_token_hash == ""
+    if clean:
+        assert Account.objects.count() == 0
+    else:
+        account = Account.objects.get()
+        assert not account.has_tokens and account.access_token_encrypted == ""
+        assert account.state == Account.State.BLOCKED
+
+
+def test_event_reinstall_after_uninstall_is_active_again(client, portal):
+    post_event(client, portal.event_body("ONAPPINSTALL"))
+    post_event(client, portal.event_body("ONAPPUNINSTALL", user_id=None, data={"CLEAN": 0}))
+    portal.application_token = "e" * 32
+    assert post_event(client, portal.event_body("ONAPPINSTALL")).status_code == 200
+    stored = _stored(portal)
+    assert stored.state == Portal.State.ACTIVE
+    assert Account.objects.get().has_tokens
+
+
+@pytest.mark.parametrize(
+    "make_body, status",
+    [
+        (
+            lambda p, o: p.event_body("ONAPPUNINSTALL", user_id=None, application_token="0" * 32),
+            401,
+        ),
+        (
+            lambda p, o: p.event_body(
+                "ONAPPUNINSTALL", user_id=None, extra_auth={"member_id": o.member_id}
+            ),
+            401,
+        ),
+        (lambda p, o: p.event_body("ONAPPINSTALL", extra_auth={"access_token": "x" * 32}), 401),
+        (lambda p, o: p.event_body("ONAPPINSTALL", extra_auth={"member_id": o.member_id}), 401),
+        (lambda p, o: p.event_body("ONAPPINSTALL", extra_auth={"domain": o.domain}), 401),
+        (
+            lambda p, o: p.event_body(
+                "ONAPPINSTALL", extra_auth={"server_endpoint": "https://evil.example/rest/"}
+            ),
+            401,
+        ),
+        (lambda p, o: p.event_body("ONAPPINSTALL", extra_auth={"access_token": None}), 401),
+        (lambda p, o: p.event_body("ONCRMDEALADD"), 400),
+        (lambda p, o: [("event", "ONAPPINSTALL")], 400),
+        (lambda p, o: [("auth[member_id]", p.member_id)], 400),
+    ],
+    ids=[
+        "uninstall-wrong-token",
+        "uninstall-other-portal",
+        "install-bad-token",
+        "install-other-member",
+        "install-other-domain",
+        "install-untrusted-server",
+        "install-no-token",
+        "unknown-event",
+        "no-auth",
+        "no-event",
+    ],
+)
+def test_event_forged_is_refused_and_changes_nothing(
+    client, fake, portal, make_body, status, caplog
+):
+    other = fake.add_portal()
+    other.add_user(name="Olga", admin=True)
+    post_event(client, portal.event_body("ONAPPINSTALL"))
+    before = _snapshot()
+    body = make_body(portal, other)
+    response = post_event(client, body)
+    assert response.status_code == status
+    assert response.json()["status"] == "error"
+    assert _snapshot() == before
+    logged = caplog.text
+    for key, value in body:
+        if key.endswith(("access_token]", "refresh_token]", "application_token]")):
+            assert value not in logged
+
+
+def test_event_uninstall_for_unknown_portal_is_refused(client, portal):
+    response = post_event(client, portal.event_body("ONAPPUNINSTALL", user_id=None))
+    assert response.status_code == 401
+    assert Portal.objects.count() == 0
+
+
+def test_events_only_accept_post(client):
+    assert client.get("/b24/events/").status_code == 405

@@ -1,0 +1,179 @@
+"""Lazy, race-free token refresh against the fake OAuth server (single-use refresh tokens)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from b24app.portals import services
+from b24app.portals.bitrix import BitrixAuthError
+from b24app.portals.models import Account, Portal
+from tests.portals.support import install
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _refresh_calls(fake):
+    return [call for call in fake.token_calls if call["grant_type"] == "refresh_token"]
+
+
+@pytest.fixture
+def installed(client, portal):
+    assert install(client, portal).status_code == 200
+    return Account.objects.select_related("portal").get(user_id=1)
+
+
+@pytest.mark.django_db
+def test_refresh_on_expired_token_once_then_retries(fake, portal, installed):
+    portal.expire_access_tokens()
+    version = installed.token_version
+    profile = services.account_client(installed).call("profile")
+    assert profile["ID"] == "1"
+    assert len(_refresh_calls(fake)) == 1
+    account = Account.objects.get(pk=installed.pk)
+    assert account.token_version == version + 1
+    assert account.last_refreshed_at is not None
+    assert account.access_token != installed.access_token
+    assert account.refresh_token != installed.refresh_token
+
+
+@pytest.mark.django_db
+def test_refresh_when_expiry_has_passed_before_calling(fake, portal, installed):
+    Account.objects.filter(pk=installed.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
+    account = Account.objects.select_related("portal").get(pk=installed.pk)
+    assert services.account_client(account).call("profile")["ID"] == "1"
+    assert len(_refresh_calls(fake)) == 1
+    assert len([c for c in portal.calls("profile") if c["status"] == 401]) == 0
+
+
+@pytest.mark.django_db
+def test_refresh_stale_version_uses_the_winners_tokens(fake, portal, installed):
+    seen = installed.token_version
+    services.account_tokens_refresh(account_id=installed.pk, seen_version=seen)
+    again = services.account_tokens_refresh(account_id=installed.pk, seen_version=seen)
+    assert again.token_version == seen + 1
+    assert len(_refresh_calls(fake)) == 1
+
+
+@pytest.mark.django_db
+def test_refresh_dead_token_blocks_account_and_installers_portal(fake, portal, installed):
+    portal.expire_access_tokens()
+    portal.revoke_refresh_tokens()
+    with pytest.raises(BitrixAuthError):
+        services.account_client(installed).call("profile")
+    account = Account.objects.get(pk=installed.pk)
+    assert account.state == Account.State.BLOCKED
+    assert "invalid_grant" in account.state_reason
+    assert "invalid_grant" in account.last_refresh_error
+    stored = Portal.objects.get(pk=installed.portal_id)
+    assert stored.state == Portal.State.BLOCKED and "invalid_grant" in stored.state_reason
+    # A blocked account is not sent to the OAuth server again.
+    calls = len(fake.token_calls)
+    with pytest.raises(BitrixAuthError):
+        services.account_client(account)
+    assert len(fake.token_calls) == calls
+
+
+@pytest.mark.django_db
+def test_refresh_transient_failure_does_not_block(fake, portal, installed):
+    portal.expire_access_tokens()
+    fake.fail_token_next(count=1, error="500")
+    with pytest.raises(services.BitrixError):
+        services.account_client(installed).call("profile")
+    account = Account.objects.get(pk=installed.pk)
+    assert account.state == Account.State.ACTIVE
+    assert (
+        account.last_refresh_error.startswith("INTERNAL_SERVER_ERROR") or account.last_refresh_error
+    )
+    assert services.account_client(account).call("profile")["ID"] == "1"
+
+
+def _storm(fake, account_ids, *, processes: int, threads: int) -> list[dict]:
+    database = connection.settings_dict
+    env = {
+        **os.environ,
+        "DATABASE_URL": (
+            f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
+        ),
+        "B24_OAUTH_SERVERS": fake.oauth_url,
+        "B24_ALLOW_PRIVATE_PORTALS": "true",
+        "DJANGO_CONN_MAX_AGE": "0",
+    }
+    start_at = time.time() + 3.0
+    args = [str(start_at), str(threads), *map(str, account_ids)]
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.portals.storm", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
+    outcomes = []
+    for child in children:
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err[-2000:]
+        outcomes.extend(json.loads(out.strip().splitlines()[-1]))
+    return outcomes
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_refresh_storm_one_account_fifty_callers_two_processes(client, fake, portal):
+    assert install(client, portal).status_code == 200
+    account = Account.objects.get(user_id=1)
+    portal.expire_access_tokens()
+    # 100 requests at once: this test is about tokens, not Bitrix24's request budget.
+    portal.set_rate_limit(1000, 500.0)
+    Portal.objects.update(rate_limit="1000/500")
+
+    outcomes = _storm(fake, [account.pk], processes=2, threads=25)
+
+    assert len(outcomes) == 50
+    assert all(outcome.get("user") == 1 for outcome in outcomes), outcomes
+    refreshes = _refresh_calls(fake)
+    assert len(refreshes) == 1
+    assert not [call for call in fake.token_calls if call.get("error") == "invalid_grant"]
+    assert Account.objects.get(pk=account.pk).token_version == account.token_version + 1
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_refresh_storm_twenty_users_ten_callers_each_never_mix_tokens(client, fake, portal):
+    assert install(client, portal).status_code == 200
+    stored = Portal.objects.get()
+    users = [portal.add_user(name=f"User {n}") for n in range(19)]
+    for user_id in users:
+        tokens = portal.issue_tokens(user_id)
+        services.account_tokens_store(
+            portal=stored,
+            user_id=user_id,
+            tokens=services.TokenSet.from_response(tokens),
+        )
+    accounts = {a.pk: a.user_id for a in Account.objects.all()}
+    assert len(accounts) == 20
+    # 400 requests in a few seconds: this test is about tokens, not Bitrix24's request budget.
+    portal.set_rate_limit(1000, 500.0)
+    Portal.objects.update(rate_limit="1000/500")
+    portal.expire_access_tokens()
+
+    outcomes = _storm(fake, list(accounts), processes=2, threads=100)
+
+    assert len(outcomes) == 200
+    assert all(outcome.get("user") == accounts[outcome["account"]] for outcome in outcomes), [
+        o for o in outcomes if o.get("user") != accounts[o["account"]]
+    ][:5]
+    refreshes = _refresh_calls(fake)
+    assert len(refreshes) == 20
+    assert sorted(call["user_id"] for call in refreshes) == sorted(accounts.values())
+    assert not [call for call in fake.token_calls if call.get("error") == "invalid_grant"]
