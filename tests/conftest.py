@@ -96,3 +96,16 @@ def portal(fake):
     portal.add_user(name="Anna", last_name="Smirnova", admin=True)
     portal.add_user(name="Boris", last_name="Petrov", admin=False)
     return portal
+
+
+@pytest.fixture
+def celery_eager():
+    """Run Celery tasks inline for this test, even when the run has a broker configured."""
+    from b24app.celery import app
+
+    previous = app.conf.task_always_eager
+    app.conf.task_always_eager = True
+    try:
+        yield app
+    finally:
+        app.conf.task_always_eager = previous

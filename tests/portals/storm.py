@@ -2,6 +2,7 @@
 
 Run by tests and `bench/` as `python -m tests.portals.storm START_AT THREADS ACCOUNT_ID...`;
 threads are spread over the accounts round-robin and all start at the wall-clock time START_AT.
+With STORM_CALLS=n in the environment each thread makes n calls in a row (default 1).
 Prints one JSON object: per caller, the account it acted as and the Bitrix24 user id it got back
 (or the error code). At most DB_SLOTS callers of a process hold a database connection at once
 (PostgreSQL's default limit is 100 connections for everything on the machine).
@@ -30,6 +31,7 @@ def main(argv: list[str]) -> None:
     from b24app.portals.services import account_client
 
     start_at, threads = float(argv[0]), int(argv[1])
+    calls = int(os.environ.get("STORM_CALLS", "1"))
     account_ids = [int(value) for value in argv[2:]]
     outcomes: list[dict] = []
     lock = threading.Lock()
@@ -41,7 +43,9 @@ def main(argv: list[str]) -> None:
         with db_slots:
             try:
                 account = Account.objects.select_related("portal").get(pk=account_id)
-                profile = account_client(account).call("profile")
+                client = account_client(account)
+                for _ in range(calls):
+                    profile = client.call("profile")
                 outcome = {"account": account_id, "user": int(profile["ID"])}
             except BitrixError as exc:
                 outcome = {"account": account_id, "error": exc.code}

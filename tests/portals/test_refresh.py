@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -95,7 +96,7 @@ def test_refresh_transient_failure_does_not_block(fake, portal, installed):
     assert services.account_client(account).call("profile")["ID"] == "1"
 
 
-def _storm(fake, account_ids, *, processes: int, threads: int) -> list[dict]:
+def _storm(fake, account_ids, *, processes: int, threads: int, calls: int = 1) -> list[dict]:
     database = connection.settings_dict
     env = {
         **os.environ,
@@ -105,6 +106,7 @@ def _storm(fake, account_ids, *, processes: int, threads: int) -> list[dict]:
         "B24_OAUTH_SERVERS": fake.oauth_url,
         "B24_ALLOW_PRIVATE_PORTALS": "true",
         "DJANGO_CONN_MAX_AGE": "0",
+        "STORM_CALLS": str(calls),
     }
     start_at = time.time() + 3.0
     args = [str(start_at), str(threads), *map(str, account_ids)]
@@ -177,3 +179,33 @@ def test_refresh_storm_twenty_users_ten_callers_each_never_mix_tokens(client, fa
     assert len(refreshes) == 20
     assert sorted(call["user_id"] for call in refreshes) == sorted(accounts.values())
     assert not [call for call in fake.token_calls if call.get("error") == "invalid_grant"]
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.django_db(transaction=True)
+def test_rate_limit_shared_by_processes_keeps_under_the_portals_bucket(client, fake, portal):
+    """32 callers in 2 processes against a portal limited to 10 burst / 20 per second (Bitrix24's
+    50/2, scaled up): the portal never answers QUERY_LIMIT_EXCEEDED, and the achieved steady
+    rate is within 10% of the allowed one."""
+    assert install(client, portal).status_code == 200
+    account = Account.objects.get(user_id=1)
+    burst, rate = 10, 20.0
+    portal.set_rate_limit(burst, rate)
+    Portal.objects.update(rate_limit=f"{burst}/{rate:g}")
+    from b24app.portals.services import rate_limiter
+
+    rate_limiter().reset(portal.member_id)
+    first = len(portal.requests)
+
+    outcomes = _storm(fake, [account.pk], processes=2, threads=16, calls=5)
+
+    assert [o for o in outcomes if "error" in o] == []
+    assert portal.limit_hits == 0
+    times = sorted(r["time"] for r in portal.requests[first:] if r.get("method_name") == "profile")
+    assert len(times) == 32 * 5
+    steady = times[burst:]
+    achieved = (len(steady) - 1) / (steady[-1] - steady[0])
+    assert 0.9 * rate <= achieved <= 1.1 * rate, achieved
+    gaps = [b - a for a, b in zip(steady, steady[1:], strict=False)]
+    assert statistics.median(gaps) >= 0.8 / rate
