@@ -15,7 +15,7 @@ def test_sandbox_task_page_shows_the_app_in_its_frame(browser_page, sandbox, liv
     assert "localhost" in live_server.url and "127.0.0.1" in sandbox.url  # two sites
     # The app asked the portal to fit the frame to its content, with the portal's protocol.
     page.wait_for_function(
-        "() => (window.__fakeB24Messages || []).some(m => String(m.command || m).includes('resizeWindow'))"
+        "() => (window.__fakeB24Messages || []).some(m => m.command === 'resizeWindow')"
     )
     app_requests = [r for r in sandbox.requests if r.get("path", "").startswith("/b24/")]
     assert app_requests == []  # the frame talks to the app, never through the portal
