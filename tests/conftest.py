@@ -109,3 +109,57 @@ def celery_eager():
         yield app
     finally:
         app.conf.task_always_eager = previous
+
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's Chromium under Playwright, one per test module (Playwright's sync API runs an
+    event loop in the test thread; keeping it to the module keeps other tests clear of it)."""
+    reason = _missing_service("browser")
+    if reason:
+        pytest.fail(reason, pytrace=False) if os.environ.get("CI") else pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    # The test's own ORM calls (set-up, assertions) run in the thread that holds that loop.
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                yield browser
+            finally:
+                browser.close()
+    finally:
+        if previous is None:
+            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        else:
+            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
+
+
+@pytest.fixture
+def browser_page(chromium):
+    """A fresh browser context whose requests never carry a Cookie header, as in a browser
+    that blocks third-party cookies."""
+    context = chromium.new_context(viewport={"width": 1200, "height": 900})
+
+    def strip_cookies(route, request):
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "cookie"}
+        route.continue_(headers=headers)
+
+    context.route("**/*", strip_cookies)
+    try:
+        yield context.new_page()
+    finally:
+        context.close()

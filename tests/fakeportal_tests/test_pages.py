@@ -235,19 +235,6 @@ parent.postMessage("setInstallFinish:cb1:" + parts[2], "http://" + parts[0]);
 </script></body></html>"""
 
 
-@pytest.fixture
-def browser_page():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", args=["--no-sandbox"]
-        )
-        try:
-            yield browser.new_page()
-        finally:
-            browser.close()
-
-
 @pytest.mark.browser
 def test_parent_frame_protocol_in_a_browser(portal, catcher, browser_page):
     catcher.routes["/b24/app/"] = (200, APP_PAGE, "text/html")

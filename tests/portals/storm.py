@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-DB_SLOTS = 40
+DB_SLOTS = 20
 
 
 def main(argv: list[str]) -> None:
