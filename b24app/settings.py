@@ -1,7 +1,7 @@
 """The only settings module. Production differs from development by environment variables only.
 
 Names and defaults follow ../shared/docs/contract.md. A `.env` file next to manage.py is read when
-present; the real environment wins over it.
+present (or the file DJANGO_ENV_FILE names); the real environment wins over it.
 """
 
 import base64
@@ -16,7 +16,8 @@ from django.core.exceptions import ImproperlyConfigured
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
-environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+# DJANGO_ENV_FILE names another file (or a missing one, to read none: tests of start-up do).
+environ.Env.read_env(os.environ.get("DJANGO_ENV_FILE", BASE_DIR / ".env"), overwrite=False)
 
 
 def _required(name: str, why: str) -> str:
@@ -200,6 +201,10 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 15 * 60}
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE = {
+    "result-changes-sweep": {
+        "task": "results.tasks.result_changes_sweep_task",
+        "schedule": 60,
+    },
     "accounts-keepalive": {
         "task": "b24app.portals.tasks.accounts_keepalive_task",
         "schedule": 24 * 60 * 60,

@@ -1,35 +1,377 @@
-"""The embedded results screen.
+"""The embedded results screen and its frame endpoints.
 
-For now `POST /b24/app/` renders a placeholder so the app can be opened inside a Bitrix24 frame;
-the verified screen replaces it with the results issue.
+`POST /b24/app/` is where Bitrix24 opens the app (any placement). Everything after that is a
+frame request carrying the signed frame token (header `X-Frame-Token` or field `frame_token`);
+no cookie is needed or trusted. With JavaScript the page calls these endpoints with `fetch` and
+swaps the returned list in place; without it the forms post and get the whole screen back.
 """
 
 from __future__ import annotations
 
-import re
+import json
+import logging
+from dataclasses import dataclass
 
+from django.http import JsonResponse
 from django.shortcuts import render
+from django.template.loader import render_to_string
+from django.utils import translation
+from django.utils.translation import gettext as _
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_http_methods
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from b24app.framing import allow_portal_framing
+from b24app.portals import frame
+from b24app.portals.bitrix import BitrixError
+from b24app.portals.models import Account
+from b24app.portals.services import (
+    FrameRefused,
+    account_client,
+    frame_account_open,
+    frame_session_renew,
+    portal_bindings_ensure,
+)
+from b24app.portals.views import app_url
+from results import selectors, services
+from results.models import ResultChange
 
-_HOST = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?(?::\d{1,5})?$")
+logger = logging.getLogger("results")
+
+LANGUAGES = ("en", "ru")
+TASK_PLACEMENTS = {"TASK_VIEW_TAB", "TASK_VIEW_SIDEBAR", "TASK_VIEW_TOP_PANEL"}
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; object-src 'none'"
+)
 
 
-def _portal_origin(request) -> str | None:
-    domain = request.GET.get("DOMAIN", "").strip().lower()
-    if not _HOST.fullmatch(domain):
+def _language(code: str) -> str:
+    code = (code or "").strip().lower()[:2]
+    return code if code in LANGUAGES else "en"
+
+
+def _placement_options(raw: str) -> dict:
+    """`PLACEMENT_OPTIONS` is a JSON string; anything but an object counts as empty."""
+    try:
+        value = json.loads(raw) if raw else {}
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _positive_int(value) -> int | None:
+    text = str(value if value is not None else "").strip()
+    if not text.isdigit() or len(text) > 18:
         return None
-    scheme = "https" if request.GET.get("PROTOCOL", "1") == "1" else "http"
-    return f"{scheme}://{domain}"
+    number = int(text)
+    return number if number > 0 else None
 
 
-@csrf_exempt  # a cross-site form POST from the Bitrix24 frame; CSRF does not apply to it
-@require_http_methods(["GET", "POST"])
-def screen(request):
-    response = render(request, "results/placeholder.html")
-    origin = _portal_origin(request)
-    if origin:
-        allow_portal_framing(response, origin)
+def _task_from_placement(placement: str, options: dict) -> int | None:
+    if placement in TASK_PLACEMENTS:
+        return _positive_int(options.get("taskId"))
+    if placement == "TASK_LIST_CONTEXT_MENU":
+        return _positive_int(options.get("ID"))
+    return None
+
+
+@dataclass
+class Frame:
+    """A verified frame request: who, where, in which language."""
+
+    account: Account
+    token: str
+    language: str
+
+    @property
+    def portal(self):
+        return self.account.portal
+
+
+def _framed(response, fr: Frame | None):
+    response["Content-Security-Policy"] = CSP
+    response["Cache-Control"] = "no-store"
+    response["Referrer-Policy"] = "no-referrer"
+    if fr is not None:
+        allow_portal_framing(response, fr.portal.origin)
     return response
+
+
+def _refused(request, message, status: int, fr: Frame | None = None, *, code: str = "refused"):
+    if _wants_json(request):
+        return _framed(JsonResponse({"error": code, "message": str(message)}, status=status), fr)
+    response = render(request, "results/refused.html", {"message": message}, status=status)
+    return _framed(response, fr)
+
+
+def _wants_json(request) -> bool:
+    return "application/json" in request.headers.get("Accept", "")
+
+
+def _frame(request) -> Frame:
+    """The frame session a request carries; raises `FrameRefused` otherwise."""
+    token = frame.from_request(request)
+    try:
+        session = frame.read(token)
+    except frame.FrameExpired as exc:
+        raise FrameRefused(
+            _("Your session in this window has expired. Reopen the app."),
+            status=401,
+            code="frame_expired",
+        ) from exc
+    except frame.FrameTokenError as exc:
+        raise FrameRefused(
+            _("This page must be opened from Bitrix24."), code="frame_invalid"
+        ) from exc
+    account = (
+        Account.objects.select_related("portal")
+        .filter(pk=session.account_id, portal_id=session.portal_id)
+        .first()
+    )
+    if account is None or not account.has_tokens:
+        raise FrameRefused(_("This session is no longer valid. Reopen the app."), code="frame_gone")
+    if account.portal.state in ("uninstalled",) or account.portal.blocked_by_operator:
+        raise FrameRefused(_("The app is not available on this Bitrix24."), code="portal_off")
+    translation.activate(session.language)
+    return Frame(account=account, token=token, language=session.language)
+
+
+def frame_view(handler):
+    """Frame endpoints: csrf-exempt (the frame token is the proof) and refusing cleanly."""
+
+    @csrf_exempt
+    def wrapped(request, *args, **kwargs):
+        try:
+            fr = _frame(request)
+        except FrameRefused as exc:
+            translation.activate(_language(request.GET.get("lang", "")))
+            return _refused(request, exc.message, exc.status, code=exc.code)
+        return _framed(handler(request, fr, *args, **kwargs), fr)
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+# --- the screen --------------------------------------------------------------------------------
+
+
+def _screen_context(fr: Frame, task_id: int | None, *, error=None, notice=None) -> dict:
+    results, unavailable, status = [], None, 200
+    if task_id is not None:
+        try:
+            results = services.results_fetch(account=fr.account, task_id=task_id)
+        except services.ScreenUnavailable as exc:
+            unavailable, status = exc.message, exc.status
+    return {
+        "frame_token": fr.token,
+        "frame_field": frame.FIELD,
+        "account": fr.account,
+        "portal": fr.portal,
+        "task_id": task_id,
+        "results": results,
+        "unavailable": unavailable,
+        "error": error,
+        "notice": notice,
+        "status": status,
+        "language": fr.language,
+        "pending_ids": [
+            item.change.pk
+            for item in results
+            if item.change and item.change.state == ResultChange.State.QUEUED
+        ],
+    }
+
+
+def _render_screen(
+    request, fr: Frame, task_id: int | None, *, error=None, notice=None, status=None
+):
+    context = _screen_context(fr, task_id, error=error, notice=notice)
+    if _wants_json(request):
+        html = render_to_string("results/_results.html", context, request=request)
+        payload = {
+            "html": html,
+            "pending": context["pending_ids"],
+            "error": str(error or "") or None,
+        }
+        return JsonResponse(payload, status=status or (400 if error else context["status"]))
+    if task_id is None and fr.account.is_admin:
+        context["connection"] = _connection_panel(fr)
+    return render(request, "results/screen.html", context, status=status or context["status"])
+
+
+def _connection_panel(fr: Frame) -> dict:
+    portal = fr.portal
+    panel = {"state": portal.get_state_display(), "reason": portal.state_reason, "tab_bound": None}
+    panel["last_refreshed_at"] = (
+        portal.accounts.exclude(last_refreshed_at=None)
+        .order_by("-last_refreshed_at")
+        .values_list("last_refreshed_at", flat=True)
+        .first()
+    )
+    try:
+        bindings = account_client(fr.account, limiter_max_wait=2.0).call("placement.get") or []
+        panel["tab_bound"] = any(
+            isinstance(b, dict) and b.get("placement") == "TASK_VIEW_TAB" for b in bindings
+        )
+    except BitrixError:
+        panel["tab_bound"] = None
+    return panel
+
+
+@csrf_exempt  # a cross-site form POST from the Bitrix24 frame, verified below instead
+@require_POST
+def screen(request):
+    """Placement entry: verify the POST, learn who opened it, show the task's results."""
+    translation.activate(_language(request.GET.get("LANG", "")))
+    try:
+        account = frame_account_open(post=request.POST, domain=request.GET.get("DOMAIN") or None)
+    except FrameRefused as exc:
+        logger.warning(
+            "placement refused code=%s member_id=%s",
+            exc.code,
+            request.POST.get("member_id", "")[:64],
+        )
+        return _refused(request, exc.message, exc.status, code=exc.code)
+    language = _language(request.GET.get("LANG", ""))
+    token = frame.issue(frame.FrameSession(account.portal_id, account.pk, language))
+    fr = Frame(account=account, token=token, language=language)
+    placement = str(request.POST.get("PLACEMENT", "DEFAULT"))[:64].upper()
+    task_id = _task_from_placement(
+        placement, _placement_options(request.POST.get("PLACEMENT_OPTIONS", ""))
+    )
+    return _framed(_render_screen(request, fr, task_id), fr)
+
+
+@frame_view
+@require_http_methods(["GET", "POST"])
+def task_results(request, fr: Frame):
+    """The results of a task: the DEFAULT placement's picker and the page's own refresh."""
+    task_id = _positive_int(request.POST.get("task") or request.GET.get("task"))
+    if task_id is None:
+        return _render_screen(request, fr, None, error=_("Enter a task number."), status=400)
+    return _render_screen(request, fr, task_id)
+
+
+def _submit(request, fr: Frame, *, action: str, result_id: int | None = None):
+    task_id = _positive_int(request.POST.get("task"))
+    if task_id is None:
+        return _render_screen(request, fr, None, error=_("Choose a task first."), status=400)
+    try:
+        change = services.result_change_submit(
+            account=fr.account,
+            task_id=task_id,
+            action=action,
+            result_id=result_id,
+            text=request.POST.get("text", ""),
+            text_before=request.POST.get("text_before", ""),
+        )
+    except services.ResultError as exc:
+        return _render_screen(request, fr, task_id, error=exc.message, status=400)
+    return _render_screen(request, fr, task_id, notice=_notice(change))
+
+
+def _notice(change: ResultChange) -> str:
+    if change.state == ResultChange.State.SAVED:
+        return _("Saved")
+    if change.state == ResultChange.State.QUEUED:
+        return _("Queued")
+    return _("Not saved")
+
+
+@frame_view
+@require_POST
+def result_add(request, fr: Frame):
+    return _submit(request, fr, action=ResultChange.Action.ADD)
+
+
+@frame_view
+@require_POST
+def result_edit(request, fr: Frame, result_id: int):
+    return _submit(request, fr, action=ResultChange.Action.UPDATE, result_id=result_id)
+
+
+@frame_view
+@require_POST
+def result_delete(request, fr: Frame, result_id: int):
+    return _submit(request, fr, action=ResultChange.Action.DELETE, result_id=result_id)
+
+
+@frame_view
+@require_POST
+def change_retry(request, fr: Frame, change_id: int):
+    try:
+        change = services.result_change_retry(change_id=change_id, account=fr.account)
+    except ResultChange.DoesNotExist:
+        return _render_screen(request, fr, None, error=_("Unknown change."), status=404)
+    change = services.result_change_deliver(
+        change_id=change.pk, limiter_max_wait=services.WEB_LIMITER_WAIT_S
+    )
+    return _render_screen(request, fr, change.task_id, notice=_notice(change))
+
+
+@frame_view
+@require_GET
+def changes_state(request, fr: Frame):
+    """The states of the page's queued changes, for its polling."""
+    ids = [int(part) for part in request.GET.get("ids", "").split(",") if part.isdigit()][:200]
+    changes = selectors.result_changes_of(account=fr.account, ids=ids)
+    if services.delivers_inline():
+        # No worker in inline mode: the open screen's polling is what retries due changes.
+        for change_id in selectors.result_changes_due(account=fr.account):
+            services.result_change_deliver(
+                change_id=change_id, limiter_max_wait=services.WEB_LIMITER_WAIT_S
+            )
+        changes = selectors.result_changes_of(account=fr.account, ids=ids)
+    return JsonResponse(
+        {
+            "changes": [
+                {
+                    "id": change.pk,
+                    "state": change.state,
+                    "label": str(change.get_state_display()),
+                    "reason": change.last_error_message,
+                }
+                for change in changes
+            ]
+        }
+    )
+
+
+@csrf_exempt  # the expired frame token plus fresh Bitrix24 auth is the proof
+@require_POST
+def session_renew(request):
+    """Trade fresh frame auth (BX24 `refreshAuth`) for a new frame token of the same account."""
+    try:
+        session = frame.read_for_renewal(frame.from_request(request))
+    except frame.FrameTokenError:
+        return _framed(JsonResponse({"error": "frame_invalid"}, status=403), None)
+    try:
+        account = frame_session_renew(
+            portal_id=session.portal_id,
+            account_id=session.account_id,
+            access_token=request.POST.get("AUTH_ID", ""),
+            refresh_token=request.POST.get("REFRESH_ID", ""),
+            expires_in=request.POST.get("AUTH_EXPIRES", ""),
+        )
+    except FrameRefused as exc:
+        return _framed(JsonResponse({"error": exc.code}, status=exc.status), None)
+    token = frame.issue(frame.FrameSession(account.portal_id, account.pk, session.language))
+    return _framed(JsonResponse({"token": token}), None)
+
+
+@frame_view
+@require_POST
+def rebind(request, fr: Frame):
+    """A portal admin puts the Results tab back (DEFAULT placement's connection panel)."""
+    if not fr.account.is_admin:
+        return _render_screen(
+            request, fr, None, error=_("Only a Bitrix24 administrator can do this."), status=403
+        )
+    try:
+        portal_bindings_ensure(client=account_client(fr.account), app_url=app_url(request))
+    except BitrixError:
+        return _render_screen(
+            request, fr, None, error=_("Bitrix24 refused; try again later."), status=502
+        )
+    return _render_screen(request, fr, None, notice=_("The Results tab is bound."))

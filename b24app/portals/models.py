@@ -38,6 +38,9 @@ class Portal(models.Model):
     state = models.CharField(max_length=12, choices=State.choices, default=State.NEW, db_index=True)
     state_reason = models.CharField(max_length=500, blank=True)
     state_changed_at = models.DateTimeField(default=timezone.now)
+    blocked_by_operator = models.BooleanField(
+        default=False, help_text="Blocked by an operator: only an operator unblocks it"
+    )
     rate_limit = models.CharField(
         max_length=20, blank=True, help_text="burst/per second, e.g. 250/5; empty: B24_RATE_LIMIT"
     )
@@ -62,6 +65,7 @@ class Portal(models.Model):
         return self.base_url
 
     def set_state(self, state: str, reason: str = "", *, at: datetime | None = None) -> None:
+        self.blocked_by_operator = False
         self.state = state
         self.state_reason = reason[:500]
         self.state_changed_at = at or timezone.now()

@@ -232,7 +232,7 @@ def portal_upsert(*, verified: VerifiedAuth, application_token: str = "") -> Por
     portal.app_status = verified.status[:1]
     if application_token:
         portal.application_token_hash = crypto.fingerprint(application_token)
-    if portal.state != Portal.State.ACTIVE:
+    if portal.state != Portal.State.ACTIVE and not portal.blocked_by_operator:
         portal.set_state(Portal.State.ACTIVE, "installed", at=now)
         portal.installed_at = now
     portal.last_seen_at = now
@@ -345,7 +345,7 @@ def _account_block(account: Account, reason: str, *, at) -> None:
     if account.is_installer:
         portal = account.portal
         portal.set_state(Portal.State.BLOCKED, reason, at=at)
-        portal.save(update_fields=["state", "state_reason", "state_changed_at", "updated_at"])
+        portal.save()
 
 
 @transaction.atomic
@@ -358,8 +358,11 @@ def portal_endpoint_update(*, portal_id: int, client_endpoint: str) -> None:
     logger.info("portal moved member_id=%s domain=%s", portal.member_id, portal.domain)
 
 
-def account_client(account: Account) -> BitrixClient:
-    """A REST client acting as `account`'s user, refreshing lazily and race-free."""
+def account_client(account: Account, *, limiter_max_wait: float | None = 30.0) -> BitrixClient:
+    """A REST client acting as `account`'s user, refreshing lazily and race-free.
+
+    `limiter_max_wait` bounds the wait for the portal's request budget: a web request passes a
+    short one and leaves longer waits to the background delivery."""
     portal = account.portal
     if account.state == Account.State.BLOCKED or not account.has_tokens:
         raise BitrixAuthError("ACCOUNT_BLOCKED", account.state_reason or "no tokens")
@@ -384,6 +387,7 @@ def account_client(account: Account) -> BitrixClient:
         limiter=rate_limiter(),
         limiter_key=portal.member_id,
         rate=portal_rate(portal),
+        limiter_max_wait=limiter_max_wait,
         session=http_session(),
     )
 
@@ -419,7 +423,8 @@ def portal_uninstall(*, portal: Portal, clean: bool) -> None:
 def portal_block(*, portal_id: int, reason: str) -> Portal:
     portal = Portal.objects.select_for_update().get(pk=portal_id)
     portal.set_state(Portal.State.BLOCKED, reason)
-    portal.save(update_fields=["state", "state_reason", "state_changed_at", "updated_at"])
+    portal.blocked_by_operator = True
+    portal.save()
     return portal
 
 
@@ -637,7 +642,7 @@ def portal_reconnect(*, portal: Portal, code: str, operator: str) -> Account:
         portal = Portal.objects.select_for_update().get(pk=portal.pk)
         if portal.state in (Portal.State.BLOCKED, Portal.State.NEW):
             portal.set_state(Portal.State.ACTIVE, f"reconnected via OAuth by {operator}")
-            portal.save(update_fields=["state", "state_reason", "state_changed_at", "updated_at"])
+            portal.save()
     logger.info("reconnected portal=%s user=%s by=%s", portal.member_id, tokens.user_id, operator)
     return account
 
@@ -676,3 +681,165 @@ def portal_tokens_refresh(*, portal: Portal) -> tuple[int, int]:
         except BitrixError:
             failed += 1
     return refreshed, failed
+
+
+# --- the embedded screen: placement POSTs and the frame session --------------------------------
+
+
+class FrameRefused(PortalError):
+    """A placement POST or frame request the app will not serve; `status` is the HTTP status."""
+
+    def __init__(self, message: str, *, status: int = 403, code: str = "refused") -> None:
+        super().__init__(message, code=code)
+        self.status = status
+
+
+_MEMBER_ID_CHARS = frozenset("0123456789abcdefABCDEF")
+
+
+def _portal_for_frame(post, domain: str | None) -> Portal:
+    """The portal a placement POST claims to come from, once the claim is checked."""
+    member_id = str(post.get("member_id", ""))
+    access_token = str(post.get("AUTH_ID", ""))
+    if not member_id or len(member_id) > 64 or not set(member_id) <= _MEMBER_ID_CHARS:
+        raise FrameRefused("This page must be opened from Bitrix24.", status=400, code="malformed")
+    if not access_token or not post.get("REFRESH_ID"):
+        raise FrameRefused("Bitrix24 sent no authorization; reopen the app.", status=400)
+    portal = Portal.objects.filter(member_id=member_id).first()
+    if portal is not None:
+        _refuse_unusable(portal)
+        if application_token_matches(portal, str(post.get("APPLICATION_TOKEN", ""))) and domain in (
+            None,
+            portal.domain,
+        ):
+            return portal
+    try:
+        verified = auth_verify(
+            access_token=access_token,
+            member_id=member_id,
+            domain=domain,
+            server_endpoint=str(post.get("SERVER_ENDPOINT", "")) or None,
+        )
+    except VerificationFailed as exc:
+        status = 503 if exc.code in ("unavailable", "not_configured") else 403
+        raise FrameRefused(exc.message, status=status, code=exc.code) from exc
+    if portal is None:
+        return portal_upsert(verified=verified)
+    if (portal.domain, portal.client_endpoint) != (verified.domain, verified.client_endpoint):
+        portal_endpoint_update(portal_id=portal.pk, client_endpoint=verified.client_endpoint)
+        portal.refresh_from_db()
+    return portal
+
+
+def _refuse_unusable(portal: Portal) -> None:
+    if portal.state == Portal.State.UNINSTALLED:
+        raise FrameRefused(
+            "The app was removed from this Bitrix24. An administrator can install it again "
+            "from the Bitrix24 Market.",
+            code="uninstalled",
+        )
+    if portal.state == Portal.State.BLOCKED and portal.blocked_by_operator:
+        raise FrameRefused(
+            "The app's connection to this Bitrix24 is blocked by its operator.", code="blocked"
+        )
+
+
+def _frame_profile(portal: Portal, access_token: str) -> dict:
+    client = BitrixClient(
+        portal.client_endpoint,
+        access_token,
+        config=bitrix_config(),
+        on_domain_change=lambda endpoint: portal_endpoint_update(
+            portal_id=portal.pk, client_endpoint=endpoint
+        ),
+        limiter=rate_limiter(),
+        limiter_key=portal.member_id,
+        rate=portal_rate(portal),
+        limiter_max_wait=5.0,
+        session=http_session(),
+    )
+    try:
+        profile = client.call("profile")
+    except BitrixUnavailable as exc:
+        raise FrameRefused(
+            "Bitrix24 is busy right now; reopen the app in a minute.", status=503, code=exc.code
+        ) from exc
+    except BitrixError as exc:
+        raise FrameRefused(
+            "Bitrix24 did not accept this session; reopen the app.", code=exc.code
+        ) from exc
+    if not isinstance(profile, dict) or not str(profile.get("ID", "")).isdigit():
+        raise FrameRefused("Bitrix24 did not say who you are; reopen the app.", code="no_profile")
+    return profile
+
+
+def _frame_tokenset(portal: Portal, user_id: int, access: str, refresh: str, expires_in: str):
+    return TokenSet(
+        access_token=access,
+        refresh_token=refresh,
+        expires_at=timezone.now() + timedelta(seconds=_parse_expires_in(expires_in)),
+        scope="",
+        member_id=portal.member_id,
+        user_id=user_id,
+        client_endpoint=portal.client_endpoint,
+        server_endpoint=portal.oauth_server + "/rest/",
+        status=portal.app_status,
+    )
+
+
+def frame_account_open(*, post, domain: str | None) -> Account:
+    """Verify a placement POST and return the account of the person who opened the frame.
+
+    The portal is checked with its stored `APPLICATION_TOKEN` (constant time), or with the OAuth
+    server's `app.info` when that is absent, different or the portal is new. Who the person is
+    comes from `profile` with their own `AUTH_ID`; their tokens are stored on their account,
+    which also repairs it (and, for the installer, a portal blocked by a dead token).
+    """
+    portal = _portal_for_frame(post, domain)
+    access, refresh = str(post["AUTH_ID"]), str(post["REFRESH_ID"])
+    profile = _frame_profile(portal, access)
+    user_id = int(profile["ID"])
+    with transaction.atomic():
+        account = account_tokens_store(
+            portal=portal,
+            user_id=user_id,
+            tokens=_frame_tokenset(portal, user_id, access, refresh, post.get("AUTH_EXPIRES", "")),
+            is_admin=bool(profile.get("ADMIN")),
+            display_name=_profile_name(profile),
+        )
+        portal = Portal.objects.select_for_update().get(pk=portal.pk)
+        if (
+            portal.state in (Portal.State.BLOCKED, Portal.State.NEW)
+            and not portal.blocked_by_operator
+            and (account.is_installer or portal.state == Portal.State.NEW)
+        ):
+            portal.set_state(Portal.State.ACTIVE, "connection repaired by the app being opened")
+        portal.last_seen_at = timezone.now()
+        portal.save()
+    account.portal = portal
+    return account
+
+
+def frame_session_renew(
+    *, portal_id: int, account_id: int, access_token: str, refresh_token: str, expires_in: str
+) -> Account:
+    """Trade fresh frame auth (from BX24 `refreshAuth`) for the same account's new session."""
+    account = (
+        Account.objects.select_related("portal").filter(pk=account_id, portal_id=portal_id).first()
+    )
+    if account is None:
+        raise FrameRefused("This session is no longer valid; reopen the app.", code="unknown")
+    _refuse_unusable(account.portal)
+    if not access_token or not refresh_token:
+        raise FrameRefused("Bitrix24 sent no authorization; reopen the app.", status=400)
+    profile = _frame_profile(account.portal, access_token)
+    if int(profile["ID"]) != account.user_id:
+        raise FrameRefused("This session belongs to someone else; reopen the app.")
+    return account_tokens_store(
+        portal=account.portal,
+        user_id=account.user_id,
+        tokens=_frame_tokenset(
+            account.portal, account.user_id, access_token, refresh_token, expires_in
+        ),
+        is_admin=bool(profile.get("ADMIN")),
+    )

@@ -15,14 +15,23 @@ def test_non_frame_pages_forbid_framing(client):
         assert response["Content-Security-Policy"] == "frame-ancestors 'none'", path
 
 
-def test_frame_page_allows_exactly_the_portal_origin(client):
-    response = client.post("/b24/app/" + FRAME_QUERY, {"PLACEMENT": "TASK_VIEW_TAB"})
+@pytest.mark.django_db
+def test_frame_page_allows_exactly_the_portal_origin(client, portal):
+    from tests.portals.support import install, post_frame
+
+    install(client, portal)
+    task_id = portal.add_task(title="Prepare the report")
+    response = post_frame(client, *portal.frame_post(1, options={"taskId": str(task_id)}))
     assert response.status_code == 200
-    assert response["Content-Security-Policy"] == "frame-ancestors https://portal.bitrix24.com"
+    policy = response["Content-Security-Policy"]
+    assert policy.endswith(f"frame-ancestors {portal.url}")
+    assert "*" not in policy
     assert "X-Frame-Options" not in response
 
 
-def test_frame_page_with_a_bad_domain_is_not_framable(client):
-    response = client.post("/b24/app/?DOMAIN=evil.com%20https://x&PROTOCOL=1", {})
-    assert response["Content-Security-Policy"] == "frame-ancestors 'none'"
+@pytest.mark.django_db
+def test_refused_frame_page_is_not_framable(client):
+    response = client.post("/b24/app/" + FRAME_QUERY, {"PLACEMENT": "TASK_VIEW_TAB"})
+    assert response.status_code == 400
+    assert response["Content-Security-Policy"].endswith("frame-ancestors 'none'")
     assert response["X-Frame-Options"] == "DENY"

@@ -13,8 +13,14 @@ GOOD_KEY = "x8Q4zv8W7V1o3bZr2m9P0f3c5kQyH1nJtU6wE2sRdAg="
 
 def _run_django(env_overrides: dict, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "B24_"))}
-    env.update({"DJANGO_SETTINGS_MODULE": "b24app.settings", **env_overrides})
-    # Run from a folder without a .env so only the variables given here count.
+    # No .env (a developer's `make run` writes one): only the variables given here count.
+    env.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "b24app.settings",
+            "DJANGO_ENV_FILE": str(ROOT / "tests" / "no-such.env"),
+            **env_overrides,
+        }
+    )
     return subprocess.run(
         [sys.executable, str(ROOT / "manage.py"), *args],
         cwd=ROOT / "tests",

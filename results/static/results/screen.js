@@ -1,4 +1,193 @@
+/*
+ * The results screen inside the Bitrix24 frame. Without JavaScript the list shows and "Add result"
+ * posts a plain form; with it, every action happens in place:
+ *  - forms are sent with fetch, with the frame token in the X-Frame-Token header (no cookies);
+ *  - the server answers with the list's new HTML, swapped in place;
+ *  - queued changes are polled until they turn Saved / Not saved;
+ *  - an expired frame token is renewed with fresh auth from the Bitrix24 frame (refreshAuth),
+ *    or the person is told to reopen the app.
+ */
 (function () {
   "use strict";
+  var screen = document.querySelector("main.screen");
+  if (!screen) return;
+  var token = screen.getAttribute("data-frame-token");
+  var POLL_MS = 1500;
+  var pollTimer = null;
+
   if (window.B24Frame) window.B24Frame.autoFit();
+
+  function message(text, kind) {
+    var box = document.querySelector("#results") || screen;
+    var old = box.querySelector(".message.js-message");
+    if (old) old.remove();
+    var p = document.createElement("p");
+    p.className = "message js-message " + (kind || "error");
+    p.setAttribute("role", kind === "notice" ? "status" : "alert");
+    p.textContent = text;
+    box.insertBefore(p, box.firstChild);
+  }
+
+  function renewSession() {
+    if (!window.B24Frame || !window.B24Frame.available) return Promise.reject(new Error("no frame"));
+    return window.B24Frame.refreshAuth().then(function (auth) {
+      if (!auth || !auth.AUTH_ID) throw new Error("no auth");
+      var body = new FormData();
+      body.append("AUTH_ID", auth.AUTH_ID);
+      body.append("REFRESH_ID", auth.REFRESH_ID || "");
+      body.append("AUTH_EXPIRES", auth.AUTH_EXPIRES || "");
+      return fetch(screen.getAttribute("data-session-url"), {
+        method: "POST", body: body, credentials: "omit",
+        headers: {"X-Frame-Token": token, "Accept": "application/json"}
+      });
+    }).then(function (response) {
+      if (!response.ok) throw new Error("renewal refused");
+      return response.json();
+    }).then(function (data) { token = data.token; });
+  }
+
+  /* fetch with the frame token; on an expired token renew it once and repeat. */
+  function call(url, options, renewed) {
+    options = options || {};
+    var headers = {"X-Frame-Token": token, "Accept": "application/json"};
+    var init = {method: options.method || "GET", body: options.body, credentials: "omit", headers: headers};
+    return fetch(url, init).then(function (response) {
+      if (response.status === 401 && !renewed) {
+        return response.json().catch(function () { return {}; }).then(function (data) {
+          if (data.error !== "frame_expired") return response;
+          return renewSession().then(function () {
+            return call(url, options, true);
+          }, function () {
+            message(screen.getAttribute("data-msg-expired"));
+            throw new Error("expired");
+          });
+        });
+      }
+      return response;
+    });
+  }
+
+  function swap(html) {
+    var current = document.querySelector("#results");
+    var holder = document.createElement("div");
+    holder.innerHTML = html;
+    var fresh = holder.querySelector("#results");
+    if (!fresh) return;
+    if (current) current.replaceWith(fresh); else screen.appendChild(fresh);
+    schedulePoll();
+  }
+
+  function send(form) {
+    var body = new FormData(form);
+    body.delete("frame_token");
+    var buttons = form.querySelectorAll("button");
+    buttons.forEach(function (b) { b.disabled = true; });
+    return call(form.action, {method: "POST", body: body}).then(function (response) {
+      return response.json().then(function (data) {
+        if (data.html) swap(data.html);
+        else if (data.message) message(data.message);
+        var focus = document.querySelector("#results .message") ;
+        if (focus && form.classList.contains("add") && !data.error) {
+          var box = document.querySelector("#new-result-text");
+          if (box) box.focus();
+        }
+      });
+    }).catch(function (error) {
+      if (String(error && error.message) !== "expired") message(screen.getAttribute("data-msg-failed"));
+    }).finally(function () {
+      buttons.forEach(function (b) { b.disabled = false; });
+    });
+  }
+
+  function refreshList() {
+    var results = document.querySelector("#results");
+    if (!results) return Promise.resolve();
+    var url = screen.getAttribute("data-task-url") + "?task=" + encodeURIComponent(results.getAttribute("data-task"));
+    return call(url).then(function (response) {
+      return response.json();
+    }).then(function (data) { if (data.html) swap(data.html); });
+  }
+
+  function pendingIds() {
+    return Array.prototype.map.call(
+      document.querySelectorAll('#results [data-change-state="queued"]'),
+      function (el) { return el.getAttribute("data-change-id"); }
+    );
+  }
+
+  function schedulePoll() {
+    if (pollTimer) clearTimeout(pollTimer);
+    if (pendingIds().length) pollTimer = setTimeout(poll, POLL_MS);
+  }
+
+  function poll() {
+    var ids = pendingIds();
+    if (!ids.length) return;
+    var url = screen.getAttribute("data-changes-url") + "?ids=" + ids.join(",");
+    call(url).then(function (response) { return response.json(); }).then(function (data) {
+      var settled = (data.changes || []).some(function (change) { return change.state !== "queued"; });
+      if (settled) return refreshList();
+      schedulePoll();
+    }).catch(function () { schedulePoll(); });
+  }
+
+  function itemOf(el) { return el.closest("li.result"); }
+
+  function hideForms(item) {
+    item.querySelectorAll("form.editor, form.confirm-delete").forEach(function (f) { f.hidden = true; });
+    var actions = item.querySelector(".item-actions");
+    if (actions) actions.hidden = false;
+  }
+
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest("button[data-action]");
+    if (!button) return;
+    var item = itemOf(button);
+    if (!item) return;
+    var action = button.getAttribute("data-action");
+    if (action === "cancel") {
+      hideForms(item);
+      var opener = item.querySelector('[data-action="edit"]') || item.querySelector('[data-action="delete"]');
+      if (opener) opener.focus();
+      return;
+    }
+    var target = document.getElementById(button.getAttribute("aria-controls"));
+    if (!target) return;
+    hideForms(item);
+    item.querySelector(".item-actions").hidden = true;
+    target.hidden = false;
+    var field = target.querySelector("textarea") || target.querySelector("button[type=submit]");
+    if (field) field.focus();
+  });
+
+  document.addEventListener("keydown", function (event) {
+    if (event.key !== "Escape") return;
+    var form = event.target.closest && event.target.closest("form.editor, form.confirm-delete");
+    if (form) { hideForms(itemOf(form)); }
+  });
+
+  document.addEventListener("submit", function (event) {
+    var form = event.target;
+    if (!form.closest("#results") && !form.classList.contains("picker")) return;
+    event.preventDefault();
+    var text = form.querySelector("textarea");
+    if (text && !text.value.trim()) {
+      message(screen.getAttribute("data-msg-required"));
+      text.focus();
+      return;
+    }
+    if (form.classList.contains("picker")) {
+      var task = form.querySelector("input[name=task]").value.trim();
+      call(screen.getAttribute("data-task-url") + "?task=" + encodeURIComponent(task))
+        .then(function (response) { return response.json(); })
+        .then(function (data) {
+          if (data.html) swap(data.html);
+          else if (data.message) message(data.message);
+        });
+      return;
+    }
+    send(form);
+  });
+
+  schedulePoll();
 })();

@@ -1,0 +1,71 @@
+"""The outbox and audit trail of every change people make to task results.
+
+A `ResultChange` is written before anything is sent to Bitrix24 and is the only thing the
+delivery works from, so a change survives busy, rate-limited or unreachable portals, worker
+crashes and restarts. Its `idempotency_key` travels with every attempt, so Bitrix24 applies it
+once however often it is sent.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+from django.utils import timezone
+
+from b24app.portals.models import Account, Portal
+
+
+def _new_key() -> str:
+    return uuid.uuid4().hex
+
+
+class ResultChange(models.Model):
+    class Action(models.TextChoices):
+        ADD = "add", "Add"
+        UPDATE = "update", "Edit"
+        DELETE = "delete", "Delete"
+
+    class State(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        SAVED = "saved", "Saved"
+        FAILED = "failed", "Not saved"
+
+    portal = models.ForeignKey(Portal, on_delete=models.CASCADE, related_name="result_changes")
+    account = models.ForeignKey(
+        Account, on_delete=models.CASCADE, related_name="result_changes", help_text="Who made it"
+    )
+    task_id = models.PositiveBigIntegerField()
+    result_id = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Bitrix24 result id (for an add: once it is saved)"
+    )
+    action = models.CharField(max_length=6, choices=Action.choices)
+    text_before = models.TextField(blank=True)
+    text_after = models.TextField(blank=True)
+    state = models.CharField(
+        max_length=6, choices=State.choices, default=State.QUEUED, db_index=True
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.CharField(max_length=120, blank=True, help_text="Bitrix24 error code")
+    last_error_message = models.CharField(
+        max_length=300, blank=True, help_text="The reason, as the person was told"
+    )
+    idempotency_key = models.CharField(max_length=64, unique=True, default=_new_key)
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    lease_until = models.DateTimeField(
+        null=True, blank=True, help_text="A delivery attempt owns the change until then"
+    )
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+        indexes = [
+            models.Index(fields=["state", "next_attempt_at"], name="resultchange_due"),
+            models.Index(fields=["portal", "task_id", "state"], name="resultchange_task"),
+        ]
+
+    def __str__(self) -> str:
+        target = f"result {self.result_id}" if self.result_id else f"task {self.task_id}"
+        return f"{self.get_action_display()} {target} by user {self.account.user_id}"

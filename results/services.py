@@ -1,0 +1,369 @@
+"""What people do with task results: read them from Bitrix24 and change them, nothing lost.
+
+Every add, edit and delete is validated, written as a `ResultChange` (the outbox), then sent with
+the editor's own token through REST 3.0 under the change's `Idempotency-Key`. The web request
+tries once, quickly; whatever is still queued is delivered by Celery with exponential backoff and
+jitter, honouring the portal's shared request budget and `operating_reset_at`. Refusals end as
+"Not saved" with a reason a person understands; `Retry` queues the change again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+from b24app.portals.bitrix import (
+    BitrixAccessDenied,
+    BitrixAuthError,
+    BitrixError,
+    BitrixTokenExpired,
+    BitrixUnavailable,
+    BitrixValidationError,
+)
+from b24app.portals.models import Account, Portal
+from b24app.portals.services import account_client
+from results.models import ResultChange
+from results.selectors import portal_user_names, result_changes_pending
+
+logger = logging.getLogger("results")
+
+MAX_TEXT_LENGTH = 10_000
+LEASE = timedelta(seconds=120)
+"""How long one delivery attempt owns a change (longer than any one attempt can take)."""
+BACKOFF_BASE_S = 2.0
+BACKOFF_CAP_S = 300.0
+MAX_DELAY_S = 600.0
+"""Never schedule further ahead than this (below the broker's visibility timeout)."""
+GIVE_UP_AFTER = timedelta(hours=20)
+"""Bitrix24 keeps an idempotent answer for 24 h; after that a resend could apply twice."""
+WEB_LIMITER_WAIT_S = 2.0
+LIST_SELECT = [
+    "id",
+    "taskId",
+    "text",
+    "authorId",
+    "author",
+    "createdAt",
+    "updatedAt",
+    "status",
+    "rights",
+]
+
+
+class ResultError(Exception):
+    """Input refused before anything was written or sent; `message` is for the person."""
+
+    def __init__(self, message) -> None:
+        super().__init__(str(message))
+        self.message = message
+
+
+class ScreenUnavailable(Exception):
+    """The results could not be read from Bitrix24; `message` is for the person."""
+
+    def __init__(self, message, *, status: int = 503) -> None:
+        super().__init__(str(message))
+        self.message = message
+        self.status = status
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ResultItem:
+    id: int
+    text: str
+    author_id: int
+    author_name: str
+    created_at: datetime | None
+    updated_at: datetime | None
+    closed: bool
+    can_edit: bool
+    can_remove: bool
+    change: ResultChange | None = None
+    pending_delete: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _parse_time(value) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+
+
+def _item(raw: dict, names: dict[int, str]) -> ResultItem | None:
+    try:
+        result_id = int(raw["id"])
+        author_id = int(raw.get("authorId") or 0)
+    except (KeyError, TypeError, ValueError):
+        return None
+    author = raw.get("author") if isinstance(raw.get("author"), dict) else {}
+    rights = raw.get("rights") if isinstance(raw.get("rights"), dict) else {}
+    return ResultItem(
+        id=result_id,
+        text=str(raw.get("text") or ""),
+        author_id=author_id,
+        author_name=str(author.get("name") or names.get(author_id) or f"#{author_id}"),
+        created_at=_parse_time(raw.get("createdAt")),
+        updated_at=_parse_time(raw.get("updatedAt")),
+        closed=str(raw.get("status")) == "closed",
+        can_edit=rights.get("edit") is True,
+        can_remove=rights.get("remove") is True,
+    )
+
+
+def results_fetch(*, account: Account, task_id: int) -> list[ResultItem]:
+    """The task's results as `account`'s user sees them (their own token), newest first, with
+    this user's undelivered changes laid over them."""
+    try:
+        raw_items = account_client(account, limiter_max_wait=WEB_LIMITER_WAIT_S).list_v3(
+            "tasks.task.result.list",
+            {"filter": [["taskId", task_id]], "select": LIST_SELECT, "order": {"id": "DESC"}},
+        )
+    except BitrixUnavailable as exc:
+        raise ScreenUnavailable(_("Bitrix24 is busy right now. Try again in a minute.")) from exc
+    except BitrixAccessDenied as exc:
+        raise ScreenUnavailable(
+            _("You do not have access to this task in Bitrix24."), status=403
+        ) from exc
+    except (BitrixAuthError, BitrixTokenExpired) as exc:
+        raise ScreenUnavailable(
+            _("Your Bitrix24 session has ended. Reopen the app."), status=403
+        ) from exc
+    except BitrixValidationError as exc:
+        raise ScreenUnavailable(_("This task was not found in Bitrix24."), status=404) from exc
+    except BitrixError as exc:
+        raise ScreenUnavailable(_("Bitrix24 could not show the results right now.")) from exc
+    names = portal_user_names(account.portal)
+    items = [item for raw in raw_items if isinstance(raw, dict) and (item := _item(raw, names))]
+    items.sort(
+        key=lambda item: (item.created_at is not None, item.created_at, item.id), reverse=True
+    )
+    return _with_pending_changes(items, account=account, task_id=task_id)
+
+
+def _with_pending_changes(items, *, account: Account, task_id: int) -> list[ResultItem]:
+    """Show what this person changed but Bitrix24 has not confirmed yet (or refused)."""
+    changes = result_changes_pending(account=account, task_id=task_id)
+    by_id = {item.id: item for item in items}
+    added: list[ResultItem] = []
+    for change in changes:
+        if change.state == ResultChange.State.SAVED and change.action == ResultChange.Action.DELETE:
+            continue
+        if change.action == ResultChange.Action.ADD and change.result_id not in by_id:
+            if change.state == ResultChange.State.SAVED:
+                continue
+            added.append(
+                ResultItem(
+                    id=0,
+                    text=change.text_after,
+                    author_id=account.user_id,
+                    author_name=account.display_name or f"#{account.user_id}",
+                    created_at=change.created_at,
+                    updated_at=None,
+                    closed=False,
+                    can_edit=False,
+                    can_remove=False,
+                    change=change,
+                )
+            )
+        elif change.result_id in by_id:
+            item = by_id[change.result_id]
+            item.change = change
+            if change.state == ResultChange.State.QUEUED:
+                if change.action == ResultChange.Action.UPDATE:
+                    item.text = change.text_after
+                item.pending_delete = change.action == ResultChange.Action.DELETE
+    return list(reversed(added)) + items
+
+
+# --- changing ----------------------------------------------------------------------------------
+
+
+def _clean_text(text: str) -> str:
+    text = (text or "").replace("\r\n", "\n").strip()
+    if not text:
+        raise ResultError(_("Result text is required."))
+    if len(text) > MAX_TEXT_LENGTH:
+        raise ResultError(_("The text is too long (at most 10,000 characters)."))
+    return text
+
+
+def result_change_submit(
+    *,
+    account: Account,
+    task_id: int,
+    action: str,
+    result_id: int | None = None,
+    text: str = "",
+    text_before: str = "",
+) -> ResultChange:
+    """Validate, write the outbox row, try it once now, and queue it if Bitrix24 is busy."""
+    if task_id <= 0:
+        raise ResultError(_("Choose a task first."))
+    if action not in ResultChange.Action.values:
+        raise ResultError(_("Unknown change."))
+    if action != ResultChange.Action.ADD and (result_id is None or result_id <= 0):
+        raise ResultError(_("Unknown result."))
+    if action != ResultChange.Action.DELETE:
+        text = _clean_text(text)
+    else:
+        text = ""
+    change = ResultChange.objects.create(
+        portal=account.portal,
+        account=account,
+        task_id=task_id,
+        result_id=result_id,
+        action=action,
+        text_before=text_before[:MAX_TEXT_LENGTH],
+        text_after=text,
+    )
+    logger.info(
+        "change %s queued portal=%s user=%s action=%s task=%s",
+        change.pk,
+        account.portal.member_id,
+        account.user_id,
+        action,
+        task_id,
+    )
+    return result_change_deliver(change_id=change.pk, limiter_max_wait=WEB_LIMITER_WAIT_S)
+
+
+@transaction.atomic
+def result_change_retry(*, change_id: int, account: Account) -> ResultChange:
+    """Queue a change that was not saved once more (same idempotency key: an error is never
+    stored by Bitrix24, so the same key cannot replay it)."""
+    change = ResultChange.objects.select_for_update().get(pk=change_id, account=account)
+    if change.state == ResultChange.State.FAILED:
+        change.state = ResultChange.State.QUEUED
+        change.next_attempt_at = timezone.now()
+        change.lease_until = None
+        change.last_error_message = ""
+        if timezone.now() - change.created_at > GIVE_UP_AFTER:
+            change.idempotency_key = ResultChange._meta.get_field("idempotency_key").default()
+            change.created_at = timezone.now()
+        change.save()
+    return change
+
+
+def _claim(change_id: int) -> bool:
+    now = timezone.now()
+    return bool(
+        ResultChange.objects.filter(
+            pk=change_id, state=ResultChange.State.QUEUED, next_attempt_at__lte=now
+        )
+        .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now))
+        .update(lease_until=now + LEASE, attempts=F("attempts") + 1)
+    )
+
+
+def _send(change: ResultChange, limiter_max_wait: float | None) -> int | None:
+    client = account_client(change.account, limiter_max_wait=limiter_max_wait)
+    key = change.idempotency_key
+    if change.action == ResultChange.Action.ADD:
+        result = client.call_v3(
+            "tasks.task.result.add",
+            {"fields": {"taskId": change.task_id, "text": change.text_after}},
+            idempotency_key=key,
+        )
+        item = result.get("item") if isinstance(result, dict) else None
+        return int(item["id"]) if isinstance(item, dict) and "id" in item else None
+    if change.action == ResultChange.Action.UPDATE:
+        client.call_v3(
+            "tasks.task.result.update",
+            {"id": change.result_id, "fields": {"text": change.text_after}},
+            idempotency_key=key,
+        )
+    else:
+        client.call_v3("tasks.task.result.delete", {"id": change.result_id}, idempotency_key=key)
+    return change.result_id
+
+
+def _refusal_reason(exc: BitrixError):
+    if isinstance(exc, BitrixAccessDenied):
+        return _("Bitrix24 does not let you change this result (only its author can).")
+    if isinstance(exc, BitrixValidationError):
+        if "ENTITYNOTFOUND" in exc.code:
+            return _("This result no longer exists in Bitrix24.")
+        return _("Bitrix24 did not accept this text.")
+    if isinstance(exc, BitrixAuthError | BitrixTokenExpired):
+        return _("Your Bitrix24 session has ended. Reopen the app, then press Retry.")
+    return _("Bitrix24 refused the change.")
+
+
+def _backoff(change: ResultChange, exc: BitrixUnavailable) -> datetime:
+    now = timezone.now()
+    ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** max(0, change.attempts - 1))
+    delay = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
+    if exc.retry_after:
+        delay = max(delay, float(exc.retry_after))
+    if exc.operating_reset_at:
+        delay = max(delay, float(exc.operating_reset_at) - now.timestamp())
+    return now + timedelta(seconds=min(delay, MAX_DELAY_S))
+
+
+def result_change_deliver(*, change_id: int, limiter_max_wait: float | None = 30.0) -> ResultChange:
+    """One delivery attempt, if the change is queued, due and not being delivered elsewhere.
+
+    Safe to run twice or concurrently: a lease lets one attempt at a time send, and the
+    change's `Idempotency-Key` makes Bitrix24 apply a resent change once.
+    """
+    if not _claim(change_id):
+        return ResultChange.objects.get(pk=change_id)
+    change = ResultChange.objects.select_related("account__portal").get(pk=change_id)
+    updates: dict = {"lease_until": None}
+    try:
+        if change.portal.state != Portal.State.ACTIVE and change.portal.blocked_by_operator:
+            raise BitrixAuthError("PORTAL_BLOCKED", "portal blocked by its operator")
+        result_id = _send(change, limiter_max_wait)
+    except BitrixUnavailable as exc:
+        updates.update(last_error=exc.code[:120], last_error_message="")
+        if timezone.now() - change.created_at > GIVE_UP_AFTER:
+            updates.update(
+                state=ResultChange.State.FAILED,
+                last_error_message=str(_("Bitrix24 was unreachable for too long. Press Retry.")),
+            )
+        else:
+            updates["next_attempt_at"] = _backoff(change, exc)
+    except BitrixError as exc:
+        updates.update(
+            state=ResultChange.State.FAILED,
+            last_error=exc.code[:120],
+            last_error_message=str(_refusal_reason(exc))[:300],
+        )
+    else:
+        updates.update(
+            state=ResultChange.State.SAVED,
+            result_id=result_id,
+            delivered_at=timezone.now(),
+            last_error="",
+            last_error_message="",
+        )
+    ResultChange.objects.filter(pk=change_id).update(**updates, updated_at=timezone.now())
+    change.refresh_from_db()
+    logger.info(
+        "change %s attempt %s -> %s %s", change.pk, change.attempts, change.state, change.last_error
+    )
+    if change.state == ResultChange.State.QUEUED:
+        from results.tasks import result_change_schedule
+
+        transaction.on_commit(lambda: result_change_schedule(change))
+    return change
+
+
+def delivers_inline() -> bool:
+    """True when there is no broker: background work runs in the web process."""
+    from celery import current_app
+
+    return bool(current_app.conf.task_always_eager)
