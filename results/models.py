@@ -12,6 +12,7 @@ import uuid
 
 from django.db import models
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 from b24app.portals.models import Account, Portal
 
@@ -27,9 +28,9 @@ class ResultChange(models.Model):
         DELETE = "delete", "Delete"
 
     class State(models.TextChoices):
-        QUEUED = "queued", "Queued"
-        SAVED = "saved", "Saved"
-        FAILED = "failed", "Not saved"
+        QUEUED = "queued", _("Queued")
+        SAVED = "saved", _("Saved")
+        FAILED = "failed", _("Not saved")
 
     portal = models.ForeignKey(Portal, on_delete=models.CASCADE, related_name="result_changes")
     account = models.ForeignKey(

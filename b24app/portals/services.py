@@ -16,6 +16,7 @@ from functools import lru_cache
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 from b24app.portals import crypto
 from b24app.portals.bitrix import (
@@ -47,8 +48,8 @@ LIFECYCLE_EVENTS = ("ONAPPUNINSTALL", "ONAPPUPDATE")
 class PortalError(Exception):
     """A request about a portal that cannot be carried out; `message` is safe to show a person."""
 
-    def __init__(self, message: str, *, code: str = "invalid") -> None:
-        super().__init__(message)
+    def __init__(self, message, *, code: str = "invalid") -> None:
+        super().__init__(str(message))
         self.message = message
         self.code = code
 
@@ -113,8 +114,10 @@ def require_configured() -> BitrixConfig:
     config = bitrix_config()
     if not (config.client_id and config.client_secret):
         raise NotConfigured(
-            "This app is not connected to Bitrix24 yet: its operator has to set "
-            "B24_CLIENT_ID and B24_CLIENT_SECRET.",
+            _(
+                "This app is not connected to Bitrix24 yet: its operator has to set "
+                "B24_CLIENT_ID and B24_CLIENT_SECRET."
+            ),
             code="not_configured",
         )
     return config
@@ -148,7 +151,7 @@ def auth_verify(
     """
     config = require_configured()
     if not access_token or not member_id:
-        raise VerificationFailed("The request carries no Bitrix24 authorization.")
+        raise VerificationFailed(_("The request carries no Bitrix24 authorization."))
     try:
         origins = (
             (oauth_origin_for(server_endpoint, config),)
@@ -157,7 +160,7 @@ def auth_verify(
         )
     except UnsafeURL as exc:
         raise VerificationFailed(
-            "The request names an OAuth server this app does not trust.", code="untrusted_server"
+            _("The request names an OAuth server this app does not trust."), code="untrusted_server"
         ) from exc
     info, origin, unavailable = None, None, False
     for origin in origins:
@@ -171,17 +174,18 @@ def auth_verify(
     if info is None:
         if unavailable:
             raise VerificationFailed(
-                "Bitrix24 could not confirm the request right now; try again.", code="unavailable"
+                _("Bitrix24 could not confirm the request right now; try again."),
+                code="unavailable",
             )
-        raise VerificationFailed("Bitrix24 did not confirm the authorization.", code="rejected")
+        raise VerificationFailed(_("Bitrix24 did not confirm the authorization."), code="rejected")
     install = info.get("install") if isinstance(info.get("install"), dict) else {}
     if str(info.get("client_id", "")) != config.client_id:
-        raise VerificationFailed("The authorization was issued to another app.", code="mismatch")
+        raise VerificationFailed(_("The authorization was issued to another app."), code="mismatch")
     if str(install.get("member_id", "")) != member_id:
-        raise VerificationFailed("The authorization belongs to another portal.", code="mismatch")
+        raise VerificationFailed(_("The authorization belongs to another portal."), code="mismatch")
     vouched_domain = str(install.get("domain", "")).lower()
     if domain is not None and vouched_domain != domain.lower():
-        raise VerificationFailed("The authorization belongs to another domain.", code="mismatch")
+        raise VerificationFailed(_("The authorization belongs to another domain."), code="mismatch")
     try:
         base = check_base_url(
             str(install.get("client_endpoint") or f"https://{vouched_domain}/rest/"),
@@ -189,7 +193,7 @@ def auth_verify(
         )
     except UnsafeURL as exc:
         raise VerificationFailed(
-            "The portal's address is not one this app may talk to.", code="unsafe_portal"
+            _("The portal's address is not one this app may talk to."), code="unsafe_portal"
         ) from exc
     user_id = info.get("user_id")
     return VerifiedAuth(
@@ -469,7 +473,7 @@ def portal_install(*, auth: dict[str, str], app_url: str) -> Portal:
         server_endpoint=auth.get("SERVER_ENDPOINT") or None,
     )
     if not auth.get("REFRESH_ID"):
-        raise PortalError("Bitrix24 sent no refresh token; open the installer again.")
+        raise PortalError(_("Bitrix24 sent no refresh token; open the installer again."))
     tokens = _frame_tokens(
         access_token=auth["AUTH_ID"],
         refresh_token=auth["REFRESH_ID"],
@@ -488,12 +492,14 @@ def portal_install(*, auth: dict[str, str], app_url: str) -> Portal:
     try:
         profile = client.call("profile") or {}
     except BitrixError as exc:
-        raise PortalError("Bitrix24 did not tell who is installing the app; try again.") from exc
+        raise PortalError(_("Bitrix24 did not tell who is installing the app; try again.")) from exc
     user_id = int(profile.get("ID") or verified.user_id or 0)
     if not user_id:
-        raise PortalError("Bitrix24 did not tell who is installing the app; try again.")
+        raise PortalError(_("Bitrix24 did not tell who is installing the app; try again."))
     if not profile.get("ADMIN"):
-        raise PortalError("Only a Bitrix24 administrator can install this app.", code="not_admin")
+        raise PortalError(
+            _("Only a Bitrix24 administrator can install this app."), code="not_admin"
+        )
     with transaction.atomic():
         portal = portal_upsert(
             verified=verified, application_token=auth.get("APPLICATION_TOKEN", "")
@@ -627,14 +633,14 @@ def portal_reconnect(*, portal: Portal, code: str, operator: str) -> Account:
     """Finish the authorization-code flow an operator started: store the authorizing user's
     tokens as the portal's connection and make a blocked portal active again."""
     if not code:
-        raise PortalError("Bitrix24 sent no authorization code; start the reconnect again.")
+        raise PortalError(_("Bitrix24 sent no authorization code; start the reconnect again."))
     require_configured()
     try:
         tokens = oauth_server().exchange_code(portal.oauth_server, code)
     except BitrixError as exc:
         raise PortalError(f"Bitrix24 refused the authorization code ({exc.code}).") from exc
     if tokens.member_id != portal.member_id or not tokens.user_id:
-        raise PortalError("Bitrix24 issued tokens for another portal; nothing was changed.")
+        raise PortalError(_("Bitrix24 issued tokens for another portal; nothing was changed."))
     with transaction.atomic():
         account = account_tokens_store(
             portal=portal, user_id=tokens.user_id, tokens=tokens, is_installer=True
@@ -656,7 +662,7 @@ def portal_verify(*, portal: Portal) -> str:
 
     account = portal_connection_account(portal)
     if account is None:
-        raise PortalError("No user of this portal has working tokens; reconnect via OAuth.")
+        raise PortalError(_("No user of this portal has working tokens; reconnect via OAuth."))
     try:
         info = account_client(account).call("app.info") or {}
     except BitrixError as exc:
@@ -689,7 +695,7 @@ def portal_tokens_refresh(*, portal: Portal) -> tuple[int, int]:
 class FrameRefused(PortalError):
     """A placement POST or frame request the app will not serve; `status` is the HTTP status."""
 
-    def __init__(self, message: str, *, status: int = 403, code: str = "refused") -> None:
+    def __init__(self, message, *, status: int = 403, code: str = "refused") -> None:
         super().__init__(message, code=code)
         self.status = status
 
@@ -702,9 +708,11 @@ def _portal_for_frame(post, domain: str | None) -> Portal:
     member_id = str(post.get("member_id", ""))
     access_token = str(post.get("AUTH_ID", ""))
     if not member_id or len(member_id) > 64 or not set(member_id) <= _MEMBER_ID_CHARS:
-        raise FrameRefused("This page must be opened from Bitrix24.", status=400, code="malformed")
+        raise FrameRefused(
+            _("This page must be opened from Bitrix24."), status=400, code="malformed"
+        )
     if not access_token or not post.get("REFRESH_ID"):
-        raise FrameRefused("Bitrix24 sent no authorization; reopen the app.", status=400)
+        raise FrameRefused(_("Bitrix24 sent no authorization; reopen the app."), status=400)
     portal = Portal.objects.filter(member_id=member_id).first()
     if portal is not None:
         _refuse_unusable(portal)
@@ -734,13 +742,15 @@ def _portal_for_frame(post, domain: str | None) -> Portal:
 def _refuse_unusable(portal: Portal) -> None:
     if portal.state == Portal.State.UNINSTALLED:
         raise FrameRefused(
-            "The app was removed from this Bitrix24. An administrator can install it again "
-            "from the Bitrix24 Market.",
+            _(
+                "The app was removed from this Bitrix24. An administrator can install it again "
+                "from the Bitrix24 Market."
+            ),
             code="uninstalled",
         )
     if portal.state == Portal.State.BLOCKED and portal.blocked_by_operator:
         raise FrameRefused(
-            "The app's connection to this Bitrix24 is blocked by its operator.", code="blocked"
+            _("The app's connection to this Bitrix24 is blocked by its operator."), code="blocked"
         )
 
 
@@ -762,14 +772,16 @@ def _frame_profile(portal: Portal, access_token: str) -> dict:
         profile = client.call("profile")
     except BitrixUnavailable as exc:
         raise FrameRefused(
-            "Bitrix24 is busy right now; reopen the app in a minute.", status=503, code=exc.code
+            _("Bitrix24 is busy right now; reopen the app in a minute."), status=503, code=exc.code
         ) from exc
     except BitrixError as exc:
         raise FrameRefused(
-            "Bitrix24 did not accept this session; reopen the app.", code=exc.code
+            _("Bitrix24 did not accept this session; reopen the app."), code=exc.code
         ) from exc
     if not isinstance(profile, dict) or not str(profile.get("ID", "")).isdigit():
-        raise FrameRefused("Bitrix24 did not say who you are; reopen the app.", code="no_profile")
+        raise FrameRefused(
+            _("Bitrix24 did not say who you are; reopen the app."), code="no_profile"
+        )
     return profile
 
 
@@ -828,13 +840,13 @@ def frame_session_renew(
         Account.objects.select_related("portal").filter(pk=account_id, portal_id=portal_id).first()
     )
     if account is None:
-        raise FrameRefused("This session is no longer valid; reopen the app.", code="unknown")
+        raise FrameRefused(_("This session is no longer valid; reopen the app."), code="unknown")
     _refuse_unusable(account.portal)
     if not access_token or not refresh_token:
-        raise FrameRefused("Bitrix24 sent no authorization; reopen the app.", status=400)
+        raise FrameRefused(_("Bitrix24 sent no authorization; reopen the app."), status=400)
     profile = _frame_profile(account.portal, access_token)
     if int(profile["ID"]) != account.user_id:
-        raise FrameRefused("This session belongs to someone else; reopen the app.")
+        raise FrameRefused(_("This session belongs to someone else; reopen the app."))
     return account_tokens_store(
         portal=account.portal,
         user_id=account.user_id,

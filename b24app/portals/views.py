@@ -12,6 +12,7 @@ from django.core import signing
 from django.http import HttpResponseBadRequest, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
+from django.utils import translation
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
@@ -43,6 +44,8 @@ def app_url(request) -> str:
 @csrf_exempt  # a cross-site POST from the Bitrix24 frame, verified with the OAuth server instead
 @require_POST
 def install(request):
+    language = request.GET.get("LANG", "")[:2].lower()
+    translation.activate(language if language in ("en", "ru") else "en")
     auth = {name: request.POST.get(name, "") for name in INSTALL_FIELDS}
     auth["DOMAIN"] = request.GET.get("DOMAIN", "")
     status, error, portal = 200, None, None

@@ -1,0 +1,256 @@
+"""The placement entry (`POST /b24/app/`) and the server-rendered screen."""
+
+import re
+from unittest import mock
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import pytest
+
+from b24app.portals import frame, services
+from b24app.portals.bitrix import BitrixAuthError
+from b24app.portals.models import Account, Portal
+from tests.portals.support import install, post_frame
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def task(portal):
+    task_id = portal.add_task(title="Prepare the quarterly report")
+    portal.add_result(task_id, author_id=2, text="Figures <b>checked</b>\nsecond line")
+    portal.add_result(task_id, author_id=1, text="Report sent")
+    return task_id
+
+
+def open_screen(client, portal, user_id=1, placement="TASK_VIEW_TAB", options=None, lang="en"):
+    return post_frame(
+        client, *portal.frame_post(user_id, placement=placement, options=options, lang=lang)
+    )
+
+
+def frame_token(response) -> str:
+    return re.search(r'data-frame-token="([^"]+)"', response.content.decode()).group(1)
+
+
+@pytest.mark.parametrize(
+    "placement, key",
+    [
+        ("TASK_VIEW_TAB", "taskId"),
+        ("TASK_VIEW_SIDEBAR", "taskId"),
+        ("TASK_VIEW_TOP_PANEL", "taskId"),
+        ("TASK_LIST_CONTEXT_MENU", "ID"),
+    ],
+)
+def test_screen_shows_the_tasks_results_for_each_task_placement(
+    client, portal, task, placement, key
+):
+    install(client, portal)
+    response = open_screen(client, portal, placement=placement, options={key: str(task)})
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert html.index("Report sent") < html.index("Figures")  # newest first
+    assert "Figures &lt;b&gt;checked&lt;/b&gt;<br>second line" in html  # escaped, breaks kept
+    assert "Boris Petrov" in html and "Anna Smirnova" in html
+    assert f'data-task="{task}"' in html
+
+
+def test_screen_works_for_a_portal_it_has_not_seen_yet(client, portal, task):
+    """No install record (events lost): the OAuth server's app.info vouches for the POST."""
+    response = open_screen(client, portal, options={"taskId": str(task)})
+    assert response.status_code == 200
+    assert Portal.objects.get().member_id == portal.member_id
+    assert Portal.objects.get().application_token_hash == ""  # never learnt from a browser
+
+
+def test_screen_never_shows_the_posted_tokens(client, portal, task):
+    install(client, portal)
+    url, fields = portal.frame_post(1, options={"taskId": str(task)})
+    html = post_frame(client, url, fields).content.decode()
+    for name in ("AUTH_ID", "REFRESH_ID", "APPLICATION_TOKEN"):
+        assert fields[name] not in html
+
+
+def _item_html(html: str, text: str) -> str:
+    return next(part for part in html.split('<li class="result') if text in part)
+
+
+def test_screen_only_author_gets_edit_and_delete(client, portal, task):
+    install(client, portal)
+    html = open_screen(client, portal, user_id=2, options={"taskId": str(task)}).content.decode()
+    own, others = _item_html(html, "Figures"), _item_html(html, "Report sent")
+    assert 'data-action="edit"' in own and 'data-action="delete"' in own
+    assert 'data-action="edit"' not in others and 'data-action="delete"' not in others
+    assert "/edit/" not in others
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        "not json",
+        "[1, 2]",
+        '"31"',
+        "",
+        '{"taskId": "-4"}',
+        '{"taskId": "abc"}',
+        '{"taskId": {"x": 1}}',
+        "null",
+        '{"taskId": "99999999999999999999999"}',
+    ],
+)
+def test_screen_malformed_placement_options_show_the_task_picker(client, portal, options):
+    install(client, portal)
+    url, fields = portal.frame_post(1, placement="TASK_VIEW_TAB")
+    fields["PLACEMENT_OPTIONS"] = options
+    response = post_frame(client, url, fields)
+    assert response.status_code == 200
+    assert 'class="picker"' in response.content.decode()
+
+
+def test_screen_default_placement_shows_picker_and_admin_panel(client, portal, task):
+    install(client, portal)
+    admin = open_screen(client, portal, user_id=1, placement="DEFAULT").content.decode()
+    assert 'class="picker"' in admin and "Connection to Bitrix24" in admin
+    assert "data-tab-bound>bound<" in admin.replace("\n", "")
+    user = open_screen(client, portal, user_id=2, placement="DEFAULT").content.decode()
+    assert 'class="picker"' in user and "Connection to Bitrix24" not in user
+
+
+def test_screen_picker_shows_a_tasks_results(client, portal, task):
+    install(client, portal)
+    token = frame_token(open_screen(client, portal, placement="DEFAULT"))
+    response = client.post("/b24/app/task/", {"frame_token": token, "task": str(task)})
+    assert response.status_code == 200 and "Report sent" in response.content.decode()
+
+
+def test_screen_rebind_puts_the_tab_back(client, portal, task):
+    install(client, portal)
+    portal.placements.clear()
+    token = frame_token(open_screen(client, portal, placement="DEFAULT"))
+    response = client.post("/b24/app/rebind/", {"frame_token": token})
+    assert response.status_code == 200
+    assert portal.placement_binding("TASK_VIEW_TAB").handler == "https://app.example.test/b24/app/"
+    boris = frame_token(open_screen(client, portal, user_id=2, placement="DEFAULT"))
+    assert client.post("/b24/app/rebind/", {"frame_token": boris}).status_code == 403
+
+
+def test_screen_in_russian_and_other_languages_fall_back_to_english(client, portal, task):
+    install(client, portal)
+    ru = open_screen(client, portal, user_id=2, options={"taskId": str(task)}, lang="ru")
+    html = ru.content.decode()
+    for label in (
+        "Редактировать",
+        "Текст результата",
+        "Добавить результат",
+        "Удалить",
+        "Сохранить",
+        "Отмена",
+    ):
+        assert label in html
+    assert re.search(r"\d+ ноября \d{4}", html)  # dates in the user's locale
+    de = open_screen(client, portal, user_id=2, options={"taskId": str(task)}, lang="de")
+    assert "Add result" in de.content.decode()
+
+
+def test_screen_blank_text_is_refused_in_russian(client, portal, task):
+    install(client, portal)
+    token = frame_token(open_screen(client, portal, options={"taskId": str(task)}, lang="ru"))
+    response = client.post(
+        "/b24/app/results/add/", {"frame_token": token, "task": str(task), "text": "  \n "}
+    )
+    assert response.status_code == 400
+    assert "Введите текст результата." in response.content.decode()
+
+
+@pytest.mark.parametrize("state, blocked_by_operator", [("uninstalled", False), ("blocked", True)])
+def test_screen_for_an_unusable_portal_is_a_clear_4xx_page(
+    client, portal, task, state, blocked_by_operator
+):
+    install(client, portal)
+    Portal.objects.update(state=state, blocked_by_operator=blocked_by_operator)
+    response = open_screen(client, portal, options={"taskId": str(task)})
+    assert response.status_code == 403
+    assert 'data-screen="refused"' in response.content.decode()
+    assert response["X-Frame-Options"] == "DENY"
+
+
+def test_screen_open_repairs_a_blocked_account_and_the_installers_portal(
+    client, fake, portal, task
+):
+    install(client, portal)
+    account = Account.objects.select_related("portal").get(user_id=1)
+    portal.expire_access_tokens()
+    portal.revoke_refresh_tokens()
+    with pytest.raises(BitrixAuthError):
+        services.account_client(account).call("profile")
+    assert Portal.objects.get().state == Portal.State.BLOCKED
+
+    assert open_screen(client, portal, options={"taskId": str(task)}).status_code == 200
+
+    account = Account.objects.get(user_id=1)
+    assert account.state == Account.State.ACTIVE and account.state_reason == ""
+    assert Portal.objects.get().state == Portal.State.ACTIVE
+    assert services.account_client(account).call("profile")["ID"] == "1"
+
+
+def test_screen_application_token_mismatch_falls_back_to_the_oauth_server(
+    client, fake, portal, task
+):
+    install(client, portal)
+    url, fields = portal.frame_post(1, options={"taskId": str(task)})
+    fields["APPLICATION_TOKEN"] = "0" * 32
+    assert post_frame(client, url, fields).status_code == 200
+    fields["AUTH_ID"] = "f" * 70
+    assert post_frame(client, url, fields).status_code == 403
+
+
+def test_screen_other_domain_in_query_is_checked_with_the_oauth_server(client, fake, portal, task):
+    install(client, portal)
+    other = fake.add_portal()
+    url, fields = portal.frame_post(1, options={"taskId": str(task)})
+    parts = urlsplit(url)
+    query = urlencode({**dict(parse_qsl(parts.query)), "DOMAIN": other.domain})
+    response = post_frame(client, f"{parts.path}?{query}", fields)
+    assert response.status_code == 403
+
+
+def test_frame_session_renewal_with_fresh_auth(client, portal, task):
+    install(client, portal)
+    assert open_screen(client, portal, user_id=2, options={"taskId": str(task)}).status_code == 200
+    account = Account.objects.get(user_id=2)
+    old_token = frame.issue(frame.FrameSession(account.portal_id, account.pk, "en"))
+    url = f"/b24/app/task/?task={task}"
+
+    with mock.patch.object(frame, "TTL_SECONDS", -1):  # as if 30 minutes had passed
+        refused = client.get(url, HTTP_X_FRAME_TOKEN=old_token, HTTP_ACCEPT="application/json")
+    assert refused.status_code == 401 and refused.json()["error"] == "frame_expired"
+
+    fresh = portal.issue_tokens(2)
+    renewed = client.post(
+        "/b24/app/session/",
+        {
+            "AUTH_ID": fresh["access_token"],
+            "REFRESH_ID": fresh["refresh_token"],
+            "AUTH_EXPIRES": "3600",
+        },
+        HTTP_X_FRAME_TOKEN=old_token,
+    )
+    assert renewed.status_code == 200
+    new_token = renewed.json()["token"]
+    assert fresh["access_token"] not in renewed.content.decode()
+    assert frame.read(new_token).account_id == account.pk
+    ok = client.get(url, HTTP_X_FRAME_TOKEN=new_token, HTTP_ACCEPT="application/json")
+    assert ok.status_code == 200 and "Report sent" in ok.json()["html"]
+
+    someone_else = portal.issue_tokens(1)
+    refused = client.post(
+        "/b24/app/session/",
+        {"AUTH_ID": someone_else["access_token"], "REFRESH_ID": someone_else["refresh_token"]},
+        HTTP_X_FRAME_TOKEN=old_token,
+    )
+    assert refused.status_code == 403
+    tampered = client.post(
+        "/b24/app/session/",
+        {"AUTH_ID": fresh["access_token"], "REFRESH_ID": fresh["refresh_token"]},
+        HTTP_X_FRAME_TOKEN=old_token[:-2] + "xx",
+    )
+    assert tampered.status_code == 403
