@@ -1,0 +1,146 @@
+"""Shared helpers of the benches: environment, Django, the fake portal, figures and tables.
+
+Nothing here imports Django at module level, so a bench can set the environment first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK = "127.0.0.1"
+
+# Defaults for a bench run, in place before Django reads its settings; the real environment wins.
+# The secret key and the Fernet key exist for benches only; the client id and secret are the fake
+# portal's (the fake is started with whatever B24_CLIENT_ID/B24_CLIENT_SECRET end up being).
+BENCH_ENV = {
+    "DJANGO_DEBUG": "false",
+    "DJANGO_SECRET_KEY": "bench-only-secret-key-not-for-production-0123456789abcdef",
+    "B24_TOKEN_KEYS": "NeQe4XlbOMdGyxxEVHSf_-eYnzSRSc0HMDa-3z1hdaY=",
+    "DJANGO_SECURE_SSL_REDIRECT": "false",
+    "DJANGO_ALLOWED_HOSTS": "localhost,127.0.0.1",
+    "B24_CLIENT_ID": "app.fake0000000001.00000001",
+    "B24_CLIENT_SECRET": "fake-client-secret-for-benches-0123456789",
+    "B24_ALLOW_PRIVATE_PORTALS": "true",
+}
+
+
+def env_defaults(oauth_url: str | None = None) -> None:
+    """Put the bench defaults (and ``B24_OAUTH_SERVERS`` = the fake's) into ``os.environ``."""
+    for name, value in BENCH_ENV.items():
+        os.environ.setdefault(name, value)
+    if oauth_url is not None:
+        os.environ.setdefault("B24_OAUTH_SERVERS", oauth_url)
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "b24app.settings")
+
+
+def setup_django(oauth_url: str | None = None) -> None:
+    """Environment defaults, then ``django.setup()`` (settings are read once per process)."""
+    env_defaults(oauth_url)
+    import django
+
+    django.setup()
+
+
+def require_loopback(url: str) -> str:
+    """Benches talk to the fake portal on 127.0.0.1 only; refuse anything else."""
+    if urlsplit(url).hostname != LOOPBACK:
+        raise RuntimeError(f"benches only talk to {LOOPBACK}, not to {url}")
+    return url
+
+
+def start_fake():
+    """A started ``FakeBitrix`` on 127.0.0.1 whose app credentials match the environment's."""
+    env_defaults()
+    from tests.fakeportal import FakeBitrix
+
+    fake = FakeBitrix(
+        client_id=os.environ["B24_CLIENT_ID"],
+        client_secret=os.environ["B24_CLIENT_SECRET"],
+        app_url="http://127.0.0.1:9",  # nothing listens there; benches send no events
+        host=LOOPBACK,
+    )
+    fake.start()
+    require_loopback(fake.oauth_url)
+    return fake
+
+
+# --- figures -----------------------------------------------------------------------------------
+
+
+def percentile(sorted_samples: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of already sorted samples (p in 0..100)."""
+    if not sorted_samples:
+        return math.nan
+    rank = max(1, math.ceil(p / 100 * len(sorted_samples)))
+    return sorted_samples[min(rank, len(sorted_samples)) - 1]
+
+
+def summary(samples: Sequence[float]) -> dict[str, float]:
+    """``n``, ``median``, ``p95``, ``p99``, ``min``, ``max`` of the samples."""
+    ordered = sorted(samples)
+    if not ordered:
+        return dict.fromkeys(("n", "median", "p95", "p99", "min", "max"), math.nan)
+    return {
+        "n": len(ordered),
+        "median": statistics.median(ordered),
+        "p95": percentile(ordered, 95),
+        "p99": percentile(ordered, 99),
+        "min": ordered[0],
+        "max": ordered[-1],
+    }
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def print_table(
+    title: str, header: Sequence[str], rows: Sequence[Sequence[object]], notes: Sequence[str] = ()
+) -> None:
+    """One plain-text table: title, aligned columns (text left, numbers right), notes."""
+    cells = [[str(cell) for cell in row] for row in rows]
+    widths = [
+        max(len(str(header[column])), *(len(row[column]) for row in cells))
+        for column in range(len(header))
+    ]
+    numeric = [
+        all(_looks_numeric(row[column]) for row in cells) and bool(cells)
+        for column in range(len(header))
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(
+            value.rjust(width) if is_number else value.ljust(width)
+            for value, width, is_number in zip(values, widths, numeric, strict=True)
+        ).rstrip()
+
+    rule = "-" * len(line(["-" * width for width in widths]))
+    print(f"== {title}")
+    print(line([str(name) for name in header]))
+    print(rule)
+    for row in cells:
+        print(line(row))
+    for note in notes:
+        print(f"   {note}")
+    print(flush=True)
+
+
+def _looks_numeric(text: str) -> bool:
+    stripped = text.rstrip("x%").replace(",", "")
+    if stripped in ("-", ""):
+        return True
+    try:
+        float(stripped)
+    except ValueError:
+        return False
+    return True
