@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import transaction
@@ -35,8 +35,10 @@ from results.selectors import portal_user_names, result_changes_pending
 logger = logging.getLogger("results")
 
 MAX_TEXT_LENGTH = 10_000
-LEASE = timedelta(seconds=120)
-"""How long one delivery attempt owns a change (longer than any one attempt can take)."""
+LEASE = timedelta(seconds=60)
+"""How long one delivery attempt owns a change: longer than one attempt can take (a wait for the
+request budget, a token refresh and the call, each bounded by its timeout)."""
+BACKGROUND_LIMITER_WAIT_S = 10.0
 BACKOFF_BASE_S = 2.0
 BACKOFF_CAP_S = 300.0
 MAX_DELAY_S = 600.0
@@ -90,7 +92,6 @@ class ResultItem:
     can_remove: bool
     change: ResultChange | None = None
     pending_delete: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 def _parse_time(value) -> datetime | None:
@@ -147,9 +148,7 @@ def results_fetch(*, account: Account, task_id: int) -> list[ResultItem]:
         raise ScreenUnavailable(_("Bitrix24 could not show the results right now.")) from exc
     names = portal_user_names(account.portal)
     items = [item for raw in raw_items if isinstance(raw, dict) and (item := _item(raw, names))]
-    items.sort(
-        key=lambda item: (item.created_at is not None, item.created_at, item.id), reverse=True
-    )
+    items.sort(key=lambda item: item.id, reverse=True)  # ids grow with creation: newest first
     return _with_pending_changes(items, account=account, task_id=task_id)
 
 
@@ -313,7 +312,9 @@ def _backoff(change: ResultChange, exc: BitrixUnavailable) -> datetime:
     return now + timedelta(seconds=min(delay, MAX_DELAY_S))
 
 
-def result_change_deliver(*, change_id: int, limiter_max_wait: float | None = 30.0) -> ResultChange:
+def result_change_deliver(
+    *, change_id: int, limiter_max_wait: float = BACKGROUND_LIMITER_WAIT_S
+) -> ResultChange:
     """One delivery attempt, if the change is queued, due and not being delivered elsewhere.
 
     Safe to run twice or concurrently: a lease lets one attempt at a time send, and the
