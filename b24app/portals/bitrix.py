@@ -550,6 +550,28 @@ def oauth_origin_for(server_endpoint: str, config: BitrixConfig) -> str:
     return origin
 
 
+def _check_oauth_answer(
+    method: str,
+    host: str,
+    response: requests.Response,
+    body: Any,
+    secrets: Iterable[str],
+    started: float,
+) -> None:
+    """Log one OAuth-server exchange and raise its typed error, if it answered with one."""
+    error = _ErrorInfo.from_response(response, body, secrets)
+    _log_exchange(
+        method,
+        "oauth",
+        host,
+        status=response.status_code,
+        started=started,
+        error=error.code if error else None,
+    )
+    if error is not None:
+        raise error.exception()
+
+
 class _DropDebugRecords(logging.Filter):
     """requests-oauthlib logs token request bodies and token responses at DEBUG."""
 
@@ -607,17 +629,9 @@ class OAuthServer:
         started = time.monotonic()
 
         def check_response(response: requests.Response) -> requests.Response:
-            error = _ErrorInfo.from_response(response, _json_body(response), secrets)
-            _log_exchange(
-                "oauth.token",
-                "oauth",
-                host,
-                status=response.status_code,
-                started=started,
-                error=error.code if error else None,
+            _check_oauth_answer(
+                "oauth.token", host, response, _json_body(response), secrets, started
             )
-            if error is not None:
-                raise error.exception()
             return response
 
         oauth.register_compliance_hook("access_token_response", check_response)
@@ -688,17 +702,7 @@ class OAuthServer:
             _log_exchange(method, "oauth", host, status=None, started=started, error=error.code)
             raise error from exc
         body = _json_body(response)
-        error_info = _ErrorInfo.from_response(response, body, secrets)
-        _log_exchange(
-            method,
-            "oauth",
-            host,
-            status=response.status_code,
-            started=started,
-            error=error_info.code if error_info else None,
-        )
-        if error_info is not None:
-            raise error_info.exception()
+        _check_oauth_answer(method, host, response, body, secrets, started)
         return body
 
 

@@ -36,3 +36,22 @@ def issued_tokens(fake, portal) -> list[str]:
             for token in store.values()
             if token.member_id == portal.member_id
         ]
+
+
+def kill_installer_tokens(portal) -> None:
+    """The installer's refresh token dies at Bitrix24 and the app finds out on its next call:
+    the installer's account and the portal end up blocked."""
+    from b24app.portals import services
+    from b24app.portals.bitrix import BitrixAuthError
+    from b24app.portals.models import Account
+
+    account = Account.objects.select_related("portal").get(
+        portal__member_id=portal.member_id, is_installer=True
+    )
+    portal.expire_access_tokens()
+    portal.revoke_refresh_tokens()
+    try:
+        services.account_client(account).call("profile")
+    except BitrixAuthError:
+        return
+    raise AssertionError("the dead refresh token was not noticed")

@@ -10,9 +10,8 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from b24app.portals import services
-from b24app.portals.bitrix import BitrixAuthError
 from b24app.portals.models import Account, Portal
-from tests.portals.support import install, issued_tokens
+from tests.portals.support import install, issued_tokens, kill_installer_tokens
 
 pytestmark = pytest.mark.django_db
 
@@ -21,11 +20,7 @@ pytestmark = pytest.mark.django_db
 def blocked(client, fake, portal):
     """An installed portal whose installer's refresh token died."""
     assert install(client, portal).status_code == 200
-    account = Account.objects.select_related("portal").get(user_id=1)
-    portal.expire_access_tokens()
-    portal.revoke_refresh_tokens()
-    with pytest.raises(BitrixAuthError):
-        services.account_client(account).call("profile")
+    kill_installer_tokens(portal)
     assert Portal.objects.get().state == Portal.State.BLOCKED
     return Portal.objects.get()
 

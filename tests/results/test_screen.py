@@ -7,9 +7,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import pytest
 
 from b24app.portals import frame, services
-from b24app.portals.bitrix import BitrixAuthError
 from b24app.portals.models import Account, Portal
-from tests.portals.support import install, post_frame
+from tests.portals.support import install, kill_installer_tokens, post_frame
 
 pytestmark = pytest.mark.django_db
 
@@ -177,11 +176,7 @@ def test_screen_open_repairs_a_blocked_account_and_the_installers_portal(
     client, fake, portal, task
 ):
     install(client, portal)
-    account = Account.objects.select_related("portal").get(user_id=1)
-    portal.expire_access_tokens()
-    portal.revoke_refresh_tokens()
-    with pytest.raises(BitrixAuthError):
-        services.account_client(account).call("profile")
+    kill_installer_tokens(portal)
     assert Portal.objects.get().state == Portal.State.BLOCKED
 
     assert open_screen(client, portal, options={"taskId": str(task)}).status_code == 200
