@@ -1,0 +1,403 @@
+"""Screen open and edit round trip: the server time of the embedded screen's two main requests.
+
+The app is driven in this process through ``django.test.Client`` (Django's WSGI handler, the
+middleware, the views and the templates; no socket on the app's side), against the fake portal
+on 127.0.0.1 with its rate limit raised to 10^6/10^6 (the fake's and the Portal row's):
+
+* ``POST /b24/app/``, the placement open of a task with 50 results: the frame POST verified by
+  ``APPLICATION_TOKEN``, ``profile`` with the posted token, the user's tokens stored, the task's
+  ``tasks.task.result.list``, the screen rendered;
+* ``POST /b24/app/results/<id>/edit/`` with ``Accept: application/json``: the frame token read,
+  the ``ResultChange`` written and delivered inline (``tasks.task.result.update``), the list read
+  again and rendered into the JSON answer. Every edit is checked at the fake afterwards.
+
+Beside the whole request's wall time, the fake's own handling of the REST calls made during the
+request is measured by wrapping its listeners' handlers (as ``bench/client.py`` does), and the
+app's HTTP calls by wrapping the app's shared ``requests`` session. Queries per request are
+counted with ``CaptureQueriesContext`` on extra, untimed requests (on SQLite the capture itself
+runs a query per statement to quote its parameters, so it would distort the timings).
+
+The database is a fresh SQLite file in a temporary directory, migrated, unless
+``BENCH_SCREEN_DATABASE_URL`` names another one (an existing database; it is migrated and the
+portal this bench creates is deleted at the end). ``DATABASE_URL`` is ignored. Background work
+runs inline (no Celery broker) and the rate limiter is the in-process one (no Redis).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.common import fmt, print_table, require_loopback, setup_django, start_fake, summary
+
+BENCH_ORDER = 30
+TITLE = "screen open and edit round trip"
+
+REQUESTS = int(os.environ.get("BENCH_SCREEN_REQUESTS", "200"))
+WARMUP = 20
+QUERY_SAMPLES = 5
+"""Extra, untimed requests of each kind whose database queries are counted."""
+RESULTS = 50
+NO_LIMIT = (10**6, 10**6)
+LANG = "en"
+FRAME_TOKEN = re.compile(r'data-frame-token="([^"]+)"')
+RESULT_ITEM = '<li class="result'
+
+
+@dataclass
+class Series:
+    """The timed requests of one kind: per request, wall time and its parts (ms)."""
+
+    name: str
+    total: list[float] = field(default_factory=list)
+    portal: list[float] = field(default_factory=list)
+    http: list[float] = field(default_factory=list)
+    calls: Counter = field(default_factory=Counter)
+    """REST paths the fake handled during the timed requests."""
+    calls_per_request: list[int] = field(default_factory=list)
+    queries: list[int] = field(default_factory=list)
+    query_kinds: Counter = field(default_factory=Counter)
+
+
+class Stopwatch:
+    """Accumulates the time spent in wrapped callables (any thread) since the last ``take``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ns = 0
+        self._paths: list[str] = []
+
+    def wrap(self, inner: Callable[..., Any], label: Callable[..., str] | None = None):
+        def timed(*args, **kwargs):
+            started = time.perf_counter_ns()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter_ns() - started
+                with self._lock:
+                    self._ns += elapsed
+                    if label is not None:
+                        self._paths.append(label(*args))
+
+        return timed
+
+    def take(self) -> tuple[float, list[str]]:
+        """Milliseconds and labels recorded since the last call; starts again from zero."""
+        with self._lock:
+            ms, paths = self._ns / 1e6, self._paths
+            self._ns, self._paths = 0, []
+        return ms, paths
+
+
+def main(argv: list[str]) -> int:
+    count = max(1, min(REQUESTS, 10_000))
+    with tempfile.TemporaryDirectory(prefix="bench-screen-") as tmp:
+        database_url = os.environ.get("BENCH_SCREEN_DATABASE_URL") or (
+            f"sqlite:///{tmp}/bench.sqlite3"
+        )
+        _environment(database_url)
+        fake = start_fake()
+        try:
+            setup_django(fake.oauth_url)
+            from django.core.management import call_command
+            from django.db import connections
+            from django.test.utils import override_settings
+
+            call_command("migrate", interactive=False, verbosity=0)
+            # Static files collected once, as a deployment does: the manifest storage resolves
+            # {% static %} the way it does in production (DEBUG is off).
+            with override_settings(STATIC_ROOT=os.path.join(tmp, "static")):
+                call_command("collectstatic", interactive=False, verbosity=0)
+                try:
+                    return _run(fake, count)
+                finally:
+                    connections.close_all()
+        finally:
+            fake.stop()
+
+
+def _environment(database_url: str) -> None:
+    """This bench's database, inline background work, ``testserver`` allowed; the rest from
+    ``bench.common``'s defaults (the real environment wins there)."""
+    os.environ["DATABASE_URL"] = database_url
+    os.environ["CELERY_BROKER_URL"] = ""
+    os.environ["REDIS_URL"] = ""
+    hosts = [h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "").split(",") if h.strip()]
+    hosts = hosts or ["localhost", "127.0.0.1"]
+    if "testserver" not in hosts and "*" not in hosts:
+        hosts.append("testserver")
+    os.environ["DJANGO_ALLOWED_HOSTS"] = ",".join(hosts)
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """The app's stream handlers (stdout) write to /dev/null meanwhile: the log lines are still
+    formatted (part of the app's time), but they do not flood the table."""
+    handlers = {
+        id(handler): handler
+        for logger in (logging.getLogger(), *map(logging.getLogger, ("django", "celery")))
+        for handler in logger.handlers
+        if type(handler) is logging.StreamHandler
+    }
+    with open(os.devnull, "w") as devnull:
+        saved = [(handler, handler.setStream(devnull)) for handler in handlers.values()]
+        try:
+            yield
+        finally:
+            for handler, stream in saved:
+                if stream is not None:
+                    handler.setStream(stream)
+
+
+def _run(fake: Any, count: int) -> int:
+    from django.db import connection
+    from django.test import Client
+
+    from b24app.portals import services
+    from b24app.portals.models import Portal
+    from tests.portals.support import install
+
+    portal = fake.add_portal(rate_limit=NO_LIMIT)
+    portal.set_rate_limit(*NO_LIMIT)
+    require_loopback(portal.url)
+    anna = portal.add_user(name="Anna", last_name="Smirnova", admin=True)
+    boris = portal.add_user(name="Boris", last_name="Petrov")
+    task = portal.add_task(title="Benchmark task", created_by=anna, responsible_id=anna)
+    started_at = time.time() - 86_400
+    for number in range(RESULTS):
+        portal.add_result(
+            task,
+            author_id=(anna, boris)[number % 2],
+            text=f"Result {number + 1}: figures checked, report sent\nsecond line",
+            created_at=started_at + number * 60,
+        )
+    client = Client()
+    stopwatch, http = Stopwatch(), Stopwatch()
+    started = time.monotonic()
+    with _quiet_logs():
+        response = install(client, portal, anna)
+        if response.status_code != 200:
+            raise RuntimeError(f"install answered {response.status_code}")
+        Portal.objects.filter(member_id=portal.member_id).update(
+            rate_limit=f"{NO_LIMIT[0]}/{NO_LIMIT[1]}"
+        )
+        for listener in (*portal._listeners, fake._listener):  # private, as bench/client.py
+            listener.app = stopwatch.wrap(listener.app, lambda request: request.path)
+        session = services.http_session()
+        session.send = http.wrap(session.send)
+        try:
+            screen, token = _screens(client, fake, portal, task, anna, stopwatch, http, count)
+            edit, applied = _edits(client, fake, portal, task, anna, token, stopwatch, http, count)
+        finally:
+            del session.send
+            if os.environ.get("BENCH_SCREEN_DATABASE_URL"):
+                Portal.objects.filter(member_id=portal.member_id).delete()
+    elapsed = time.monotonic() - started
+    _print([screen, edit], applied, count, connection, elapsed)
+    return 0 if applied == count else 1
+
+
+def _timed(request: Callable[[], Any], series: Series, stopwatch: Stopwatch, http: Stopwatch):
+    stopwatch.take()
+    http.take()
+    before = time.perf_counter_ns()
+    response = request()
+    total = (time.perf_counter_ns() - before) / 1e6
+    portal_ms, paths = stopwatch.take()
+    http_ms, _ = http.take()
+    series.total.append(total)
+    series.portal.append(portal_ms)
+    series.http.append(http_ms)
+    series.calls.update(paths)
+    series.calls_per_request.append(len(paths))
+    return response
+
+
+def _counted(request: Callable[[], Any], series: Series):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as captured:
+        response = request()
+    series.queries.append(len(captured.captured_queries))
+    series.query_kinds.update(
+        query["sql"].split(None, 1)[0].upper() for query in captured.captured_queries
+    )
+    return response
+
+
+def _clear_records(fake: Any, portal: Any) -> None:
+    with fake.lock:  # the fake records every request and every token; keep the heap flat
+        portal.requests.clear()
+        fake.requests.clear()
+
+
+def _screens(client, fake, portal, task, user, stopwatch, http, count) -> tuple[Series, str]:
+    from tests.portals.support import post_frame
+
+    series = Series("screen open")
+    options = {"taskId": str(task)}
+    token = ""
+
+    def one(measure: Callable[..., Any] | None) -> None:
+        nonlocal token
+        url, fields = portal.frame_post(user, options=options, lang=LANG)
+
+        def request():
+            return post_frame(client, url, fields)
+
+        response = measure(request) if measure else request()
+        html = response.content.decode()
+        if response.status_code != 200 or html.count(RESULT_ITEM) != RESULTS:
+            raise RuntimeError(
+                f"the screen answered {response.status_code} with {html.count(RESULT_ITEM)} "
+                f"results instead of {RESULTS}:\n{html[:1500]}"
+            )
+        token = FRAME_TOKEN.search(html).group(1)
+
+    for _ in range(WARMUP):
+        one(None)
+    gc.collect()
+    for number in range(count):
+        one(lambda request: _timed(request, series, stopwatch, http))
+        if number % 50 == 49:
+            _clear_records(fake, portal)
+    for _ in range(QUERY_SAMPLES):
+        one(lambda request: _counted(request, series))
+    _clear_records(fake, portal)
+    return series, token
+
+
+def _edits(client, fake, portal, task, user, token, stopwatch, http, count) -> tuple[Series, int]:
+    series = Series("edit round trip")
+    own = [item for item in portal.results(task) if int(item["authorId"]) == user]
+    result_id = int(own[0]["id"])
+    url = f"/b24/app/results/{result_id}/edit/"
+    state = {"text": str(own[0]["text"]), "number": 0}
+    applied = 0
+
+    def one(measure: Callable[..., Any] | None) -> bool:
+        state["number"] += 1
+        before, text = state["text"], f"Edited {state['number']}: figures checked again"
+        fields = {"task": str(task), "text": text, "text_before": before}
+
+        def request():
+            return client.post(
+                url, fields, HTTP_X_FRAME_TOKEN=token, HTTP_ACCEPT="application/json"
+            )
+
+        response = measure(request) if measure else request()
+        payload = response.json() if response.status_code == 200 else {}
+        if payload.get("error") or payload.get("pending") or RESULT_ITEM not in payload["html"]:
+            raise RuntimeError(f"the edit answered {response.status_code}: {payload!r:.1500}")
+        state["text"] = text
+        at_portal = next(item for item in portal.results(task) if int(item["id"]) == result_id)
+        return at_portal["text"] == text
+
+    for _ in range(WARMUP):
+        one(None)
+    gc.collect()
+    for number in range(count):
+        applied += one(lambda request: _timed(request, series, stopwatch, http))
+        if number % 50 == 49:
+            _clear_records(fake, portal)
+    for _ in range(QUERY_SAMPLES):
+        one(lambda request: _counted(request, series))
+    _clear_records(fake, portal)
+    return series, applied
+
+
+def _print(all_series: list[Series], applied: int, count: int, connection, elapsed) -> None:
+    rows = []
+    for series in all_series:
+        parts = [
+            ("total", series.total),
+            ("portal (fake's handling)", series.portal),
+            ("app = total - portal", _minus(series.total, series.portal)),
+            ("app's REST calls (wall)", series.http),
+            ("app without REST calls", _minus(series.total, series.http)),
+        ]
+        for part, samples in parts:
+            figures = summary(samples)
+            extra = ["-", "-"]
+            if part == "total":
+                extra = [_span(series.queries), _span(series.calls_per_request)]
+            rows.append(
+                [series.name, part, figures["n"], *_figures(figures), *extra],
+            )
+    database = connection.settings_dict
+    where = database["NAME"]
+    if connection.vendor != "sqlite":
+        where = f"{database.get('HOST') or 'localhost'}:{database.get('PORT') or '-'}/{where}"
+    screen, edit = all_series
+    quarter = max(1, count // 4)
+    notes = [
+        f"applied: {applied}/{count} (the fake's result text equals the last text sent)",
+        f"database: {connection.vendor} {where}",
+        f"{count} timed requests of each kind after {WARMUP} warm-up ones, sequential,",
+        f"one django.test.Client; {elapsed:.1f} s in all",
+        "wall-clock milliseconds per request (nearest rank; the median is the middle value);",
+        "app = total - portal and 'without REST calls' are per request, then ranked",
+        "portal: the fake's request handlers (portal and OAuth server), without http.server's",
+        "parsing and socket I/O; app's REST calls: wall time inside the app's requests session",
+        "(loopback HTTP, requests, http.server and the fake's handling)",
+        f"queries: per request, counted on {QUERY_SAMPLES} extra untimed requests of each kind;",
+        f"screen: {_kinds(screen)}; edit: {_kinds(edit)}",
+        f"REST: the fake's requests per timed request; screen: {_paths(screen)};",
+        f"edit: {_paths(edit)}",
+        f"edit total median, first {quarter} / last {quarter} edits: "
+        f"{fmt(summary(edit.total[:quarter])['median'])} / "
+        f"{fmt(summary(edit.total[-quarter:])['median'])} ms; every list reads back the",
+        f"user's changes saved in the last 2 minutes: about {len(edit.total) + WARMUP} by the end",
+        f"task with {RESULTS} results (half the opener's); fake on 127.0.0.1 in this process,",
+        "its rate limit and the Portal row's at 10^6/10^6; background work inline (no broker),",
+        "in-process rate limiter, the app's log lines formatted to /dev/null",
+        f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.2f} (1 min) at the end",
+    ]
+    print_table(
+        TITLE,
+        ["request", "part", "n", "median ms", "p95 ms", "p99 ms", "queries", "REST calls"],
+        rows,
+        notes,
+    )
+
+
+def _minus(left: list[float], right: list[float]) -> list[float]:
+    return [a - b for a, b in zip(left, right, strict=True)]
+
+
+def _figures(figures: dict[str, float]) -> list[str]:
+    return [fmt(figures["median"], 2), fmt(figures["p95"], 2), fmt(figures["p99"], 2)]
+
+
+def _span(values: list[int]) -> str:
+    if not values:
+        return "-"
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def _kinds(series: Series) -> str:
+    per = max(1, len(series.queries))
+    return " ".join(f"{kind} {count / per:g}" for kind, count in sorted(series.query_kinds.items()))
+
+
+def _paths(series: Series) -> str:
+    per = max(1, len(series.calls_per_request))
+    return ", ".join(f"{path} x{count / per:g}" for path, count in sorted(series.calls.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
