@@ -195,6 +195,8 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SOFT_TIME_LIMIT = 60
 CELERY_TASK_TIME_LIMIT = 90
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Keep Django's LOGGING (secret masking, one line per event) in workers instead of Celery's own.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # Redis redelivers an unacknowledged task after the visibility timeout; keep it well above the
 # longest task so a slow task is not run twice, and short enough that a killed worker's task
 # comes back.
@@ -230,6 +232,7 @@ LOGGING = {
     "root": {"handlers": ["stdout"], "level": LOG_LEVEL},
     "loggers": {
         "django": {"handlers": ["stdout"], "level": LOG_LEVEL, "propagate": False},
-        "celery": {"handlers": ["stdout"], "level": LOG_LEVEL, "propagate": False},
+        # Celery's records go through the root handler (masked, one line) in workers too.
+        "celery": {"level": LOG_LEVEL},
     },
 }

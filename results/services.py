@@ -152,8 +152,17 @@ def results_fetch(*, account: Account, task_id: int) -> list[ResultItem]:
     return _with_pending_changes(items, account=account, task_id=task_id)
 
 
-def _with_pending_changes(items, *, account: Account, task_id: int) -> list[ResultItem]:
-    """Show what this person changed but Bitrix24 has not confirmed yet (or refused)."""
+def results_pending_only(*, account: Account, task_id: int) -> list[ResultItem]:
+    """When Bitrix24 cannot be read: at least this person's own recent changes (their new
+    results, queued or just saved), so nothing they did vanishes from the screen."""
+    return _with_pending_changes([], account=account, task_id=task_id, complete=False)
+
+
+def _with_pending_changes(
+    items, *, account: Account, task_id: int, complete: bool = True
+) -> list[ResultItem]:
+    """Show what this person changed but Bitrix24 has not confirmed yet (or refused). With a
+    `complete` list from Bitrix24, a saved new result is already in it; without one, show it."""
     changes = result_changes_pending(account=account, task_id=task_id)
     by_id = {item.id: item for item in items}
     added: list[ResultItem] = []
@@ -161,7 +170,7 @@ def _with_pending_changes(items, *, account: Account, task_id: int) -> list[Resu
         if change.state == ResultChange.State.SAVED and change.action == ResultChange.Action.DELETE:
             continue
         if change.action == ResultChange.Action.ADD and change.result_id not in by_id:
-            if change.state == ResultChange.State.SAVED:
+            if change.state == ResultChange.State.SAVED and complete:
                 continue
             added.append(
                 ResultItem(

@@ -163,6 +163,8 @@ def _screen_context(fr: Frame, task_id: int | None, *, error=None, notice=None) 
             results = services.results_fetch(account=fr.account, task_id=task_id)
         except services.ScreenUnavailable as exc:
             unavailable, status = exc.message, exc.status
+            if status >= 500:  # busy or down: keep what the person did in sight
+                results = services.results_pending_only(account=fr.account, task_id=task_id)
     return {
         "frame_token": fr.token,
         "frame_field": frame.FIELD,
@@ -180,6 +182,8 @@ def _screen_context(fr: Frame, task_id: int | None, *, error=None, notice=None) 
             for item in results
             if item.change and item.change.state == ResultChange.State.QUEUED
         ],
+        # No access or no such task: nothing to add to. Busy or down: keep the list usable.
+        "hide_list": unavailable is not None and status < 500,
     }
 
 

@@ -249,3 +249,31 @@ def test_frame_session_renewal_with_fresh_auth(client, portal, task):
         HTTP_X_FRAME_TOKEN=old_token[:-2] + "xx",
     )
     assert tampered.status_code == 403
+
+
+def test_screen_for_a_task_the_user_cannot_see_offers_nothing_to_add(client, portal, task):
+    install(client, portal)
+    response = open_screen(client, portal, options={"taskId": "424242"})
+    assert response.status_code == 403
+    html = response.content.decode()
+    assert "You do not have access to this task in Bitrix24." in html
+    assert 'class="add"' not in html
+
+
+def test_screen_when_bitrix24_is_busy_keeps_the_persons_new_result_in_sight(
+    client, portal, task, celery_eager
+):
+    install(client, portal)
+    token = frame_token(open_screen(client, portal, options={"taskId": str(task)}))
+    portal.fail_next(count=3, error="QUERY_LIMIT_EXCEEDED")  # the add, then the list re-read
+    response = client.post(
+        "/b24/app/results/add/",
+        {"task": str(task), "text": "Sent to the board"},
+        HTTP_X_FRAME_TOKEN=token,
+        HTTP_ACCEPT="application/json",
+    )
+    body = response.json()
+    assert response.status_code == 503
+    assert "Sent to the board" in body["html"] and "Queued" in body["html"]
+    assert len(body["pending"]) == 1
+    assert 'class="add"' in body["html"]

@@ -133,6 +133,15 @@
 
   function itemOf(el) { return el.closest("li.result"); }
 
+  /* Close an editor or a delete confirmation and give focus back to the button that opened it. */
+  function closeForm(form) {
+    if (!form) return;
+    var item = itemOf(form);
+    hideForms(item);
+    var opener = item.querySelector('[aria-controls="' + form.id + '"]');
+    if (opener) opener.focus();
+  }
+
   function hideForms(item) {
     item.querySelectorAll("form.editor, form.confirm-delete").forEach(function (f) { f.hidden = true; });
     var actions = item.querySelector(".item-actions");
@@ -146,9 +155,7 @@
     if (!item) return;
     var action = button.getAttribute("data-action");
     if (action === "cancel") {
-      hideForms(item);
-      var opener = item.querySelector('[data-action="edit"]') || item.querySelector('[data-action="delete"]');
-      if (opener) opener.focus();
+      closeForm(button.closest("form"));
       return;
     }
     var target = document.getElementById(button.getAttribute("aria-controls"));
@@ -163,7 +170,7 @@
   document.addEventListener("keydown", function (event) {
     if (event.key !== "Escape") return;
     var form = event.target.closest && event.target.closest("form.editor, form.confirm-delete");
-    if (form) { hideForms(itemOf(form)); }
+    if (form) closeForm(form);
   });
 
   document.addEventListener("submit", function (event) {
