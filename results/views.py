@@ -8,6 +8,7 @@ swaps the returned list in place; without it the forms post and get the whole sc
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from b24app.framing import allow_portal_framing
 from b24app.portals import frame
 from b24app.portals.bitrix import BitrixError
-from b24app.portals.models import Account
+from b24app.portals.models import Account, Portal
 from b24app.portals.services import (
     FrameRefused,
     account_client,
@@ -130,7 +131,7 @@ def _frame(request) -> Frame:
     )
     if account is None or not account.has_tokens:
         raise FrameRefused(_("This session is no longer valid. Reopen the app."), code="frame_gone")
-    if account.portal.state in ("uninstalled",) or account.portal.blocked_by_operator:
+    if account.portal.state == Portal.State.UNINSTALLED or account.portal.blocked_by_operator:
         raise FrameRefused(_("The app is not available on this Bitrix24."), code="portal_off")
     translation.activate(session.language)
     return Frame(account=account, token=token, language=session.language)
@@ -140,6 +141,7 @@ def frame_view(handler):
     """Frame endpoints: csrf-exempt (the frame token is the proof) and refusing cleanly."""
 
     @csrf_exempt
+    @functools.wraps(handler)
     def wrapped(request, *args, **kwargs):
         try:
             fr = _frame(request)
@@ -148,8 +150,6 @@ def frame_view(handler):
             return _refused(request, exc.message, exc.status, code=exc.code)
         return _framed(handler(request, fr, *args, **kwargs), fr)
 
-    wrapped.__name__ = handler.__name__
-    wrapped.__doc__ = handler.__doc__
     return wrapped
 
 
