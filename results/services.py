@@ -203,6 +203,8 @@ def _clean_text(text: str) -> str:
     text = (text or "").replace("\r\n", "\n").strip()
     if not text:
         raise ResultError(_("Result text is required."))
+    if "\x00" in text:
+        raise ResultError(_("The text contains a character that cannot be saved."))
     if len(text) > MAX_TEXT_LENGTH:
         raise ResultError(_("The text is too long (at most 10,000 characters)."))
     return text
@@ -234,7 +236,7 @@ def result_change_submit(
         task_id=task_id,
         result_id=result_id,
         action=action,
-        text_before=text_before[:MAX_TEXT_LENGTH],
+        text_before=text_before.replace("\x00", "")[:MAX_TEXT_LENGTH],
         text_after=text,
     )
     logger.info(

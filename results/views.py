@@ -51,18 +51,24 @@ def _language(code: str) -> str:
     return code if code in LANGUAGES else "en"
 
 
+MAX_OPTIONS_LENGTH = 10_000
+
+
 def _placement_options(raw: str) -> dict:
-    """`PLACEMENT_OPTIONS` is a JSON string; anything but an object counts as empty."""
+    """`PLACEMENT_OPTIONS` is a JSON string; anything but a (sane) object counts as empty."""
+    if not raw or len(raw) > MAX_OPTIONS_LENGTH:
+        return {}
     try:
-        value = json.loads(raw) if raw else {}
-    except (TypeError, ValueError):
+        value = json.loads(raw)
+    except (TypeError, ValueError, RecursionError):
         return {}
     return value if isinstance(value, dict) else {}
 
 
 def _positive_int(value) -> int | None:
+    """A Bitrix24 id: 1 to 18 ASCII digits (fits a 64-bit column), else None."""
     text = str(value if value is not None else "").strip()
-    if not text.isdigit() or len(text) > 18:
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         return None
     number = int(text)
     return number if number > 0 else None
@@ -258,6 +264,8 @@ def task_results(request, fr: Frame):
 
 
 def _submit(request, fr: Frame, *, action: str, result_id: int | None = None):
+    if result_id is not None and _positive_int(result_id) is None:
+        return _render_screen(request, fr, None, error=_("Unknown result."), status=404)
     task_id = _positive_int(request.POST.get("task"))
     if task_id is None:
         return _render_screen(request, fr, None, error=_("Choose a task first."), status=400)
@@ -318,7 +326,8 @@ def change_retry(request, fr: Frame, change_id: int):
 @require_GET
 def changes_state(request, fr: Frame):
     """The states of the page's queued changes, for its polling."""
-    ids = [int(part) for part in request.GET.get("ids", "").split(",") if part.isdigit()][:200]
+    parts = request.GET.get("ids", "").split(",")[:200]
+    ids = [number for part in parts if (number := _positive_int(part)) is not None]
     changes = selectors.result_changes_of(account=fr.account, ids=ids)
     if services.delivers_inline():
         # No worker in inline mode: the open screen's polling is what retries due changes.
