@@ -99,16 +99,17 @@ def _process_main(redis_url: str, key: str, start_at: float, results) -> None:
 
 
 def test_redis_leaky_bucket_processes_and_threads_never_exceed_the_bucket(redis_url, key) -> None:
-    context = multiprocessing.get_context("fork")
+    # spawn, not fork: forking a pytest process that runs threads (fake servers) can deadlock
+    context = multiprocessing.get_context("spawn")
     results = context.Queue()
-    start_at = time.time() + 0.5
+    start_at = time.time() + 4.0  # spawned interpreters need a moment to import
     processes = [
         context.Process(target=_process_main, args=(redis_url, key, start_at, results))
         for _ in range(4)
     ]
     for process in processes:
         process.start()
-    stamps = [stamp for _ in processes for stamp in results.get(timeout=20)]
+    stamps = [stamp for _ in processes for stamp in results.get(timeout=60)]
     for process in processes:
         process.join(timeout=5)
         assert process.exitcode == 0
