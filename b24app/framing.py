@@ -8,9 +8,23 @@ Every response forbids framing (`X-Frame-Options: DENY` from Django's middleware
 
 from __future__ import annotations
 
+import re
+
 from django.http import HttpResponse
 
 _ATTRIBUTE = "_b24_frame_ancestor"
+_HOST = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?(?::\d{1,5})?$")
+
+
+def claimed_portal_origin(request) -> str | None:
+    """The portal origin a Bitrix24 frame request names in its query (`DOMAIN`, `PROTOCOL`),
+    when it is a plain host name. Unverified: use it only to let a page that shows nothing but
+    a refusal appear in that portal's frame (a refusal nobody sees helps nobody)."""
+    domain = request.GET.get("DOMAIN", "").strip().lower()
+    if not _HOST.fullmatch(domain):
+        return None
+    scheme = "http" if request.GET.get("PROTOCOL") == "0" else "https"
+    return f"{scheme}://{domain}"
 
 
 def allow_portal_framing(response: HttpResponse, portal_origin: str) -> HttpResponse:

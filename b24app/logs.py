@@ -4,7 +4,8 @@ Bitrix24 hands the app bearer secrets in many shapes: `AUTH_ID`/`REFRESH_ID` for
 `auth[...]` event keys, `auth` in JSON bodies, `access_token=` in query strings, OAuth token
 responses. Code must never log them; this filter is the net under that rule. It masks
 
-- the value of any key that names a secret (in `key=value`, `"key": "value"`, `key: value` forms),
+- the value of any key that names a secret (in `key=value`, `"key": "value"`, `key: value` forms;
+  `code` included: the OAuth authorization code arrives in the callback's query string),
 - free-standing strings shaped like Bitrix24 tokens (long hex runs such as `AUTH_ID`, 32-char
   lowercase alphanumerics that are not plain hex such as event `access_token`s),
 - the configured `DJANGO_SECRET_KEY` and `B24_CLIENT_SECRET` values wherever they appear.
@@ -24,7 +25,7 @@ MASK = "***"
 # Names of fields that hold secrets (not secrets themselves).
 _SECRET_FIELD_NAMES = (
     r"access_token|refresh_token|application_token|client_secret|auth_id|refresh_id|"
-    r"auth|password|secret|token|authorization"
+    r"auth|code|password|secret|token|authorization"
 )
 # key=value (query strings, form bodies, reprs) and "key": "value" / 'key': 'value' (JSON, dicts);
 # bracket keys like auth[access_token] are matched through their inner name.

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import environ
+from celery.schedules import crontab
 from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
 
@@ -207,9 +208,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "results.tasks.result_changes_sweep_task",
         "schedule": 60,
     },
+    # A wall-clock time (not "every 24 h", which restarts count from zero) so a beat restarted
+    # more often than daily still runs it.
     "accounts-keepalive": {
         "task": "b24app.portals.tasks.accounts_keepalive_task",
-        "schedule": 24 * 60 * 60,
+        "schedule": crontab(hour=3, minute=17),
     },
 }
 

@@ -24,7 +24,8 @@ def result_change_deliver_task(change_id: int) -> str:
 
 
 def result_change_schedule(change: ResultChange) -> None:
-    """Queue the next attempt of a queued change for when it is due.
+    """Queue the next attempt of a queued change for when it is due (best effort: the change is
+    already in the outbox, and the minutely sweep sends whatever was not queued).
 
     Inline mode (no broker) has no worker to wait for it: the open screen's polling delivers due
     changes instead, so nothing is scheduled here (and nothing spins in the web process).
@@ -32,7 +33,12 @@ def result_change_schedule(change: ResultChange) -> None:
     if current_app.conf.task_always_eager:
         return
     countdown = max(0.0, (change.next_attempt_at - timezone.now()).total_seconds())
-    result_change_deliver_task.apply_async((change.pk,), countdown=countdown)
+    try:
+        result_change_deliver_task.apply_async((change.pk,), countdown=countdown, retry=False)
+    except Exception as exc:  # broker down: the change is safe in the outbox; the sweep sends it
+        logger.warning(
+            "could not queue change %s (%s); the sweep will", change.pk, type(exc).__name__
+        )
 
 
 @shared_task

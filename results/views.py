@@ -21,7 +21,7 @@ from django.utils.translation import gettext as _
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from b24app.framing import allow_portal_framing
+from b24app.framing import allow_portal_framing, claimed_portal_origin
 from b24app.portals import frame
 from b24app.portals.bitrix import BitrixError
 from b24app.portals.models import Account, Portal
@@ -107,8 +107,13 @@ def _framed(response, fr: Frame | None):
 def _refused(request, message, status: int, fr: Frame | None = None, *, code: str = "refused"):
     if _wants_json(request):
         return _framed(JsonResponse({"error": code, "message": str(message)}, status=status), fr)
-    response = render(request, "results/refused.html", {"message": message}, status=status)
-    return _framed(response, fr)
+    response = _framed(
+        render(request, "results/refused.html", {"message": message}, status=status), fr
+    )
+    claimed = claimed_portal_origin(request)
+    if fr is None and claimed:
+        allow_portal_framing(response, claimed)
+    return response
 
 
 def _wants_json(request) -> bool:
@@ -238,7 +243,7 @@ def screen(request):
         account = frame_account_open(post=request.POST, domain=request.GET.get("DOMAIN") or None)
     except FrameRefused as exc:
         logger.warning(
-            "placement refused code=%s member_id=%s",
+            "placement refused error=%s member_id=%s",
             exc.code,
             request.POST.get("member_id", "")[:64],
         )

@@ -9,10 +9,19 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
 from b24app.portals import crypto
+from b24app.portals.ratelimit import parse_rate
+
+
+def validate_rate_limit(value: str) -> None:
+    try:
+        parse_rate(value)
+    except ValueError as exc:
+        raise ValidationError(f"{exc} (expected burst/per second, e.g. 50/2)") from exc
 
 
 class Portal(models.Model):
@@ -42,7 +51,10 @@ class Portal(models.Model):
         default=False, help_text="Blocked by an operator: only an operator unblocks it"
     )
     rate_limit = models.CharField(
-        max_length=20, blank=True, help_text="burst/per second, e.g. 250/5; empty: B24_RATE_LIMIT"
+        max_length=20,
+        blank=True,
+        validators=[validate_rate_limit],
+        help_text="burst/per second, e.g. 250/5; empty: B24_RATE_LIMIT",
     )
     installed_at = models.DateTimeField(null=True, blank=True)
     last_seen_at = models.DateTimeField(null=True, blank=True)

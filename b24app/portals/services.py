@@ -54,12 +54,12 @@ class PortalError(Exception):
         self.code = code
 
 
-class NotConfigured(PortalError):
-    pass
-
-
 class VerificationFailed(PortalError):
     pass
+
+
+class NotConfigured(VerificationFailed):
+    """No B24_CLIENT_ID/B24_CLIENT_SECRET: nothing can be verified, so everything is refused."""
 
 
 # --- process-wide plumbing ---------------------------------------------------------------------
@@ -332,7 +332,7 @@ def account_tokens_refresh(*, account_id: int, seen_version: int | None = None) 
             )
     if failure is not None:
         logger.warning(
-            "token refresh failed portal=%s user=%s code=%s",
+            "token refresh failed portal=%s user=%s error=%s",
             account.portal.member_id,
             account.user_id,
             failure.code,
@@ -346,7 +346,7 @@ def _account_block(account: Account, reason: str, *, at) -> None:
     account.state_reason = reason[:500]
     account.last_refresh_error = reason[:500]
     account.save(update_fields=["state", "state_reason", "last_refresh_error", "updated_at"])
-    if account.is_installer:
+    if account.is_installer and not account.portal.blocked_by_operator:
         portal = account.portal
         portal.set_state(Portal.State.BLOCKED, reason, at=at)
         portal.save()
@@ -515,7 +515,7 @@ def portal_install(*, auth: dict[str, str], app_url: str) -> Portal:
     try:
         portal_bindings_ensure(client=client, app_url=app_url)
     except BitrixError as exc:
-        logger.warning("install bindings failed portal=%s code=%s", portal.member_id, exc.code)
+        logger.warning("install bindings failed portal=%s error=%s", portal.member_id, exc.code)
         raise PortalError(
             "Bitrix24 refused to add the Results tab or the app's event handlers "
             f"({exc.code}). Nothing is finished yet; open the installer again."
@@ -567,15 +567,45 @@ class EventOutcome:
         return self.status < 300
 
 
-def _event_tokens(auth: dict, verified: VerifiedAuth) -> TokenSet | None:
+def _event_tokens(auth: dict, verified: VerifiedAuth, user_id: int) -> TokenSet | None:
     if not auth.get("refresh_token"):
         return None
-    data = {**auth, "member_id": verified.member_id}
-    data.setdefault("user_id", verified.user_id)
+    data = {**auth, "member_id": verified.member_id, "user_id": user_id}
     try:
         return TokenSet.from_response(data)
     except BitrixError:
         return None
+
+
+def _event_sender(auth: dict, verified: VerifiedAuth) -> int:
+    """The Bitrix24 user whose token a lifecycle event carries, who must be a portal admin:
+    every user who opens the app holds a token the OAuth server vouches for, but only an admin
+    installs or updates the app. Raises `VerificationFailed`."""
+    client = BitrixClient(
+        verified.client_endpoint,
+        str(auth.get("access_token", "")),
+        config=bitrix_config(),
+        limiter=rate_limiter(),
+        limiter_key=verified.member_id,
+        rate=parse_rate(settings.B24_RATE_LIMIT),
+        limiter_max_wait=5.0,
+        session=http_session(),
+    )
+    try:
+        profile = client.call("profile") or {}
+    except BitrixUnavailable as exc:
+        raise VerificationFailed(_("Bitrix24 is busy right now."), code="unavailable") from exc
+    except BitrixError as exc:
+        raise VerificationFailed(
+            _("Bitrix24 did not confirm the authorization."), code="rejected"
+        ) from exc
+    user_id = int(profile["ID"]) if str(profile.get("ID", "")).isdigit() else 0
+    claimed = str(auth.get("user_id", "") or user_id)
+    if not user_id or claimed != str(user_id) or verified.user_id not in (None, user_id):
+        raise VerificationFailed(_("The event names another user."), code="mismatch")
+    if not profile.get("ADMIN"):
+        raise VerificationFailed(_("Only a Bitrix24 administrator can do this."), code="not_admin")
+    return user_id
 
 
 def event_handle(*, event: str, data: dict, auth: dict) -> EventOutcome:
@@ -609,18 +639,20 @@ def event_handle(*, event: str, data: dict, auth: dict) -> EventOutcome:
             domain=str(auth.get("domain", "")) or None,
             server_endpoint=str(auth.get("server_endpoint", "")) or None,
         )
+        sender = _event_sender(auth, verified)
     except VerificationFailed as exc:
-        return EventOutcome(503 if exc.code == "unavailable" else 401, exc.code)
-    tokens = _event_tokens(auth, verified)
+        status = 503 if exc.code in ("unavailable", "not_configured") else 401
+        return EventOutcome(status, exc.code)
+    tokens = _event_tokens(auth, verified, sender)
     with transaction.atomic():
         portal = portal_upsert(verified=verified, application_token=application_token)
-        if tokens is not None and tokens.user_id:
+        if tokens is not None:
             account_tokens_store(
                 portal=portal,
-                user_id=tokens.user_id,
+                user_id=sender,
                 tokens=tokens,
                 is_installer=True if event == "ONAPPINSTALL" else None,
-                is_admin=True if event == "ONAPPINSTALL" else None,
+                is_admin=True,
             )
     logger.info("%s applied portal=%s", event, member_id)
     return EventOutcome(200, event.lower())

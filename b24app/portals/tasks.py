@@ -25,7 +25,7 @@ def account_tokens_refresh_task(account_id: int, seen_version: int) -> None:
     except BitrixUnavailable:
         raise
     except BitrixError as exc:  # recorded on the account (blocked with the reason)
-        logger.info("keep-alive refresh ended account=%s code=%s", account_id, exc.code)
+        logger.info("keep-alive refresh ended account=%s error=%s", account_id, exc.code)
 
 
 @shared_task

@@ -16,7 +16,7 @@ from django.utils import translation
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from b24app.framing import allow_portal_framing
+from b24app.framing import allow_portal_framing, claimed_portal_origin
 from b24app.portals import services
 from b24app.portals.bitrix import BitrixError
 from b24app.portals.forms import bracket_decode
@@ -56,15 +56,16 @@ def install(request):
         if exc.code in ("rejected", "mismatch", "untrusted_server", "unsafe_portal", "not_admin"):
             status = 403
         error = exc.message
-        logger.warning("install refused code=%s member_id=%s", exc.code, auth["member_id"][:64])
+        logger.warning("install refused error=%s member_id=%s", exc.code, auth["member_id"][:64])
     response = render(
         request,
         "portals/install.html",
         {"portal": portal, "error": error},
         status=status,
     )
-    if portal is not None:
-        allow_portal_framing(response, portal.origin)
+    origin = portal.origin if portal is not None else claimed_portal_origin(request)
+    if origin:
+        allow_portal_framing(response, origin)
     return response
 
 
@@ -83,7 +84,7 @@ def events(request):
     )
     if not outcome.accepted:
         logger.warning(
-            "event refused event=%s member_id=%s code=%s",
+            "event refused event=%s member_id=%s error=%s",
             event[:40],
             str(auth.get("member_id", ""))[:64],
             outcome.code,

@@ -30,8 +30,21 @@ def test_frame_page_allows_exactly_the_portal_origin(client, portal):
 
 
 @pytest.mark.django_db
-def test_refused_frame_page_is_not_framable(client):
+def test_refused_frame_page_shows_only_in_the_named_portals_frame(client):
     response = client.post("/b24/app/" + FRAME_QUERY, {"PLACEMENT": "TASK_VIEW_TAB"})
+    assert response.status_code == 400
+    assert 'data-screen="refused"' in response.content.decode()
+    assert response["Content-Security-Policy"].endswith(
+        "frame-ancestors https://portal.bitrix24.com"
+    )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "domain", ["evil.com%20https://x", "*", "a.com%3B%20script-src%20*", "", "%27self%27"]
+)
+def test_refused_frame_page_with_an_odd_domain_is_not_framable(client, domain):
+    response = client.post(f"/b24/app/?DOMAIN={domain}&PROTOCOL=1", {})
     assert response.status_code == 400
     assert response["Content-Security-Policy"].endswith("frame-ancestors 'none'")
     assert response["X-Frame-Options"] == "DENY"

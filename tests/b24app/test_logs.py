@@ -101,3 +101,9 @@ def test_logging_config_masks_on_the_stdout_handler(settings):
     assert handler.filter(record)
     line = handler.format(record)
     assert line.endswith("WARNING b24app.anything event auth[access_token]=s6p6***")
+
+
+def test_mask_secrets_hides_the_oauth_code_in_a_logged_callback_url():
+    line = '"GET /b24/oauth/callback/?code=0a1b2c3d4e5f60718293a4b5c6d7e8f9&state=x HTTP/1.1" 302'
+    assert "0a1b2c3d4e5f60718293a4b5c6d7e8f9" not in mask_secrets(line)
+    assert "error=QUERY_LIMIT_EXCEEDED" in mask_secrets("call error=QUERY_LIMIT_EXCEEDED")

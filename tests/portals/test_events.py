@@ -146,3 +146,31 @@ def test_event_uninstall_for_unknown_portal_is_refused(client, portal):
 
 def test_events_only_accept_post(client):
     assert client.get("/b24/events/").status_code == 405
+
+
+def test_event_update_from_a_non_admin_is_refused(client, portal):
+    """Every user who opens the app holds a token the OAuth server vouches for; only an admin
+    installs or updates the app, so only an admin's event may replace the application_token."""
+    post_event(client, portal.event_body("ONAPPINSTALL"))
+    before = _snapshot()
+    forged = portal.event_body("ONAPPUPDATE", user_id=2, application_token="c" * 32)
+    response = post_event(client, forged)
+    assert response.status_code == 401 and response.json()["error"] == "not_admin"
+    assert _snapshot() == before
+    genuine = portal.event_body("ONAPPUNINSTALL", user_id=None)
+    assert post_event(client, genuine).status_code == 200
+
+
+def test_event_naming_another_user_is_refused(client, portal):
+    """An admin's token cannot plant tokens on someone else's account."""
+    body = portal.event_body("ONAPPINSTALL", user_id=1, extra_auth={"user_id": "2"})
+    response = post_event(client, body)
+    assert response.status_code == 401 and response.json()["error"] == "mismatch"
+    assert Account.objects.count() == 0
+
+
+def test_event_without_app_credentials_is_refused_not_crashed(client, portal, settings):
+    settings.B24_CLIENT_ID = ""
+    response = post_event(client, portal.event_body("ONAPPINSTALL"))
+    assert response.status_code == 503
+    assert Portal.objects.count() == 0

@@ -152,3 +152,35 @@ def test_command_rotate_keys_with_a_missing_key_changes_nothing(client, portal, 
     with pytest.raises(CommandError):
         call_command("b24", "rotate-keys", stdout=StringIO())
     assert Account.objects.values_list("access_token_encrypted", flat=True).get() == before
+
+
+def test_admin_refuses_a_malformed_rate_limit(admin_client, client, portal):
+    install(client, portal)
+    stored = Portal.objects.get()
+    response = admin_client.post(
+        f"/admin/portals/portal/{stored.pk}/change/",
+        {
+            "rate_limit": "fast",
+            "accounts-TOTAL_FORMS": "1",
+            "accounts-INITIAL_FORMS": "1",
+            "accounts-MIN_NUM_FORMS": "0",
+            "accounts-MAX_NUM_FORMS": "1000",
+            "accounts-0-id": str(Account.objects.get().pk),
+            "accounts-0-portal": str(stored.pk),
+        },
+    )
+    assert response.status_code == 200
+    assert "expected burst/per second" in response.content.decode()
+    assert Portal.objects.get().rate_limit == ""
+
+
+def test_operator_block_survives_the_installers_token_dying(admin_client, client, fake, portal):
+    install(client, portal)
+    stored = Portal.objects.get()
+    admin_client.post(
+        "/admin/portals/portal/", {"action": "block", "_selected_action": [stored.pk]}
+    )
+    kill_installer_tokens(portal)
+    stored = Portal.objects.get()
+    assert stored.state == Portal.State.BLOCKED and stored.blocked_by_operator
+    assert "operator" in stored.state_reason

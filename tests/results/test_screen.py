@@ -169,7 +169,8 @@ def test_screen_for_an_unusable_portal_is_a_clear_4xx_page(
     response = open_screen(client, portal, options={"taskId": str(task)})
     assert response.status_code == 403
     assert 'data-screen="refused"' in response.content.decode()
-    assert response["X-Frame-Options"] == "DENY"
+    assert response["Content-Security-Policy"].endswith(f"frame-ancestors {portal.url}")
+    assert "X-Frame-Options" not in response
 
 
 def test_screen_open_repairs_a_blocked_account_and_the_installers_portal(
@@ -277,3 +278,34 @@ def test_screen_when_bitrix24_is_busy_keeps_the_persons_new_result_in_sight(
     assert "Sent to the board" in body["html"] and "Queued" in body["html"]
     assert len(body["pending"]) == 1
     assert 'class="add"' in body["html"]
+
+
+def test_screen_without_app_credentials_is_a_clear_refusal(client, portal, task, settings):
+    settings.B24_CLIENT_ID = ""
+    response = open_screen(client, portal, options={"taskId": str(task)})
+    assert response.status_code == 503
+    assert "B24_CLIENT_ID" in response.content.decode()
+
+
+def test_screen_with_the_broker_down_still_queues_the_change(client, portal, task):
+    from b24app.celery import app
+
+    install(client, portal)
+    token = frame_token(open_screen(client, portal, options={"taskId": str(task)}))
+    portal.fail_next(count=1, error="QUERY_LIMIT_EXCEEDED", method="tasks.task.result.add")
+    was_eager, old_broker = app.conf.task_always_eager, app.conf.broker_url
+    app.conf.task_always_eager, app.conf.broker_url = False, "redis://127.0.0.1:1/0"
+    try:
+        response = client.post(
+            "/b24/app/results/add/",
+            {"task": str(task), "text": "Written while the broker is down"},
+            HTTP_X_FRAME_TOKEN=token,
+            HTTP_ACCEPT="application/json",
+        )
+    finally:
+        app.conf.task_always_eager, app.conf.broker_url = was_eager, old_broker
+    assert response.status_code < 500 or "Queued" in response.json()["html"]
+    from results.models import ResultChange
+
+    change = ResultChange.objects.get()
+    assert change.state == ResultChange.State.QUEUED and change.text_after.startswith("Written")
