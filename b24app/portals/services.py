@@ -24,6 +24,7 @@ from b24app.portals.bitrix import (
     BitrixClient,
     BitrixConfig,
     BitrixError,
+    BitrixTokenExpired,
     BitrixUnavailable,
     OAuthServer,
     TokenSet,
@@ -608,12 +609,37 @@ def _event_sender(auth: dict, verified: VerifiedAuth) -> int:
     return user_id
 
 
+def _app_removed(portal: Portal) -> bool:
+    """Whether Bitrix24 really removed the app: it revokes every token before it sends
+    `ONAPPUNINSTALL`, so a token of ours that still works means the event is not genuine.
+    (`application_token` alone proves little: every user's frame POST carries it.) When the
+    answer cannot be had (the OAuth server unreachable) the event is believed: Bitrix24 never
+    sends it twice, and a genuine uninstall is far likelier than a forged one at that moment."""
+    from b24app.portals.selectors import portal_connection_account
+
+    account = portal_connection_account(portal)
+    if account is None:
+        return True
+    try:
+        oauth_server().app_info(portal.oauth_server, account.access_token)
+    except BitrixTokenExpired:
+        try:
+            account_tokens_refresh(account_id=account.pk, seen_version=account.token_version)
+        except BitrixError:
+            return True  # the refresh token is dead too (or unknowable): removed
+        return False
+    except BitrixError:
+        return True
+    return False
+
+
 def event_handle(*, event: str, data: dict, auth: dict) -> EventOutcome:
     """Apply an app lifecycle event after checking it came from Bitrix24.
 
     `ONAPPINSTALL`/`ONAPPUPDATE` carry a live access token: the OAuth server must vouch for it
-    (client, portal, domain) before anything is stored. `ONAPPUNINSTALL` carries none (access is
-    revoked first), so the constant-time `application_token` check is the only proof.
+    (client, portal, domain) and it must be a portal admin's before anything is stored.
+    `ONAPPUNINSTALL` carries none (access is revoked first): it needs the constant-time
+    `application_token` check, and our own tokens for the portal must have stopped working.
     """
     event = event.upper()
     member_id = str(auth.get("member_id", ""))
@@ -623,6 +649,8 @@ def event_handle(*, event: str, data: dict, auth: dict) -> EventOutcome:
             portal, str(auth.get("application_token", ""))
         ):
             return EventOutcome(401, "invalid_application_token")
+        if not _app_removed(portal):
+            return EventOutcome(401, "app_still_installed")
         clean = str(data.get("CLEAN", "0")).strip().lower() in ("1", "y", "true")
         portal_uninstall(portal=portal, clean=clean)
         logger.info("uninstalled portal=%s clean=%s", member_id, clean)

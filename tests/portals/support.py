@@ -55,3 +55,10 @@ def kill_installer_tokens(portal) -> None:
     except BitrixAuthError:
         return
     raise AssertionError("the dead refresh token was not noticed")
+
+
+def uninstall_body(portal, clean: int = 1):
+    """What Bitrix24 does on uninstall: revoke the app's tokens first, then send the event."""
+    portal.expire_access_tokens()
+    portal.revoke_refresh_tokens()
+    return portal.event_body("ONAPPUNINSTALL", user_id=None, data={"CLEAN": clean})

@@ -3,7 +3,7 @@
 import pytest
 
 from b24app.portals.models import Account, Portal
-from tests.portals.support import install, post_event
+from tests.portals.support import install, post_event, uninstall_body
 
 pytestmark = pytest.mark.django_db
 
@@ -50,14 +50,14 @@ def test_event_update_replaces_application_token(client, portal):
     forged = portal.event_body("ONAPPUNINSTALL", user_id=None, application_token=old_token)
     assert post_event(client, forged).status_code == 401
     assert _stored(portal).state == Portal.State.ACTIVE
-    assert post_event(client, portal.event_body("ONAPPUNINSTALL", user_id=None)).status_code == 200
+    assert post_event(client, uninstall_body(portal)).status_code == 200
 
 
 @pytest.mark.parametrize("clean", [0, 1])
 def test_event_uninstall_wipes_tokens_and_honours_clean(client, portal, clean):
     install(client, portal)
     post_event(client, portal.event_body("ONAPPINSTALL"))
-    body = portal.event_body("ONAPPUNINSTALL", user_id=None, data={"CLEAN": clean})
+    body = uninstall_body(portal, clean)
     assert post_event(client, body).status_code == 200
     stored = _stored(portal)
     assert stored.state == Portal.State.UNINSTALLED
@@ -72,7 +72,7 @@ def test_event_uninstall_wipes_tokens_and_honours_clean(client, portal, clean):
 
 def test_event_reinstall_after_uninstall_is_active_again(client, portal):
     post_event(client, portal.event_body("ONAPPINSTALL"))
-    post_event(client, portal.event_body("ONAPPUNINSTALL", user_id=None, data={"CLEAN": 0}))
+    post_event(client, uninstall_body(portal, 0))
     portal.application_token = "e" * 32
     assert post_event(client, portal.event_body("ONAPPINSTALL")).status_code == 200
     stored = _stored(portal)
@@ -157,8 +157,7 @@ def test_event_update_from_a_non_admin_is_refused(client, portal):
     response = post_event(client, forged)
     assert response.status_code == 401 and response.json()["error"] == "not_admin"
     assert _snapshot() == before
-    genuine = portal.event_body("ONAPPUNINSTALL", user_id=None)
-    assert post_event(client, genuine).status_code == 200
+    assert post_event(client, uninstall_body(portal)).status_code == 200
 
 
 def test_event_naming_another_user_is_refused(client, portal):
@@ -174,3 +173,17 @@ def test_event_without_app_credentials_is_refused_not_crashed(client, portal, se
     response = post_event(client, portal.event_body("ONAPPINSTALL"))
     assert response.status_code == 503
     assert Portal.objects.count() == 0
+
+
+def test_event_uninstall_while_the_app_still_works_is_refused(client, fake, portal):
+    """Any user of the portal can read APPLICATION_TOKEN from their frame POST; a genuine
+    uninstall comes after Bitrix24 revoked our tokens, a forged one while they still work."""
+    install(client, portal)
+    before = _snapshot()
+    forged = portal.event_body("ONAPPUNINSTALL", user_id=None, data={"CLEAN": 1})
+    response = post_event(client, forged)
+    assert response.status_code == 401 and response.json()["error"] == "app_still_installed"
+    assert _snapshot() == before
+    portal.expire_access_tokens()  # an hour later: the check refreshes, and that still works
+    assert post_event(client, forged).status_code == 401
+    assert Account.objects.get().state == Account.State.ACTIVE

@@ -10,7 +10,7 @@ from django.utils import timezone
 from b24app.portals import services
 from b24app.portals.models import Account, Portal
 from b24app.portals.tasks import accounts_keepalive_task
-from tests.portals.support import install, issued_tokens, post_event
+from tests.portals.support import install, issued_tokens, post_event, uninstall_body
 
 pytestmark = pytest.mark.django_db
 
@@ -98,7 +98,7 @@ def test_trust_no_token_in_logs_or_urls_through_a_whole_lifecycle(
     portal.expire_access_tokens()
     services.account_client(account).call("profile")
     admin_client.get("/admin/portals/portal/")
-    post_event(client, portal.event_body("ONAPPUNINSTALL", user_id=None))
+    post_event(client, uninstall_body(portal))
 
     tokens = issued_tokens(fake, portal)
     assert len(tokens) >= 6
