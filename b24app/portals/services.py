@@ -41,6 +41,9 @@ logger = logging.getLogger("b24app.portals")
 LOCK_TIMEOUT = "15s"
 """How long a caller waits for another caller's token refresh before giving up."""
 
+APP_CREDENTIAL_ERRORS = frozenset({"invalid_client", "wrong_client"})
+"""OAuth-server answers about the app's own credentials, never about one user's token."""
+
 TASK_TAB = "TASK_VIEW_TAB"
 TASK_TAB_TITLES = {"en": "Results", "ru": "Результаты"}
 LIFECYCLE_EVENTS = ("ONAPPUNINSTALL", "ONAPPUPDATE")
@@ -313,10 +316,20 @@ def account_tokens_refresh(*, account_id: int, seen_version: int | None = None) 
             tokens = oauth_server().refresh(account.portal.oauth_server, account.refresh_token)
         except BitrixAuthError as exc:
             failure = exc
-            reason = (
-                f"Refresh token rejected by Bitrix24 ({exc.code}); the user must open the app again"
-            )
-            _account_block(account, reason, at=now)
+            if exc.code in APP_CREDENTIAL_ERRORS:
+                # Our client id/secret are wrong: a deployment fault, not this user's. Block
+                # nobody; the operator fixes the variables and the next call refreshes.
+                account.last_refresh_error = (
+                    f"{exc.code}: check B24_CLIENT_ID and B24_CLIENT_SECRET"
+                )[:500]
+                account.save(update_fields=["last_refresh_error", "updated_at"])
+                logger.error("token refresh refused our app credentials error=%s", exc.code)
+            else:
+                reason = (
+                    f"Refresh token rejected by Bitrix24 ({exc.code}); "
+                    "the user must open the app again"
+                )
+                _account_block(account, reason, at=now)
         except BitrixError as exc:
             failure = exc
             account.last_refresh_error = f"{exc.code}: temporary, will retry"[:500]

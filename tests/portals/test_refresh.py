@@ -209,3 +209,17 @@ def test_rate_limit_shared_by_processes_keeps_under_the_portals_bucket(client, f
     assert 0.9 * rate <= achieved <= 1.1 * rate, achieved
     gaps = [b - a for a, b in zip(steady, steady[1:], strict=False)]
     assert statistics.median(gaps) >= 0.8 / rate
+
+
+@pytest.mark.django_db
+def test_refresh_with_wrong_app_credentials_blocks_nobody(fake, portal, installed, settings):
+    settings.B24_CLIENT_SECRET = "a-wrong-secret-set-by-mistake"
+    portal.expire_access_tokens()
+    with pytest.raises(BitrixAuthError):
+        services.account_client(installed).call("profile")
+    account = Account.objects.get(pk=installed.pk)
+    assert account.state == Account.State.ACTIVE
+    assert "B24_CLIENT_SECRET" in account.last_refresh_error
+    assert Portal.objects.get().state == Portal.State.ACTIVE
+    settings.B24_CLIENT_SECRET = fake.client_secret
+    assert services.account_client(account).call("profile")["ID"] == "1"
