@@ -48,3 +48,10 @@ def test_refused_frame_page_with_an_odd_domain_is_not_framable(client, domain):
     assert response.status_code == 400
     assert response["Content-Security-Policy"].endswith("frame-ancestors 'none'")
     assert response["X-Frame-Options"] == "DENY"
+
+
+def test_error_pages_of_middleware_forbid_framing_too(client):
+    response = client.post("/b24/install/", HTTP_HOST="evil.example")
+    assert response.status_code == 400
+    assert response["Content-Security-Policy"] == "frame-ancestors 'none'"
+    assert response["X-Frame-Options"] == "DENY"
