@@ -49,6 +49,14 @@ TASK_TAB_TITLES = {"en": "Results", "ru": "Результаты"}
 LIFECYCLE_EVENTS = ("ONAPPUNINSTALL", "ONAPPUPDATE")
 
 
+_MEMBER_ID_CHARS = frozenset("0123456789abcdefABCDEF")
+
+
+def is_member_id(value: str) -> bool:
+    """A portal's member_id as Bitrix24 sends it: 1 to 64 hex characters."""
+    return 0 < len(value) <= 64 and set(value) <= _MEMBER_ID_CHARS
+
+
 class PortalError(Exception):
     """A request about a portal that cannot be carried out; `message` is safe to show a person."""
 
@@ -266,7 +274,7 @@ def account_tokens_store(
     if is_admin is not None:
         account.is_admin = is_admin
     if display_name:
-        account.display_name = display_name[:255]
+        account.display_name = display_name.replace("\x00", "")[:255]
     account.last_seen_at = timezone.now()
     account.save()
     return account
@@ -278,7 +286,7 @@ def _tokens_apply(account: Account, tokens: TokenSet) -> None:
     account.refresh_token_encrypted = crypto.encrypt(tokens.refresh_token)
     account.expires_at = tokens.expires_at
     if tokens.scope:
-        account.scope = tokens.scope[:500]
+        account.scope = tokens.scope.replace("\x00", "")[:500]
     account.token_version += 1
     account.tokens_issued_at = now
     account.state = Account.State.ACTIVE
@@ -335,9 +343,15 @@ def account_tokens_refresh(*, account_id: int, seen_version: int | None = None) 
             account.last_refresh_error = f"{exc.code}: temporary, will retry"[:500]
             account.save(update_fields=["last_refresh_error", "updated_at"])
         else:
-            _tokens_apply(account, tokens)
-            account.last_refreshed_at = now
-            account.save()
+            if (tokens.member_id and tokens.member_id != account.portal.member_id) or (
+                tokens.user_id and tokens.user_id != account.user_id
+            ):
+                failure = BitrixAuthError("TOKEN_MISMATCH", "refreshed tokens name someone else")
+                _account_block(account, "Refreshed tokens belonged to someone else", at=now)
+            else:
+                _tokens_apply(account, tokens)
+                account.last_refreshed_at = now
+                account.save()
             logger.info(
                 "tokens refreshed portal=%s user=%s version=%s",
                 account.portal.member_id,
@@ -656,6 +670,8 @@ def event_handle(*, event: str, data: dict, auth: dict) -> EventOutcome:
     """
     event = event.upper()
     member_id = str(auth.get("member_id", ""))
+    if not is_member_id(member_id):
+        return EventOutcome(401, "unknown_portal")
     if event == "ONAPPUNINSTALL":
         portal = Portal.objects.filter(member_id=member_id).first()
         if portal is None or not application_token_matches(
@@ -773,14 +789,11 @@ class FrameRefused(PortalError):
         self.status = status
 
 
-_MEMBER_ID_CHARS = frozenset("0123456789abcdefABCDEF")
-
-
 def _portal_for_frame(post, domain: str | None) -> Portal:
     """The portal a placement POST claims to come from, once the claim is checked."""
     member_id = str(post.get("member_id", ""))
     access_token = str(post.get("AUTH_ID", ""))
-    if not member_id or len(member_id) > 64 or not set(member_id) <= _MEMBER_ID_CHARS:
+    if not is_member_id(member_id):
         raise FrameRefused(
             _("This page must be opened from Bitrix24."), status=400, code="malformed"
         )

@@ -9,7 +9,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.admin.views.decorators import staff_member_required
 from django.core import signing
-from django.http import HttpResponseBadRequest, JsonResponse
+from django.http import Http404, HttpResponseBadRequest, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import translation
@@ -96,7 +96,10 @@ def events(request):
 @staff_member_required
 @require_GET
 def oauth_start(request):
-    portal = get_object_or_404(Portal, member_id=request.GET.get("portal", ""))
+    member_id = request.GET.get("portal", "")
+    if not services.is_member_id(member_id):
+        raise Http404("No such portal")
+    portal = get_object_or_404(Portal, member_id=member_id)
     nonce = secrets.token_urlsafe(16)
     request.session[OAUTH_SESSION_KEY] = nonce
     state = signing.dumps({"m": portal.member_id, "n": nonce}, salt=OAUTH_STATE_SALT)
@@ -120,7 +123,9 @@ def oauth_callback(request):
     nonce = request.session.pop(OAUTH_SESSION_KEY, None)
     if not nonce or not secrets.compare_digest(str(state.get("n", "")), nonce):
         return HttpResponseBadRequest("This reconnect was not started from this browser.")
-    portal = get_object_or_404(Portal, member_id=state.get("m", ""))
+    if not services.is_member_id(str(state.get("m", ""))):
+        return HttpResponseBadRequest("The reconnect link is invalid or expired; start again.")
+    portal = get_object_or_404(Portal, member_id=state["m"])
     if request.GET.get("member_id") not in (None, portal.member_id):
         return HttpResponseBadRequest("Bitrix24 answered for another portal.")
     try:
