@@ -185,12 +185,8 @@ def celery_worker_process(fake, settings, tmp_path):
     """A real `celery -A b24app worker` (prefork, 2 processes) on the run's Redis broker and
     the test database, trusting the fake OAuth server. Needs PostgreSQL and Redis, and a
     test marked `django_db(transaction=True)` so the worker sees committed rows."""
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
     from b24app.celery import app
+    from tests.celery_worker import start_worker, stop_worker
 
     if not settings.CELERY_BROKER_URL:
         pytest.fail("celery_worker_process needs CELERY_BROKER_URL", pytrace=False)
@@ -198,54 +194,9 @@ def celery_worker_process(fake, settings, tmp_path):
     was_eager, app.conf.task_always_eager = app.conf.task_always_eager, False
     with app.connection_for_write() as conn:
         app.control.purge(connection=conn)
-    env = {
-        **os.environ,
-        "DATABASE_URL": test_database_url(),
-        "CELERY_BROKER_URL": settings.CELERY_BROKER_URL,
-        "REDIS_URL": settings.REDIS_URL,
-        "B24_OAUTH_SERVERS": fake.oauth_url,
-        "B24_ALLOW_PRIVATE_PORTALS": "true",
-        "DJANGO_CONN_MAX_AGE": "0",
-    }
-    log = tmp_path / "celery-worker.log"
-    with open(log, "w") as out:
-        worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "b24app",
-                "worker",
-                "--pool",
-                "prefork",
-                "--concurrency",
-                "2",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "--loglevel",
-                "INFO",
-            ],
-            cwd=Path(__file__).resolve().parents[1],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 30
-    while "ready." not in log.read_text():
-        if worker.poll() is not None or time.monotonic() > deadline:
-            worker.kill()
-            pytest.fail(f"the Celery worker did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.2)
-    worker.log_path = log
+    worker = start_worker(fake, settings, tmp_path / "celery-worker.log", "main")
     try:
         yield worker
     finally:
         app.conf.task_always_eager = was_eager
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_worker(worker)
