@@ -408,19 +408,54 @@ def account_client(account: Account, *, limiter_max_wait: float | None = 30.0) -
     access_token = account.access_token
     if account.expires_at is not None and account.expires_at <= timezone.now():
         access_token = on_expired()
+    return _portal_client(
+        portal, access_token, on_expired=on_expired, limiter_max_wait=limiter_max_wait
+    )
+
+
+def _client(
+    client_endpoint: str,
+    access_token: str,
+    *,
+    member_id: str,
+    rate: tuple[int, float],
+    limiter_max_wait: float | None,
+    portal_id: int | None = None,
+    on_expired=None,
+) -> BitrixClient:
+    """A REST client on the process-wide session and shared limiter. With `portal_id` (a stored
+    portal) a domain change the portal answers with is remembered."""
+    on_domain_change = None
+    if portal_id is not None:
+
+        def on_domain_change(endpoint: str) -> None:
+            portal_endpoint_update(portal_id=portal_id, client_endpoint=endpoint)
+
     return BitrixClient(
-        portal.client_endpoint,
+        client_endpoint,
         access_token,
         config=bitrix_config(),
         on_expired=on_expired,
-        on_domain_change=lambda endpoint: portal_endpoint_update(
-            portal_id=portal.pk, client_endpoint=endpoint
-        ),
+        on_domain_change=on_domain_change,
         limiter=rate_limiter(),
-        limiter_key=portal.member_id,
-        rate=portal_rate(portal),
+        limiter_key=member_id,
+        rate=rate,
         limiter_max_wait=limiter_max_wait,
         session=http_session(),
+    )
+
+
+def _portal_client(
+    portal: Portal, access_token: str, *, limiter_max_wait: float | None, on_expired=None
+) -> BitrixClient:
+    return _client(
+        portal.client_endpoint,
+        access_token,
+        member_id=portal.member_id,
+        rate=portal_rate(portal),
+        limiter_max_wait=limiter_max_wait,
+        portal_id=portal.pk,
+        on_expired=on_expired,
     )
 
 
@@ -508,14 +543,12 @@ def portal_install(*, auth: dict[str, str], app_url: str) -> Portal:
         expires_in=auth.get("AUTH_EXPIRES", ""),
         verified=verified,
     )
-    client = BitrixClient(
+    client = _client(
         verified.client_endpoint,
         tokens.access_token,
-        config=bitrix_config(),
-        limiter=rate_limiter(),
-        limiter_key=verified.member_id,
+        member_id=verified.member_id,
         rate=parse_rate(settings.B24_RATE_LIMIT),
-        session=http_session(),
+        limiter_max_wait=30.0,
     )
     try:
         profile = client.call("profile") or {}
@@ -609,15 +642,12 @@ def _event_sender(auth: dict, verified: VerifiedAuth) -> int:
     """The Bitrix24 user whose token a lifecycle event carries, who must be a portal admin:
     every user who opens the app holds a token the OAuth server vouches for, but only an admin
     installs or updates the app. Raises `VerificationFailed`."""
-    client = BitrixClient(
+    client = _client(
         verified.client_endpoint,
         str(auth.get("access_token", "")),
-        config=bitrix_config(),
-        limiter=rate_limiter(),
-        limiter_key=verified.member_id,
+        member_id=verified.member_id,
         rate=parse_rate(settings.B24_RATE_LIMIT),
         limiter_max_wait=5.0,
-        session=http_session(),
     )
     try:
         profile = client.call("profile") or {}
@@ -841,19 +871,7 @@ def _refuse_unusable(portal: Portal) -> None:
 
 
 def _frame_profile(portal: Portal, access_token: str) -> dict:
-    client = BitrixClient(
-        portal.client_endpoint,
-        access_token,
-        config=bitrix_config(),
-        on_domain_change=lambda endpoint: portal_endpoint_update(
-            portal_id=portal.pk, client_endpoint=endpoint
-        ),
-        limiter=rate_limiter(),
-        limiter_key=portal.member_id,
-        rate=portal_rate(portal),
-        limiter_max_wait=5.0,
-        session=http_session(),
-    )
+    client = _portal_client(portal, access_token, limiter_max_wait=5.0)
     try:
         profile = client.call("profile")
     except BitrixUnavailable as exc:
