@@ -10,7 +10,7 @@ SANDBOX_OAUTH_PORT ?= 8101
 SANDBOX_CLIENT_ID := app.sandbox000000001.00000001
 SANDBOX_CLIENT_SECRET := sandbox-client-secret-not-a-real-one
 
-.PHONY: run test install install-dev env lint bench clean
+.PHONY: run test install install-dev install-bench env lint bench clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -54,7 +54,10 @@ lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-bench: install-dev
+install-bench: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+
+bench: install-bench
 	$(BIN)/python -m bench
 
 clean:

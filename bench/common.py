@@ -5,6 +5,7 @@ Nothing here imports Django at module level, so a bench can set the environment 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -144,3 +145,33 @@ def _looks_numeric(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# --- the summary table -------------------------------------------------------------------------
+
+RESULTS_ENV = "BENCH_RESULTS"
+"""Names a file that ``record`` appends to; ``python -m bench`` sets it for the benches it runs."""
+
+
+def record(bench: str, figure: str, value: object, target: str = "") -> None:
+    """One headline figure for the summary table of ``python -m bench`` and docs/PERFORMANCE.md.
+
+    ``value`` is printed as given (format numbers first); ``target`` says what "good" is, where
+    the issue or the docs set a target (e.g. ">= 95 %", "1"). Without ``BENCH_RESULTS`` (a bench
+    run on its own) this does nothing: the bench's own table is the output.
+    """
+    path = os.environ.get(RESULTS_ENV)
+    if not path:
+        return
+    line = json.dumps({"bench": bench, "figure": figure, "value": str(value), "target": target})
+    with open(path, "a", encoding="utf-8") as stream:
+        stream.write(line + "\n")
+
+
+def read_records(path: str | Path) -> list[dict[str, str]]:
+    """What ``record`` wrote to ``path``, in order; a missing file is no records."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
