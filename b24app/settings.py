@@ -216,6 +216,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "b24app.portals.tasks.accounts_keepalive_task",
         "schedule": crontab(hour=3, minute=17),
     },
+    "event-receipts-purge": {
+        "task": "b24app.portals.tasks.event_receipts_purge_task",
+        "schedule": crontab(hour=3, minute=41),
+    },
 }
 
 # --- Logging ------------------------------------------------------------------------------------

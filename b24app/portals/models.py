@@ -133,3 +133,20 @@ class Account(models.Model):
     @property
     def has_tokens(self) -> bool:
         return bool(self.refresh_token_encrypted)
+
+
+class EventReceipt(models.Model):
+    """A lifecycle event we applied, by a digest of what identifies it, so that Bitrix24's
+    redeliveries of the same event (it retries when an answer is slow or lost) change nothing.
+
+    The digest covers the event name, the portal and the credentials the event carried; it is a
+    SHA-256, so no token is stored. Receipts older than `EVENT_RECEIPT_DAYS` are purged daily.
+    """
+
+    digest = models.CharField(max_length=64, unique=True)
+    event = models.CharField(max_length=20)
+    member_id = models.CharField(max_length=64)
+    received_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.event} for {self.member_id} at {self.received_at:%Y-%m-%d %H:%M}"

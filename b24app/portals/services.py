@@ -7,6 +7,7 @@ database's lock timeout).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from datetime import timedelta
 from functools import lru_cache
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
@@ -32,7 +33,7 @@ from b24app.portals.bitrix import (
     build_session,
     oauth_origin_for,
 )
-from b24app.portals.models import Account, Portal
+from b24app.portals.models import Account, EventReceipt, Portal
 from b24app.portals.netguard import check_base_url, client_endpoint_for
 from b24app.portals.ratelimit import RateLimiter, limiter_from_url, parse_rate
 
@@ -47,6 +48,8 @@ APP_CREDENTIAL_ERRORS = frozenset({"invalid_client", "wrong_client"})
 TASK_TAB = "TASK_VIEW_TAB"
 TASK_TAB_TITLES = {"en": "Results", "ru": "Результаты"}
 LIFECYCLE_EVENTS = ("ONAPPUNINSTALL", "ONAPPUPDATE")
+EVENT_RECEIPT_DAYS = 7
+"""How long an applied event is remembered against redeliveries (Bitrix24 retries within hours)."""
 
 
 _MEMBER_ID_CHARS = frozenset("0123456789abcdefABCDEF")
@@ -690,18 +693,53 @@ def _app_removed(portal: Portal) -> bool:
     return False
 
 
+def _event_digest(event: str, member_id: str, auth: dict) -> str:
+    """What identifies one delivery's event: its name, portal and the credentials it carried.
+
+    Bitrix24 sends each event with freshly issued tokens, so two different events never share a
+    digest, and a redelivery of the same event always does."""
+    parts = [event, member_id] + [
+        str(auth.get(name, "")) for name in ("application_token", "access_token", "refresh_token")
+    ]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def _event_receipt_take(digest: str, event: str, member_id: str) -> bool:
+    """Record the event as applied, inside the caller's transaction; False if it already was
+    (a redelivery that raced this one commits first, and the unique digest tells)."""
+    try:
+        with transaction.atomic():
+            EventReceipt.objects.create(digest=digest, event=event, member_id=member_id)
+    except IntegrityError:
+        return False
+    return True
+
+
+def event_receipts_purge(*, older_than_days: int = EVENT_RECEIPT_DAYS) -> int:
+    """Forget receipts of events old enough that Bitrix24 no longer redelivers them."""
+    cutoff = timezone.now() - timedelta(days=older_than_days)
+    deleted, _ = EventReceipt.objects.filter(received_at__lt=cutoff).delete()
+    return deleted
+
+
 def event_handle(*, event: str, data: dict, auth: dict) -> EventOutcome:
-    """Apply an app lifecycle event after checking it came from Bitrix24.
+    """Apply an app lifecycle event once, after checking it came from Bitrix24.
 
     `ONAPPINSTALL`/`ONAPPUPDATE` carry a live access token: the OAuth server must vouch for it
     (client, portal, domain) and it must be a portal admin's before anything is stored.
     `ONAPPUNINSTALL` carries none (access is revoked first): it needs the constant-time
     `application_token` check, and our own tokens for the portal must have stopped working.
+    A redelivery of an event already applied is answered `duplicate` and changes nothing: a late
+    copy of an install must not put back tokens that were refreshed since.
     """
     event = event.upper()
     member_id = str(auth.get("member_id", ""))
     if not is_member_id(member_id):
         return EventOutcome(401, "unknown_portal")
+    digest = _event_digest(event, member_id, auth)
+    if EventReceipt.objects.filter(digest=digest).exists():
+        logger.info("%s redelivered portal=%s: already applied", event, member_id)
+        return EventOutcome(200, "duplicate")
     if event == "ONAPPUNINSTALL":
         portal = Portal.objects.filter(member_id=member_id).first()
         if portal is None or not application_token_matches(
@@ -711,7 +749,10 @@ def event_handle(*, event: str, data: dict, auth: dict) -> EventOutcome:
         if not _app_removed(portal):
             return EventOutcome(401, "app_still_installed")
         clean = str(data.get("CLEAN", "0")).strip().lower() in ("1", "y", "true")
-        portal_uninstall(portal=portal, clean=clean)
+        with transaction.atomic():
+            if not _event_receipt_take(digest, event, member_id):
+                return EventOutcome(200, "duplicate")
+            portal_uninstall(portal=portal, clean=clean)
         logger.info("uninstalled portal=%s clean=%s", member_id, clean)
         return EventOutcome(200, "uninstalled")
     if event not in ("ONAPPINSTALL", "ONAPPUPDATE"):
@@ -732,6 +773,9 @@ def event_handle(*, event: str, data: dict, auth: dict) -> EventOutcome:
         return EventOutcome(status, exc.code)
     tokens = _event_tokens(auth, verified, sender)
     with transaction.atomic():
+        if not _event_receipt_take(digest, event, member_id):
+            logger.info("%s redelivered portal=%s: already applied", event, member_id)
+            return EventOutcome(200, "duplicate")
         portal = portal_upsert(verified=verified, application_token=application_token)
         if tokens is not None:
             account_tokens_store(

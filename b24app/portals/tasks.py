@@ -37,3 +37,11 @@ def accounts_keepalive_task() -> int:
         account_tokens_refresh_task.delay(account_id, version)
     logger.info("keep-alive queued %s account refreshes", len(due))
     return len(due)
+
+
+@shared_task
+def event_receipts_purge_task() -> int:
+    """Daily: forget applied lifecycle events too old to be redelivered."""
+    deleted = services.event_receipts_purge()
+    logger.info("event receipts purged count=%s", deleted)
+    return deleted

@@ -90,7 +90,7 @@ def events(request):
             outcome.code,
         )
         return JsonResponse({"status": "error", "error": outcome.code}, status=outcome.status)
-    return JsonResponse({"status": "ok", "message": "event accepted"})
+    return JsonResponse({"status": "ok", "message": "event accepted", "outcome": outcome.code})
 
 
 @staff_member_required

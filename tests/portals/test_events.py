@@ -1,8 +1,16 @@
 """Lifecycle events (`POST /b24/events/`): verified, applied once, forged ones change nothing."""
 
-import pytest
+import threading
+from datetime import timedelta
 
-from b24app.portals.models import Account, Portal
+import pytest
+from django.db import connection
+from django.test import Client
+from django.utils import timezone
+
+from b24app.portals import services
+from b24app.portals.models import Account, EventReceipt, Portal
+from b24app.portals.tasks import event_receipts_purge_task
 from tests.portals.support import install, post_event, uninstall_body
 
 pytestmark = pytest.mark.django_db
@@ -22,7 +30,11 @@ def _snapshot():
 def test_event_install_before_wizard_stores_application_token_and_installer(client, portal):
     response = post_event(client, portal.event_body("ONAPPINSTALL", user_id=1))
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "message": "event accepted"}
+    assert response.json() == {
+        "status": "ok",
+        "message": "event accepted",
+        "outcome": "onappinstall",
+    }
     stored = _stored(portal)
     assert stored.state == Portal.State.ACTIVE
     assert stored.application_token_hash and portal.application_token not in str(stored.__dict__)
@@ -187,3 +199,79 @@ def test_event_uninstall_while_the_app_still_works_is_refused(client, fake, port
     portal.expire_access_tokens()  # an hour later: the check refreshes, and that still works
     assert post_event(client, forged).status_code == 401
     assert Account.objects.get().state == Account.State.ACTIVE
+
+
+# --- redeliveries: Bitrix24 retries an event whose answer was slow or lost --------------------
+
+
+def test_event_redelivered_after_a_refresh_keeps_the_refreshed_tokens(client, fake, portal):
+    """A late copy of ONAPPINSTALL carries tokens that were spent since: applying it again would
+    put a dead refresh token back on the account."""
+    body = portal.event_body("ONAPPINSTALL", user_id=1)
+    assert post_event(client, body).json()["outcome"] == "onappinstall"
+    account = Account.objects.get()
+    refreshed = services.account_tokens_refresh(account_id=account.pk)
+    assert refreshed.token_version == account.token_version + 1
+    token_calls = fake.token_calls
+
+    again = post_event(client, body)
+
+    assert again.status_code == 200 and again.json()["outcome"] == "duplicate"
+    account = Account.objects.get()
+    assert account.token_version == refreshed.token_version
+    assert account.refresh_token == refreshed.refresh_token
+    assert fake.token_calls == token_calls  # nothing was asked of Bitrix24 for the copy
+
+
+def test_event_uninstall_redelivered_after_clean_is_acknowledged(client, portal):
+    install(client, portal)
+    body = uninstall_body(portal, 1)
+    assert post_event(client, body).json()["outcome"] == "uninstalled"
+    again = post_event(client, body)
+    assert again.status_code == 200 and again.json()["outcome"] == "duplicate"
+    assert _stored(portal).state == Portal.State.UNINSTALLED
+
+
+def test_event_with_new_tokens_is_not_taken_for_a_redelivery(client, portal):
+    post_event(client, portal.event_body("ONAPPINSTALL", user_id=1))
+    version = Account.objects.get().token_version
+    response = post_event(client, portal.event_body("ONAPPUPDATE", user_id=1))
+    assert response.json()["outcome"] == "onappupdate"
+    assert Account.objects.get().token_version == version + 1
+
+
+def test_event_receipts_are_purged_after_the_redelivery_window(client, portal):
+    post_event(client, portal.event_body("ONAPPINSTALL", user_id=1))
+    post_event(client, portal.event_body("ONAPPUPDATE", user_id=1))
+    old = EventReceipt.objects.order_by("pk").first()
+    EventReceipt.objects.filter(pk=old.pk).update(
+        received_at=timezone.now() - timedelta(days=services.EVENT_RECEIPT_DAYS, minutes=1)
+    )
+    assert event_receipts_purge_task() == 1
+    assert list(EventReceipt.objects.values_list("event", flat=True)) == ["ONAPPUPDATE"]
+    assert EventReceipt.objects.get().member_id == portal.member_id
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_event_delivered_three_times_at_once_is_applied_once(portal):
+    """Copies racing each other: the unique receipt lets exactly one of them apply."""
+    body = portal.event_body("ONAPPINSTALL", user_id=1)
+    barrier = threading.Barrier(3)
+    answers: list[tuple[int, str]] = []
+
+    def deliver() -> None:
+        barrier.wait()
+        response = post_event(Client(), body)
+        answers.append((response.status_code, response.json().get("outcome", "")))
+        connection.close()
+
+    threads = [threading.Thread(target=deliver) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert sorted(answers) == [(200, "duplicate"), (200, "duplicate"), (200, "onappinstall")]
+    assert Account.objects.get().token_version == 1
+    assert EventReceipt.objects.count() == 1
