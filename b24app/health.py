@@ -1,8 +1,10 @@
 """`GET /healthz`: can this process reach what it needs?
 
 Reports the database, the broker (when `CELERY_BROKER_URL` is set), the shared Redis store of the
-rate limiter and locks (when `REDIS_URL` is set) and the token keys (can tokens be encrypted and
-decrypted). 200 when every configured part is usable, 503 otherwise. Never shows a URL or secret.
+rate limiter (when `REDIS_URL` is set) and the token keys (can tokens be encrypted and decrypted).
+200 `ok` when every configured part is usable; 200 `degraded` when only Redis is down (the rate
+limiter then paces through the database, slower but still under every portal's limit, and says
+so); 503 otherwise. Never shows a URL or secret.
 """
 
 from __future__ import annotations
@@ -73,8 +75,16 @@ def healthz(request):
         _run(_broker) if settings.CELERY_BROKER_URL else {"ok": True, "mode": "inline"}
     )
     checks["redis"] = _run(_redis) if settings.REDIS_URL else {"ok": True, "mode": "in-process"}
-    healthy = all(check["ok"] for check in checks.values())
-    response = JsonResponse({"status": "ok" if healthy else "unavailable", "checks": checks})
-    response.status_code = 200 if healthy else 503
+    if not checks["redis"]["ok"]:
+        checks["redis"]["limiter"] = (
+            "database" if connection.vendor == "postgresql" else "in-process, reduced rate"
+        )
+    required = [check for name, check in checks.items() if name != "redis"]
+    if not all(check["ok"] for check in required):
+        status = "unavailable"
+    else:
+        status = "ok" if checks["redis"]["ok"] else "degraded"
+    response = JsonResponse({"status": status, "checks": checks})
+    response.status_code = 503 if status == "unavailable" else 200
     response["Cache-Control"] = "no-store"
     return response

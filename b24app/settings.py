@@ -53,6 +53,8 @@ B24_OAUTH_SERVERS = tuple(
 )
 B24_ALLOW_PRIVATE_PORTALS = env.bool("B24_ALLOW_PRIVATE_PORTALS", default=False)
 B24_RATE_LIMIT = env.str("B24_RATE_LIMIT", default="50/2")
+# Seconds to wait for an answer from Bitrix24 (REST and OAuth) once connected.
+B24_HTTP_READ_TIMEOUT = env.float("B24_HTTP_READ_TIMEOUT", default=20.0)
 if B24_ALLOW_PRIVATE_PORTALS:
     # oauthlib refuses http:// token endpoints unless told otherwise; only for local portals.
     os.environ.setdefault("OAUTHLIB_INSECURE_TRANSPORT", "1")

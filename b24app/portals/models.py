@@ -88,6 +88,10 @@ class Account(models.Model):
 
     class State(models.TextChoices):
         ACTIVE = "active", "Active"
+        # The refresh token was probably spent by a renewal whose answer never reached us; only
+        # the user's next visit (fresh frame tokens) gives access back. Not their fault, nor the
+        # portal's: nothing is blocked, and their changes wait instead of failing.
+        WAITING = "waiting", "Waiting for the user"
         BLOCKED = "blocked", "Blocked"
 
     portal = models.ForeignKey(Portal, on_delete=models.CASCADE, related_name="accounts")
@@ -109,6 +113,12 @@ class Account(models.Model):
     state_reason = models.CharField(max_length=500, blank=True)
     last_refreshed_at = models.DateTimeField(null=True, blank=True)
     last_refresh_error = models.CharField(max_length=500, blank=True)
+    refresh_unconfirmed_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When a renewal ended without an answer (timeout, lost connection, 5xx): "
+        "Bitrix24 may have rotated the refresh token all the same",
+    )
     last_seen_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -136,8 +146,9 @@ class Account(models.Model):
 
 
 class EventReceipt(models.Model):
-    """A lifecycle event we applied, by a digest of what identifies it, so that Bitrix24's
-    redeliveries of the same event (it retries when an answer is slow or lost) change nothing.
+    """A lifecycle event we applied, by a digest of what identifies it, so that another copy of
+    the same event changes nothing. Bitrix24 itself sends an event once (protocol §4.1), but
+    copies still arrive: a proxy or load balancer retrying a slow upstream, a replayed request.
 
     The digest covers the event name, the portal and the credentials the event carried; it is a
     SHA-256, so no token is stored. Receipts older than `EVENT_RECEIPT_DAYS` are purged daily.
@@ -150,3 +161,19 @@ class EventReceipt(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event} for {self.member_id} at {self.received_at:%Y-%m-%d %H:%M}"
+
+
+class RateBucket(models.Model):
+    """A portal's request schedule kept in the database while Redis is unreachable.
+
+    The same GCRA state as the Redis limiter's hash (see `ratelimit.py`), in seconds of the
+    database's clock, so every process and machine shares it. Rows are tiny and few (one per
+    portal that made calls during an outage); they are updated by single SQL statements only.
+    """
+
+    key = models.CharField(max_length=100, primary_key=True)
+    tat = models.FloatField(default=0.0, help_text="theoretical arrival time (epoch seconds)")
+    blocked_until = models.FloatField(default=0.0, help_text="epoch seconds; 0 when not blocked")
+
+    def __str__(self) -> str:
+        return self.key

@@ -12,7 +12,10 @@ fuller than we thought: other apps on our address, a clock step) :meth:`penalize
 and treats the bucket as full when the block ends, so traffic resumes at the steady rate.
 
 :class:`RedisLeakyBucket` shares the schedule between all processes and machines through one Lua
-script and Redis' own clock; :class:`LocalLeakyBucket` does the same inside one process.
+script and Redis' own clock; :class:`LocalLeakyBucket` does the same inside one process. While
+Redis is unreachable the Redis limiter hands over to a fallback shared through the database
+(``ratelimit_db.DatabaseLeakyBucket``); whenever pacing moves from one store to the other, the
+new store's bucket starts full, since it cannot know what the other one just sent.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ __all__ = [
     "RedisLeakyBucket",
     "limiter_from_url",
     "parse_rate",
+    "schedule_for",
 ]
 
 logger = logging.getLogger("b24app.ratelimit")
@@ -43,7 +47,7 @@ BURST_MARGIN = 2
 """Requests of the portal's burst we leave unused to absorb jitter."""
 
 FALLBACK_RATE_SHARE = 0.25
-"""Share of the rate one process uses on its own while Redis is unreachable (burst 1)."""
+"""Share of the rate one process uses on its own when no shared store is reachable (burst 1)."""
 
 
 class RateLimitTimeout(Exception):
@@ -109,6 +113,11 @@ class _Schedule:
         return cls(interval=interval, tolerance=(max(1, burst - BURST_MARGIN) - 1) * interval)
 
 
+def schedule_for(burst: int, rate: float) -> _Schedule:
+    """The GCRA parameters (``interval``, ``tolerance`` in seconds) for a portal's limit."""
+    return _Schedule.for_limit(burst, rate)
+
+
 class LocalLeakyBucket:
     """In-process limiter (threads of one process); same semantics as :class:`RedisLeakyBucket`."""
 
@@ -158,12 +167,12 @@ if state[2] then
 end
 local wait = math.max(tat - tolerance - now, 0)
 if max_wait >= 0 and wait > max_wait then
-  return {0, wait}
+  return {0, wait, tat - now}
 end
 tat = tat + interval
 redis.call('HSET', KEYS[1], 'tat', string.format('%.0f', tat))
 redis.call('PEXPIRE', KEYS[1], math.ceil((tat - now) / 1000) + 1000)
-return {1, wait}
+return {1, wait, tat - now}
 """
 
 _PENALIZE_SCRIPT = """
@@ -187,10 +196,11 @@ _MICROS = 1_000_000
 class RedisLeakyBucket:
     """Limiter shared by every process and machine that uses the same Redis.
 
-    Fails safe: while Redis is unreachable each process paces itself with a
-    :class:`LocalLeakyBucket` at burst 1 and :data:`FALLBACK_RATE_SHARE` of the rate, logs one
-    warning per outage and retries Redis after ``retry_interval`` seconds. It never raises a
-    Redis error into the caller.
+    Fails safe: while Redis is unreachable it paces through ``fallback`` (the database-backed
+    limiter in the app, shared by all processes too), or, without one, each process on its own
+    at burst 1 and :data:`FALLBACK_RATE_SHARE` of the rate. It logs one warning per outage,
+    retries Redis after ``retry_interval`` seconds and never raises a Redis error into the
+    caller. :attr:`degraded` says whether the last attempt found Redis down.
     """
 
     PENALTY_KEEP_MS = 600_000
@@ -203,6 +213,7 @@ class RedisLeakyBucket:
         *,
         socket_timeout: float = 0.5,
         retry_interval: float = 5.0,
+        fallback: RateLimiter | None = None,
     ) -> None:
         self._redis = redis.Redis.from_url(
             redis_url,
@@ -213,16 +224,26 @@ class RedisLeakyBucket:
         self._prefix = prefix
         self._acquire_script = self._redis.register_script(_ACQUIRE_SCRIPT)
         self._penalize_script = self._redis.register_script(_PENALIZE_SCRIPT)
-        self._fallback = LocalLeakyBucket()
+        self._fallback = fallback
+        self._process_only = LocalLeakyBucket()
         self._retry_interval = retry_interval
         self._state_lock = threading.Lock()
         self._skip_redis_until: float | None = None  # time.monotonic(); None while Redis is fine
+        self._store_of: dict[str, str] = {}  # key -> "redis" | "fallback": where it was paced last
+        self._horizon: dict[str, float] = {}  # key -> monotonic time of the last slot Redis gave
+
+    @property
+    def degraded(self) -> bool:
+        with self._state_lock:
+            return self._skip_redis_until is not None
 
     def acquire(self, key: str, burst: int, rate: float, *, max_wait: float | None = None) -> float:
         schedule = _Schedule.for_limit(burst, rate)
         if self._redis_usable():
             try:
-                granted, wait_us = self._acquire_script(
+                if self._switch_to(key, "redis"):
+                    self._redis_penalize(key, 0.0)
+                granted, wait_us, horizon_us = self._acquire_script(
                     keys=[self._prefix + key],
                     args=[
                         round(schedule.interval * _MICROS),
@@ -235,29 +256,38 @@ class RedisLeakyBucket:
             else:
                 self._redis_ok()
                 wait = int(wait_us) / _MICROS
+                self._horizon_seen(key, int(horizon_us) / _MICROS)
                 if not int(granted):
                     raise RateLimitTimeout(wait)
                 if wait > 0:
                     time.sleep(wait)
                 return wait
-        return self._fallback.acquire(key, 1, rate * FALLBACK_RATE_SHARE, max_wait=max_wait)
+        if self._fallback is None:
+            return self._process_only.acquire(key, 1, rate * FALLBACK_RATE_SHARE, max_wait=max_wait)
+        if self._switch_to(key, "fallback"):
+            # Slots reserved in Redis before it died are still to be used: start after them.
+            self._fallback.penalize(key, self._horizon_left(key))
+        return self._fallback.acquire(key, burst, rate, max_wait=max_wait)
 
     def penalize(self, key: str, seconds: float) -> None:
-        self._fallback.penalize(key, seconds)
+        self._process_only.penalize(key, seconds)
+        if self._fallback is not None:
+            self._fallback.penalize(key, seconds)
         if not self._redis_usable():
             return
         try:
-            self._penalize_script(
-                keys=[self._prefix + key],
-                args=[round(max(seconds, 0.0) * _MICROS), self.PENALTY_KEEP_MS],
-            )
+            self._redis_penalize(key, seconds)
         except redis.RedisError as exc:
             self._redis_failed(exc)
         else:
             self._redis_ok()
 
     def reset(self, key: str) -> None:
-        self._fallback.reset(key)
+        self._process_only.reset(key)
+        if self._fallback is not None:
+            self._fallback.reset(key)
+        with self._state_lock:
+            self._store_of.pop(key, None)
         if not self._redis_usable():
             return
         try:
@@ -266,6 +296,30 @@ class RedisLeakyBucket:
             self._redis_failed(exc)
         else:
             self._redis_ok()
+
+    def _redis_penalize(self, key: str, seconds: float) -> None:
+        self._penalize_script(
+            keys=[self._prefix + key],
+            args=[round(max(seconds, 0.0) * _MICROS), self.PENALTY_KEEP_MS],
+        )
+
+    def _horizon_seen(self, key: str, seconds_ahead: float) -> None:
+        """Remember how far ahead Redis' schedule for ``key`` ran at our last reservation."""
+        until = time.monotonic() + seconds_ahead
+        with self._state_lock:
+            self._horizon[key] = max(self._horizon.get(key, until), until)
+
+    def _horizon_left(self, key: str) -> float:
+        with self._state_lock:
+            return max(0.0, self._horizon.get(key, 0.0) - time.monotonic())
+
+    def _switch_to(self, key: str, store: str) -> bool:
+        """Record that ``key`` is paced by ``store`` now; True if it was paced by the other one
+        (so the new store's bucket must start full)."""
+        with self._state_lock:
+            previous = self._store_of.get(key)
+            self._store_of[key] = store
+        return previous is not None and previous != store
 
     def _redis_usable(self) -> bool:
         with self._state_lock:
@@ -277,10 +331,11 @@ class RedisLeakyBucket:
             self._skip_redis_until = time.monotonic() + self._retry_interval
         if first_failure:
             logger.warning(
-                "rate limiter: Redis unavailable (%s); pacing this process locally at %.0f%% "
-                "of the portal rate until it is back",
+                "rate limiter: Redis unavailable (%s); pacing through %s until it is back",
                 type(exc).__name__,
-                FALLBACK_RATE_SHARE * 100,
+                "the database"
+                if self._fallback is not None
+                else f"this process alone at {FALLBACK_RATE_SHARE:.0%} of the portal rate",
             )
 
     def _redis_ok(self) -> None:
@@ -291,8 +346,9 @@ class RedisLeakyBucket:
             logger.info("rate limiter: Redis is back; shared pacing resumed")
 
 
-def limiter_from_url(redis_url: str | None) -> RateLimiter:
-    """The shared Redis limiter for ``REDIS_URL``, or an in-process one when it is unset."""
+def limiter_from_url(redis_url: str | None, *, fallback: RateLimiter | None = None) -> RateLimiter:
+    """The shared Redis limiter for ``REDIS_URL`` (with ``fallback`` for its outages), or an
+    in-process one when it is unset."""
     if redis_url:
-        return RedisLeakyBucket(redis_url)
+        return RedisLeakyBucket(redis_url, fallback=fallback)
     return LocalLeakyBucket()

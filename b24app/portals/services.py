@@ -36,6 +36,7 @@ from b24app.portals.bitrix import (
 from b24app.portals.models import Account, EventReceipt, Portal
 from b24app.portals.netguard import check_base_url, client_endpoint_for
 from b24app.portals.ratelimit import RateLimiter, limiter_from_url, parse_rate
+from b24app.portals.ratelimit_db import DatabaseLeakyBucket
 
 logger = logging.getLogger("b24app.portals")
 
@@ -49,7 +50,13 @@ TASK_TAB = "TASK_VIEW_TAB"
 TASK_TAB_TITLES = {"en": "Results", "ru": "Результаты"}
 LIFECYCLE_EVENTS = ("ONAPPUNINSTALL", "ONAPPUPDATE")
 EVENT_RECEIPT_DAYS = 7
-"""How long an applied event is remembered against redeliveries (Bitrix24 retries within hours)."""
+"""How long an applied event is remembered against copies of it (retrying proxies, replays)."""
+AWAITING_SIGN_IN_RETRY_S = 300.0
+"""Work as a user whose account waits for their next visit is retried after this long."""
+WAITING_REASON = (
+    "A token renewal's answer was lost on its way from Bitrix24; access returns when this user "
+    "next opens the app"
+)
 
 
 _MEMBER_ID_CHARS = frozenset("0123456789abcdefABCDEF")
@@ -86,16 +93,18 @@ def bitrix_config() -> BitrixConfig:
         settings.B24_CLIENT_SECRET,
         tuple(settings.B24_OAUTH_SERVERS),
         settings.B24_ALLOW_PRIVATE_PORTALS,
+        settings.B24_HTTP_READ_TIMEOUT,
     )
 
 
 @lru_cache(maxsize=4)
-def _config(client_id, client_secret, oauth_servers, allow_private) -> BitrixConfig:
+def _config(client_id, client_secret, oauth_servers, allow_private, read_timeout) -> BitrixConfig:
     return BitrixConfig(
         client_id=client_id,
         client_secret=client_secret,
         oauth_servers=oauth_servers,
         allow_private=allow_private,
+        read_timeout=read_timeout,
     )
 
 
@@ -110,7 +119,7 @@ def http_session():
 
 @lru_cache(maxsize=4)
 def _limiter_for(redis_url: str) -> RateLimiter:
-    return limiter_from_url(redis_url or None)
+    return limiter_from_url(redis_url or None, fallback=DatabaseLeakyBucket())
 
 
 def rate_limiter() -> RateLimiter:
@@ -295,6 +304,7 @@ def _tokens_apply(account: Account, tokens: TokenSet) -> None:
     account.state = Account.State.ACTIVE
     account.state_reason = ""
     account.last_refresh_error = ""
+    account.refresh_unconfirmed_at = None
 
 
 def _lock_timeout() -> None:
@@ -303,14 +313,41 @@ def _lock_timeout() -> None:
             cursor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
 
 
+class AccountAwaitingSignIn(BitrixUnavailable):
+    """The account waits for its user's next visit to get tokens again (`Account.State.WAITING`).
+
+    A kind of "unavailable": work done as this user is retried later, not refused, and no token
+    call is made meanwhile."""
+
+    CODE = "ACCOUNT_AWAITING_SIGN_IN"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(self.CODE, reason, retry_after=AWAITING_SIGN_IN_RETRY_S)
+
+
+def _refusable(account: Account) -> None:
+    """Raise for an account that cannot act as its user now, before any call is made."""
+    if account.state == Account.State.WAITING:
+        raise AccountAwaitingSignIn(account.state_reason)
+    if account.state == Account.State.BLOCKED or not account.has_tokens:
+        raise BitrixAuthError(
+            "ACCOUNT_BLOCKED", account.state_reason or "the account has no tokens"
+        )
+
+
 def account_tokens_refresh(*, account_id: int, seen_version: int | None = None) -> Account:
     """Refresh an account's tokens once, race-free.
 
     Under a row lock on the account, re-read it: if its `token_version` moved past
     `seen_version`, another caller already refreshed and its tokens win. Otherwise spend the
-    refresh token and store the new pair in the same transaction. `invalid_grant` (with nobody
-    else having refreshed, which the lock guarantees) blocks the account, and its portal when it
-    is the installer's. Transient failures are recorded and raised; nothing is blocked for them.
+    refresh token and store the new pair in the same transaction.
+
+    Failures: a transient one (timeout, lost connection, 5xx) is recorded and raised, and the
+    account remembers that the renewal's outcome is unknown (`refresh_unconfirmed_at`): Bitrix24
+    may have rotated the token and lost its answer. A later `invalid_grant` is then most likely
+    that rotation, not a revocation: the account waits for its user's next visit, and nothing
+    is blocked. Otherwise `invalid_grant` (with nobody else having refreshed, which the lock
+    guarantees) blocks the account, and its portal when it is the installer's.
     """
     failure: BitrixError | None = None
     with transaction.atomic():
@@ -318,10 +355,7 @@ def account_tokens_refresh(*, account_id: int, seen_version: int | None = None) 
         account = Account.objects.select_for_update().select_related("portal").get(pk=account_id)
         if seen_version is not None and account.token_version != seen_version:
             return account
-        if account.state == Account.State.BLOCKED or not account.has_tokens:
-            raise BitrixAuthError(
-                "ACCOUNT_BLOCKED", account.state_reason or "the account has no tokens"
-            )
+        _refusable(account)
         now = timezone.now()
         try:
             tokens = oauth_server().refresh(account.portal.oauth_server, account.refresh_token)
@@ -335,6 +369,9 @@ def account_tokens_refresh(*, account_id: int, seen_version: int | None = None) 
                 )[:500]
                 account.save(update_fields=["last_refresh_error", "updated_at"])
                 logger.error("token refresh refused our app credentials error=%s", exc.code)
+            elif account.refresh_unconfirmed_at is not None:
+                failure = AccountAwaitingSignIn(WAITING_REASON)
+                _account_wait(account, f"{WAITING_REASON} ({exc.code})")
             else:
                 reason = (
                     f"Refresh token rejected by Bitrix24 ({exc.code}); "
@@ -344,7 +381,10 @@ def account_tokens_refresh(*, account_id: int, seen_version: int | None = None) 
         except BitrixError as exc:
             failure = exc
             account.last_refresh_error = f"{exc.code}: temporary, will retry"[:500]
-            account.save(update_fields=["last_refresh_error", "updated_at"])
+            account.refresh_unconfirmed_at = now
+            account.save(
+                update_fields=["last_refresh_error", "refresh_unconfirmed_at", "updated_at"]
+            )
         else:
             if (tokens.member_id and tokens.member_id != account.portal.member_id) or (
                 tokens.user_id and tokens.user_id != account.user_id
@@ -370,6 +410,13 @@ def account_tokens_refresh(*, account_id: int, seen_version: int | None = None) 
         )
         raise failure
     return account
+
+
+def _account_wait(account: Account, reason: str) -> None:
+    account.state = Account.State.WAITING
+    account.state_reason = reason[:500]
+    account.last_refresh_error = reason[:500]
+    account.save(update_fields=["state", "state_reason", "last_refresh_error", "updated_at"])
 
 
 def _account_block(account: Account, reason: str, *, at) -> None:
@@ -399,8 +446,7 @@ def account_client(account: Account, *, limiter_max_wait: float | None = 30.0) -
     `limiter_max_wait` bounds the wait for the portal's request budget: a web request passes a
     short one and leaves longer waits to the background delivery."""
     portal = account.portal
-    if account.state == Account.State.BLOCKED or not account.has_tokens:
-        raise BitrixAuthError("ACCOUNT_BLOCKED", account.state_reason or "no tokens")
+    _refusable(account)
     seen = {"version": account.token_version}
 
     def on_expired() -> str:
@@ -694,10 +740,10 @@ def _app_removed(portal: Portal) -> bool:
 
 
 def _event_digest(event: str, member_id: str, auth: dict) -> str:
-    """What identifies one delivery's event: its name, portal and the credentials it carried.
+    """What identifies one event: its name, portal and the credentials it carried.
 
     Bitrix24 sends each event with freshly issued tokens, so two different events never share a
-    digest, and a redelivery of the same event always does."""
+    digest, and every copy of the same event does."""
     parts = [event, member_id] + [
         str(auth.get(name, "")) for name in ("application_token", "access_token", "refresh_token")
     ]
@@ -706,7 +752,7 @@ def _event_digest(event: str, member_id: str, auth: dict) -> str:
 
 def _event_receipt_take(digest: str, event: str, member_id: str) -> bool:
     """Record the event as applied, inside the caller's transaction; False if it already was
-    (a redelivery that raced this one commits first, and the unique digest tells)."""
+    (a copy that raced this one committed first, and the unique digest tells)."""
     try:
         with transaction.atomic():
             EventReceipt.objects.create(digest=digest, event=event, member_id=member_id)
@@ -716,7 +762,7 @@ def _event_receipt_take(digest: str, event: str, member_id: str) -> bool:
 
 
 def event_receipts_purge(*, older_than_days: int = EVENT_RECEIPT_DAYS) -> int:
-    """Forget receipts of events old enough that Bitrix24 no longer redelivers them."""
+    """Forget receipts of events old enough that no copy of them is expected any more."""
     cutoff = timezone.now() - timedelta(days=older_than_days)
     deleted, _ = EventReceipt.objects.filter(received_at__lt=cutoff).delete()
     return deleted
@@ -729,8 +775,9 @@ def event_handle(*, event: str, data: dict, auth: dict) -> EventOutcome:
     (client, portal, domain) and it must be a portal admin's before anything is stored.
     `ONAPPUNINSTALL` carries none (access is revoked first): it needs the constant-time
     `application_token` check, and our own tokens for the portal must have stopped working.
-    A redelivery of an event already applied is answered `duplicate` and changes nothing: a late
-    copy of an install must not put back tokens that were refreshed since.
+    A copy of an event already applied is answered `duplicate` and changes nothing: a late copy
+    of an install must not put back tokens that were refreshed since. (Copies racing each other
+    may each be verified with Bitrix24 before the unique receipt lets one of them apply.)
     """
     event = event.upper()
     member_id = str(auth.get("member_id", ""))
@@ -738,7 +785,7 @@ def event_handle(*, event: str, data: dict, auth: dict) -> EventOutcome:
         return EventOutcome(401, "unknown_portal")
     digest = _event_digest(event, member_id, auth)
     if EventReceipt.objects.filter(digest=digest).exists():
-        logger.info("%s redelivered portal=%s: already applied", event, member_id)
+        logger.info("%s copy portal=%s: already applied", event, member_id)
         return EventOutcome(200, "duplicate")
     if event == "ONAPPUNINSTALL":
         portal = Portal.objects.filter(member_id=member_id).first()
@@ -774,7 +821,7 @@ def event_handle(*, event: str, data: dict, auth: dict) -> EventOutcome:
     tokens = _event_tokens(auth, verified, sender)
     with transaction.atomic():
         if not _event_receipt_take(digest, event, member_id):
-            logger.info("%s redelivered portal=%s: already applied", event, member_id)
+            logger.info("%s copy portal=%s: already applied", event, member_id)
             return EventOutcome(200, "duplicate")
         portal = portal_upsert(verified=verified, application_token=application_token)
         if tokens is not None:

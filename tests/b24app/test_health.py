@@ -1,4 +1,5 @@
 import pytest
+from django.db import connection
 
 
 @pytest.mark.django_db
@@ -17,15 +18,29 @@ def test_healthz_ok_on_embedded_defaults(client, settings):
 
 
 @pytest.mark.django_db
-def test_healthz_503_when_redis_is_unreachable_and_hides_the_url(client, settings):
+def test_healthz_degraded_when_redis_is_unreachable_and_hides_the_url(client, settings):
+    """The app still works without Redis (the limiter paces through the database), so the
+    instance stays in rotation; the body says what is missing and what stands in for it."""
+    settings.CELERY_BROKER_URL = ""
     settings.REDIS_URL = "redis://:hunter2secret@127.0.0.1:1/0"
     response = client.get("/healthz")
-    assert response.status_code == 503
+    assert response.status_code == 200
     body = response.json()
-    assert body["status"] == "unavailable"
+    assert body["status"] == "degraded"
     assert body["checks"]["redis"]["ok"] is False
+    expected = "database" if connection.vendor == "postgresql" else "in-process, reduced rate"
+    assert body["checks"]["redis"]["limiter"] == expected
     assert body["checks"]["database"]["ok"] is True
     assert "hunter2secret" not in response.content.decode()
+
+
+@pytest.mark.django_db
+def test_healthz_503_when_redis_and_the_broker_are_down(client, settings):
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"
+    settings.REDIS_URL = "redis://127.0.0.1:1/1"
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    assert response.json()["status"] == "unavailable"
 
 
 @pytest.mark.django_db

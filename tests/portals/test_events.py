@@ -201,7 +201,7 @@ def test_event_uninstall_while_the_app_still_works_is_refused(client, fake, port
     assert Account.objects.get().state == Account.State.ACTIVE
 
 
-# --- redeliveries: Bitrix24 retries an event whose answer was slow or lost --------------------
+# --- copies of an event (a retrying proxy, a replay): applied once ----------------------------
 
 
 def test_event_redelivered_after_a_refresh_keeps_the_refreshed_tokens(client, fake, portal):

@@ -1,0 +1,183 @@
+"""The rate limiter's stand-in while Redis is unreachable: the same schedule in PostgreSQL.
+
+Redis keeps each portal's GCRA schedule shared by every process and machine (`ratelimit.py`).
+When it is down, pacing each process on its own cannot be safe: N busy processes would send N
+times what the portal allows. The database is the one other store all of them share, so the
+schedule moves there: one row per portal key (`RateBucket`), advanced by a single SQL statement
+under the row's lock, on the database's clock.
+
+Each thread uses a connection of its own in autocommit mode, so a reservation never waits for,
+or holds a lock inside, the caller's transaction. If the database fails too, the caller is paced
+in-process at a small share of the rate (the last resort, as before).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from django.db import DatabaseError, connections
+
+from b24app.portals.ratelimit import (
+    FALLBACK_RATE_SHARE,
+    LocalLeakyBucket,
+    RateLimitTimeout,
+    schedule_for,
+)
+
+logger = logging.getLogger("b24app.ratelimit")
+
+NO_LIMIT_S = 1e12
+"""Stands for "wait as long as it takes" (``max_wait=None``) in SQL."""
+
+# `portals_ratebucket` is `RateBucket`'s table. Reserve the next slot if it is within max_wait;
+# return the wait either way (see ratelimit.py).
+_ACQUIRE_SQL = """
+WITH clock AS (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now),
+current AS (
+    SELECT b.key, c.now,
+           GREATEST(b.tat, c.now, b.blocked_until + %(tolerance)s) AS start
+    FROM portals_ratebucket AS b CROSS JOIN clock AS c
+    WHERE b.key = %(key)s
+    FOR UPDATE OF b
+)
+UPDATE portals_ratebucket AS b
+SET tat = CASE
+    WHEN current.start - %(tolerance)s - current.now <= %(max_wait)s
+    THEN current.start + %(interval)s
+    ELSE b.tat
+END
+FROM current
+WHERE b.key = current.key
+RETURNING GREATEST(current.start - %(tolerance)s - current.now, 0)
+"""
+
+_CREATE_SQL = """
+INSERT INTO portals_ratebucket (key, tat, blocked_until) VALUES (%(key)s, 0, 0)
+ON CONFLICT (key) DO NOTHING
+"""
+
+_PENALIZE_SQL = """
+INSERT INTO portals_ratebucket (key, tat, blocked_until)
+VALUES (%(key)s, 0, EXTRACT(EPOCH FROM clock_timestamp()) + %(seconds)s)
+ON CONFLICT (key) DO UPDATE
+SET blocked_until = GREATEST(portals_ratebucket.blocked_until, EXCLUDED.blocked_until)
+"""
+
+_RESET_SQL = "DELETE FROM portals_ratebucket WHERE key = %(key)s"
+
+
+class DatabaseLeakyBucket:
+    """GCRA limiter in PostgreSQL, shared by every process using the database; see module doc.
+
+    Only PostgreSQL: on another database (SQLite in development, one process) it paces
+    in-process, which is exact there.
+    """
+
+    def __init__(self, alias: str = "default") -> None:
+        self._alias = alias
+        self._local = threading.local()
+        self._last_resort = LocalLeakyBucket()
+        self._exact_locally = LocalLeakyBucket()
+        self._state_lock = threading.Lock()
+        self._failing = False
+
+    def acquire(self, key: str, burst: int, rate: float, *, max_wait: float | None = None) -> float:
+        schedule = schedule_for(burst, rate)
+        if not self._shared():
+            return self._exact_locally.acquire(key, burst, rate, max_wait=max_wait)
+        params = {
+            "key": key,
+            "interval": schedule.interval,
+            "tolerance": schedule.tolerance,
+            "max_wait": NO_LIMIT_S if max_wait is None else max_wait,
+        }
+        try:
+            row = self._fetch(_ACQUIRE_SQL, params)
+            if row is None:  # first call for this key (or it was reset): create, then reserve
+                self._execute(_CREATE_SQL, params)
+                row = self._fetch(_ACQUIRE_SQL, params)
+        except DatabaseError as exc:
+            self._database_failed(exc)
+            return self._last_resort.acquire(key, 1, rate * FALLBACK_RATE_SHARE, max_wait=max_wait)
+        self._database_ok()
+        wait = float(row[0]) if row is not None else 0.0
+        if max_wait is not None and wait > max_wait:
+            raise RateLimitTimeout(wait)
+        if wait > 0:
+            time.sleep(wait)
+        return wait
+
+    def penalize(self, key: str, seconds: float) -> None:
+        self._last_resort.penalize(key, seconds)
+        self._exact_locally.penalize(key, seconds)
+        if self._shared():
+            self._quietly(_PENALIZE_SQL, {"key": key, "seconds": max(seconds, 0.0)})
+
+    def reset(self, key: str) -> None:
+        self._last_resort.reset(key)
+        self._exact_locally.reset(key)
+        if self._shared():
+            self._quietly(_RESET_SQL, {"key": key})
+
+    # --- the thread's own autocommit connection ---------------------------------------------
+
+    def _shared(self) -> bool:
+        return connections[self._alias].vendor == "postgresql"
+
+    def _connection(self):
+        wrapper = getattr(self._local, "connection", None)
+        if wrapper is None:
+            wrapper = connections.create_connection(self._alias)
+            self._local.connection = wrapper
+        return wrapper
+
+    def _fetch(self, sql: str, params: dict):
+        try:
+            with self._connection().cursor() as cursor:
+                cursor.execute(sql, params)
+                return cursor.fetchone()
+        except DatabaseError:
+            self._drop_connection()
+            raise
+
+    def _execute(self, sql: str, params: dict) -> None:
+        try:
+            with self._connection().cursor() as cursor:
+                cursor.execute(sql, params)
+        except DatabaseError:
+            self._drop_connection()
+            raise
+
+    def _quietly(self, sql: str, params: dict) -> None:
+        try:
+            self._execute(sql, params)
+        except DatabaseError as exc:
+            self._database_failed(exc)
+        else:
+            self._database_ok()
+
+    def _drop_connection(self) -> None:
+        wrapper = getattr(self._local, "connection", None)
+        self._local.connection = None
+        if wrapper is not None:
+            try:
+                wrapper.close()
+            except DatabaseError:
+                pass
+
+    def _database_failed(self, exc: DatabaseError) -> None:
+        with self._state_lock:
+            first, self._failing = not self._failing, True
+        if first:
+            logger.warning(
+                "rate limiter: database unavailable as well (%s); pacing this process locally "
+                "at %.0f%% of the portal rate",
+                type(exc).__name__,
+                FALLBACK_RATE_SHARE * 100,
+            )
+
+    def _database_ok(self) -> None:
+        with self._state_lock:
+            self._failing = False
