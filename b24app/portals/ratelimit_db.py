@@ -121,6 +121,10 @@ class DatabaseLeakyBucket:
         if self._shared():
             self._quietly(_RESET_SQL, {"key": key})
 
+    def close(self) -> None:
+        """Close this thread's connection (it reopens on the next call)."""
+        self._drop_connection()
+
     # --- the thread's own autocommit connection ---------------------------------------------
 
     def _shared(self) -> bool:

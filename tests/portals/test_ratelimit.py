@@ -12,10 +12,11 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+from django.db import connection
 
 from b24app.portals.ratelimit import (
     BURST_MARGIN,
@@ -25,6 +26,7 @@ from b24app.portals.ratelimit import (
     limiter_from_url,
     parse_rate,
 )
+from b24app.portals.ratelimit_db import DatabaseLeakyBucket
 
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/15"
 PREFIX = "b24:rl:test:"
@@ -193,6 +195,112 @@ def test_redis_leaky_bucket_falls_back_safely_when_redis_is_down(caplog) -> None
     warnings = [r for r in caplog.records if r.name == "b24app.ratelimit"]
     assert len(warnings) == 1
     assert "Redis unavailable" in warnings[0].getMessage()
+
+
+# --- the database, standing in while Redis is down ------------------------------------------
+
+
+# (Models are imported inside the tests: spawned worker processes import this module before
+# Django is set up.)
+
+
+@pytest.fixture
+def db_key() -> Iterator[str]:
+    from b24app.portals.models import RateBucket
+
+    name = "test:" + uuid.uuid4().hex
+    yield name
+    RateBucket.objects.filter(key=name).delete()
+
+
+@pytest.fixture
+def db_limiter() -> Iterator[Callable[[], DatabaseLeakyBucket]]:
+    """New `DatabaseLeakyBucket`s whose connections are closed after the test (an open one
+    would keep the test database from being dropped)."""
+    made: list[DatabaseLeakyBucket] = []
+
+    def make() -> DatabaseLeakyBucket:
+        made.append(DatabaseLeakyBucket())
+        return made[-1]
+
+    yield make
+    for limiter in made:
+        limiter.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_database_leaky_bucket_allows_the_burst_then_the_rate(db_key, db_limiter) -> None:
+    limiter = db_limiter()
+    waits = [limiter.acquire(db_key, BURST, RATE) for _ in range(BURST - BURST_MARGIN + 2)]
+    assert waits[: BURST - BURST_MARGIN] == [0.0] * (BURST - BURST_MARGIN)
+    assert all(0.0 < wait <= 1 / RATE + 0.02 for wait in waits[BURST - BURST_MARGIN :])
+    with pytest.raises(RateLimitTimeout):
+        limiter.acquire(db_key, BURST, RATE, max_wait=0.0)
+    # The refusal reserved nothing: the next slot is one interval on, not two.
+    assert limiter.acquire(db_key, BURST, RATE) <= 1 / RATE + 0.02
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_database_leaky_bucket_is_shared_by_processes(db_key) -> None:
+    """Two processes (each with its own connections) draw from one schedule: together they
+    never exceed the portal's counter."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    start_at = time.time() + 4.0
+    database = connection.settings_dict["NAME"]
+    processes = [
+        context.Process(target=_database_process_main, args=(database, db_key, start_at, results))
+        for _ in range(2)
+    ]
+    for process in processes:
+        process.start()
+    stamps = [stamp for _ in processes for stamp in results.get(timeout=60)]
+    for process in processes:
+        process.join(timeout=5)
+        assert process.exitcode == 0
+    assert len(stamps) == 2 * 4 * 4
+    assert_within_limit_and_fast(stamps, BURST, RATE)
+
+
+def _database_process_main(database: str, key: str, start_at: float, results) -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "b24app.settings")
+    import django
+
+    django.setup()
+    from django.db import connections
+
+    connections["default"].settings_dict["NAME"] = database  # the test database
+    limiter = DatabaseLeakyBucket()
+    results.put(run_threads(limiter, key, 4, 4, start_at))
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_database_leaky_bucket_penalize_holds_every_process_back(db_key, db_limiter) -> None:
+    db_limiter().acquire(db_key, BURST, RATE)
+    db_limiter().penalize(db_key, 0.5)  # another process saw QUERY_LIMIT_EXCEEDED
+    started = time.monotonic()
+    waited = db_limiter().acquire(db_key, BURST, RATE)
+    assert 0.4 <= waited <= 0.6
+    assert time.monotonic() - started >= 0.4
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_redis_down_hands_over_to_the_database_starting_full(db_key, db_limiter) -> None:
+    """Handing over, the database's bucket starts full: one slot now, then the steady rate
+    (what Redis sent just before is unknown to it)."""
+    limiter = RedisLeakyBucket("redis://127.0.0.1:1/0", prefix=PREFIX, fallback=db_limiter())
+    limiter._store_of[db_key] = "redis"  # as if Redis had paced this portal until now
+    waits = [limiter.acquire(db_key, BURST, RATE) for _ in range(3)]
+    assert waits[0] == pytest.approx(0.0, abs=0.02)
+    assert all(wait > 0.02 for wait in waits[1:]), waits
+    assert limiter.degraded
+    from b24app.portals.models import RateBucket
+
+    assert RateBucket.objects.filter(key=db_key).exists()
 
 
 # --- in-process --------------------------------------------------------------------------------
