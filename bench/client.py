@@ -1,4 +1,4 @@
-"""Client overhead per call: our ``BitrixClient`` against a bare ``requests.Session``.
+"""Client overhead per call: our ``BitrixClient`` beside the official SDK and a bare session.
 
 The same classic call (``profile``) and the same REST 3.0 call (``tasks.task.result.list`` of a
 task with 5 results) go to the same fake portal endpoint on 127.0.0.1, sequentially, through
@@ -7,7 +7,15 @@ task with 5 results) go to the same fake portal endpoint on 127.0.0.1, sequentia
   ``LocalLeakyBucket`` limiter, once with the app's logging as configured (the per-call INFO
   line, masked and formatted, written to /dev/null instead of stdout) and once with the
   ``b24app.bitrix`` logger at WARNING;
+* the official SDK ``b24pysdk``: ``BitrixToken.call_method``, its one-call entry point (the
+  same level as ``BitrixClient.call``: a method name and parameters in, the decoded answer out),
+  with ``prefer_version=3`` for the REST 3.0 call, as shipped (its own retries, request id,
+  error mapping, and a new ``requests`` session, so a new connection, per call);
 * a bare ``requests.Session`` posting the same JSON body and decoding the JSON answer (the floor).
+
+``b24pysdk`` builds every REST URL as ``https://{domain}/rest`` and has no setting for the
+scheme, so for the run the bench replaces that one property (``_MethodCaller._base_url``) with
+its ``http://`` twin; nothing else of the SDK is changed.
 
 Variants run interleaved in blocks so that drift (heap growth, CPU frequency, other load) hits
 them alike. The fake portal runs in this process; its handling time is measured by wrapping its
@@ -16,20 +24,30 @@ listener's request handler, so the server share of a call can be told apart.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.common import fmt, print_table, require_loopback, setup_django, start_fake, summary
+from bench.common import (
+    HandlerTimer,
+    fmt,
+    print_table,
+    record,
+    require_loopback,
+    setup_django,
+    start_fake,
+    summary,
+)
 
 BENCH_ORDER = 10
 TITLE = "client overhead per call"
 
-CALLS = int(os.environ.get("BENCH_CALLS", "2000"))
+CALLS = int(os.environ.get("BENCH_CALLS", "1000"))
 WARMUP = 200
 BLOCK = 50
 """Calls of one variant in a row before switching to the next one."""
@@ -39,25 +57,8 @@ V3_METHOD = "tasks.task.result.list"
 BITRIX_LOGGER = "b24app.bitrix"
 FLOOR = "requests.Session (floor)"
 HANDLER = "fake portal handler only"
-
-
-class _HandlerTimer:
-    """Wraps a fake listener's ``app(request)`` and records how long it takes, per API."""
-
-    def __init__(self, listener: Any) -> None:
-        self._inner = listener.app
-        self.recording = False
-        self.samples: dict[str, list[float]] = {"classic": [], "v3": []}
-        listener.app = self
-
-    def __call__(self, request: Any) -> Any:
-        started = time.perf_counter_ns()
-        try:
-            return self._inner(request)
-        finally:
-            if self.recording:
-                api = "v3" if request.path.startswith("/rest/api/") else "classic"
-                self.samples[api].append((time.perf_counter_ns() - started) / 1000)
+SDK = "b24pysdk"
+"""Variant label prefix; the label carries the installed version."""
 
 
 def _portal_listener(portal: Any) -> Any | None:
@@ -97,18 +98,40 @@ def main(argv: list[str]) -> int:
 
         series = _series(fake, portal, task, token)
         listener = _portal_listener(portal)
-        timer = _HandlerTimer(listener) if listener is not None else None
+        timer = HandlerTimer(listener) if listener is not None else None
         started = time.monotonic()
-        _measure(series, fake, portal, user, timer, calls)
+        with _b24pysdk_over_http():
+            _measure(series, fake, portal, user, timer, calls)
         elapsed = time.monotonic() - started
     finally:
         fake.stop()
     _print(series, timer, calls, elapsed)
+    _record(series)
     return 0
 
 
+@contextlib.contextmanager
+def _b24pysdk_over_http() -> Iterator[None]:
+    """Let ``b24pysdk`` reach the fake portal over plain HTTP on loopback.
+
+    The SDK hard-codes ``https://{domain}/rest`` as the base of every REST URL (no public
+    setting chooses the scheme), and the fake portal speaks HTTP. Only that property is replaced,
+    and only while the bench runs; the SDK's call path is otherwise the one it ships.
+    """
+    from b24pysdk.api.callers.call_method import _MethodCaller
+
+    shipped = _MethodCaller._base_url
+    _MethodCaller._base_url = property(lambda caller: f"http://{caller._domain}/rest")
+    try:
+        yield
+    finally:
+        _MethodCaller._base_url = shipped
+
+
 def _series(fake: Any, portal: Any, task: int, token: str) -> list[Series]:
+    import b24pysdk
     import requests
+    from b24pysdk.constants.version import B24APIVersion
 
     from b24app.portals.bitrix import BitrixClient, BitrixConfig, build_session
     from b24app.portals.ratelimit import LocalLeakyBucket
@@ -150,6 +173,19 @@ def _series(fake: Any, portal: Any, task: int, token: str) -> list[Series]:
         )
         return response.json()["result"]
 
+    # An OAuth token of a Market app (not a webhook): the SDK sends it as ``auth`` in the body.
+    sdk_token = b24pysdk.BitrixToken(
+        domain=portal.domain,
+        auth_token=token,
+        bitrix_app=b24pysdk.BitrixApp(
+            client_id=config.client_id, client_secret=config.client_secret
+        ),
+    )
+
+    def sdk_call(method: str, params: dict[str, Any], version: B24APIVersion) -> Any:
+        return sdk_token.call_method(method, params, prefer_version=version)["result"]
+
+    sdk = f"{SDK} {b24pysdk.__version__}"
     configured = logging.getLogger(BITRIX_LOGGER)
     level = configured.level
     logged = f"BitrixClient, log {logging.getLevelName(configured.getEffectiveLevel())}"
@@ -159,6 +195,8 @@ def _series(fake: Any, portal: Any, task: int, token: str) -> list[Series]:
         Series(logged, "v3", lambda: client.call_v3(V3_METHOD, v3_params), level),
         Series(quiet, "classic", lambda: client.call("profile"), logging.WARNING),
         Series(quiet, "v3", lambda: client.call_v3(V3_METHOD, v3_params), logging.WARNING),
+        Series(sdk, "classic", lambda: sdk_call("profile", {}, B24APIVersion.V2), level),
+        Series(sdk, "v3", lambda: sdk_call(V3_METHOD, v3_params, B24APIVersion.V3), level),
         Series(FLOOR, "classic", lambda: bare_call("classic", {}), level),
         Series(FLOOR, "v3", lambda: bare_call("v3", v3_params), level),
     ]
@@ -224,25 +262,21 @@ def _restore_log_streams(saved: list[tuple[logging.StreamHandler, Any]]) -> None
             handler.setStream(stream)
 
 
-def _print(series: list[Series], timer: _HandlerTimer | None, calls: int, elapsed: float) -> None:
+def _print(series: list[Series], timer: HandlerTimer | None, calls: int, elapsed: float) -> None:
     rows = []
     for api, method in (("classic", "profile"), ("v3", V3_METHOD)):
         mine = [one for one in series if one.api == api]
-        floor = next(one for one in mine if one.variant == FLOOR)
-        floor_median, floor_cpu = summary(floor.samples)["median"], summary(floor.cpu)["median"]
+        floor = _floor(series, api)
+        floor_cpu = summary(floor.cpu)["median"]
         for one in mine:
             figures, cpu = summary(one.samples), summary(one.cpu)["median"]
             extra = ["-", "-", fmt(cpu), "-"]
             if one is not floor:
-                extra = [
-                    fmt(figures["median"] - floor_median),
-                    f"{figures['median'] / floor_median:.2f}x",
-                    fmt(cpu),
-                    fmt(cpu - floor_cpu),
-                ]
+                overhead, ratio = _against_floor(one, floor)
+                extra = [fmt(overhead), f"{ratio:.2f}x", fmt(cpu), fmt(cpu - floor_cpu)]
             rows.append([method, one.variant, figures["n"], *_figures(figures), *extra])
         if timer is not None:
-            figures = summary(timer.samples[api])
+            figures = summary(timer.samples(api))
             rows.append([method, HANDLER, figures["n"], *_figures(figures), "-", "-", "-", "-"])
     notes = [
         f"{calls} sequential calls per variant and method after {WARMUP} warm-up calls each, "
@@ -254,6 +288,11 @@ def _print(series: list[Series], timer: _HandlerTimer | None, calls: int, elapse
         "BitrixClient: one shared build_session() session, LocalLeakyBucket at 10^6/10^6;",
         f"'{series[0].variant}': the app's LOGGING config, its stdout handler writing to",
         "/dev/null; 'log WARNING': the b24app.bitrix logger raised to WARNING",
+        f"'{_sdk_series(series).variant}': BitrixToken.call_method (prefer_version=3 for REST 3.0)"
+        " as shipped,",
+        "except its hard-coded https:// base URL made http:// for the loopback fake; it opens",
+        "a new requests session and TCP connection per call (the fake's thread per connection",
+        "is in its wall time, not in the handler-only row)",
         f"'{HANDLER}': the fake's request handler (routing, REST logic, its request",
         "log) without http.server parsing and socket I/O; it is inside every row above",
         f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs",
@@ -277,6 +316,40 @@ def _print(series: list[Series], timer: _HandlerTimer | None, calls: int, elapse
         rows,
         notes,
     )
+
+
+def _record(series: list[Series]) -> None:
+    """Headline figures: each client's median overhead over the floor, per method, with its
+    CPU overhead beside it (wall-clock medians drift with the machine's load; CPU time less)."""
+    for api, method in (("classic", "profile"), ("v3", V3_METHOD)):
+        floor = _floor(series, api)
+        floor_cpu = summary(floor.cpu)["median"]
+        for one in series:
+            if one.api != api or one is floor:
+                continue
+            overhead, ratio = _against_floor(one, floor)
+            cpu_over = summary(one.cpu)["median"] - floor_cpu
+            ours = one.variant.startswith("BitrixClient")
+            record(
+                "client",
+                f"{method}: overhead over the floor, {one.variant}",
+                f"{fmt(overhead)} us ({ratio:.2f}x), cpu {fmt(cpu_over)} us",
+                target=f"<= {SDK}" if ours else "",
+            )
+
+
+def _floor(series: list[Series], api: str) -> Series:
+    return next(one for one in series if one.api == api and one.variant == FLOOR)
+
+
+def _sdk_series(series: list[Series]) -> Series:
+    return next(one for one in series if one.variant.startswith(SDK))
+
+
+def _against_floor(one: Series, floor: Series) -> tuple[float, float]:
+    """The series' median minus the floor's median (us), and its median / the floor's."""
+    median, floor_median = summary(one.samples)["median"], summary(floor.samples)["median"]
+    return median - floor_median, median / floor_median
 
 
 def _figures(figures: dict[str, float]) -> list[str]:

@@ -9,8 +9,11 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +72,79 @@ def start_fake():
     fake.start()
     require_loopback(fake.oauth_url)
     return fake
+
+
+@dataclass(frozen=True)
+class HandledRequest:
+    """One request a fake listener handled while a ``HandlerTimer`` was recording."""
+
+    started: float
+    """Wall clock (``time.time()``) when the handler began: comparable with times taken in
+    other processes on the machine, so the fake's work can be laid beside their requests."""
+    elapsed_us: float
+    request: Any
+    """The fake's ``Request`` (path, headers, body), to tell what was called and by whom."""
+
+    @property
+    def api(self) -> str:
+        return "v3" if self.request.path.startswith("/rest/api/") else "classic"
+
+
+class HandlerTimer:
+    """Times the fake's own handling of requests by wrapping its listeners' ``app(request)``.
+
+    That is the fake's routing, REST logic and request log, without ``http.server``'s parsing
+    and socket I/O. Listeners are private attributes of ``tests.fakeportal`` (a portal's
+    ``_listeners``, the fake's OAuth ``_listener``). Requests handled while ``recording`` is on
+    are kept in ``handled``, from any thread.
+    """
+
+    def __init__(self, *listeners: Any) -> None:
+        self.recording = False
+        self.handled: list[HandledRequest] = []
+        for listener in listeners:
+            listener.app = self._timed(listener.app)
+
+    def _timed(self, inner: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def timed(request: Any) -> Any:
+            started, begun = time.time(), time.perf_counter_ns()
+            try:
+                return inner(request)
+            finally:
+                if self.recording:
+                    elapsed_us = (time.perf_counter_ns() - begun) / 1000
+                    self.handled.append(HandledRequest(started, elapsed_us, request))
+
+        return timed
+
+    def samples(self, api: str) -> list[float]:
+        """Handler times (us) of the recorded requests of one API, ``classic`` or ``v3``."""
+        return [handled.elapsed_us for handled in self.handled if handled.api == api]
+
+
+def ensure_database(url: str) -> str | None:
+    """Create a bench's PostgreSQL database when missing; the reason to skip, or ``None``."""
+    import psycopg
+    from psycopg import sql
+
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+    if parts.scheme not in ("postgres", "postgresql") or not name:
+        return f"the bench database must be postgres://…/NAME (got scheme {parts.scheme!r})"
+    try:
+        with psycopg.connect(
+            parts._replace(path="/postgres").geturl(), connect_timeout=3, autocommit=True
+        ) as connection:
+            exists = connection.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
+            ).fetchone()
+            if not exists:
+                connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg.Error as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"needs PostgreSQL, but {where} is not usable ({first_line})"
+    return None
 
 
 # --- figures -----------------------------------------------------------------------------------

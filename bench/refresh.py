@@ -25,9 +25,17 @@ import threading
 import time
 from collections import Counter
 from typing import Any
-from urllib.parse import urlsplit
 
-from bench.common import ROOT, fmt, print_table, require_loopback, setup_django, start_fake, summary
+from bench.common import (
+    ROOT,
+    ensure_database,
+    fmt,
+    print_table,
+    require_loopback,
+    setup_django,
+    start_fake,
+    summary,
+)
 
 BENCH_ORDER = 20
 TITLE = "refresh storm"
@@ -47,7 +55,7 @@ NO_LIMIT = (10**6, 10**6)
 def main(argv: list[str]) -> int:
     rounds = max(1, min(ROUNDS, 10_000))
     database_url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_DATABASE_URL)
-    problem = _ensure_database(database_url)
+    problem = ensure_database(database_url)
     if problem:
         print(f"== {TITLE}\nskipped: {problem}\n", flush=True)
         return 0
@@ -61,31 +69,6 @@ def main(argv: list[str]) -> int:
         return _run(fake, database_url, rounds)
     finally:
         fake.stop()
-
-
-def _ensure_database(url: str) -> str | None:
-    """Create the bench database when missing; the reason to skip, or ``None``."""
-    import psycopg
-    from psycopg import sql
-
-    parts = urlsplit(url)
-    name = parts.path.lstrip("/")
-    where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
-    if parts.scheme not in ("postgres", "postgresql") or not name:
-        return f"BENCH_DATABASE_URL must be postgres://…/NAME (got scheme {parts.scheme!r})"
-    try:
-        with psycopg.connect(
-            parts._replace(path="/postgres").geturl(), connect_timeout=3, autocommit=True
-        ) as connection:
-            exists = connection.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
-            ).fetchone()
-            if not exists:
-                connection.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    except psycopg.Error as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return f"needs PostgreSQL, but {where} is not usable ({first_line})"
-    return None
 
 
 class Worker:

@@ -1,0 +1,733 @@
+"""The screen under load: gunicorn (gthread) serving the embedded screen to locust users.
+
+The app runs as the Procfile's ``web`` process does (gunicorn, ``gthread`` workers, production
+settings but for the loopback allowances of ``bench.common``), on PostgreSQL with the shared Redis
+rate limiter and background work inline (no broker). The fake Bitrix24 runs in this process on
+127.0.0.1, its rate limit and the Portal row's raised to 10^6/10^6. The portal is installed
+through the install wizard over HTTP; each simulated person is a Bitrix24 user of its own, with
+its own tokens, and owns one of the 20 results of the task it opens.
+
+Locust (headless, in a process of its own: its gevent monkeypatching stays out of this one) runs
+``bench/_load_locust.py`` at 20 and then 100 concurrent users: every user opens the placement
+(``POST /b24/app/``) and then edits its own result three times (``POST
+/b24/app/results/<id>/edit/``, JSON), with a think time after every request, and checks every
+answer. Per run and request kind the bench reports requests, failures, requests/s and the
+client's p50/p95/p99, and splits each request's time into gunicorn's own request time (access
+log ``%(D)s``), the fake's handling of the REST calls made meanwhile (its listeners wrapped, the
+calls told apart by the person's token) and the app's share, gunicorn minus fake. It also
+samples the CPU time of gunicorn, the fake, locust and the whole machine, to show which one ran
+out first. At the end every edit answered 2xx must be applied at the fake with its text.
+
+Needs PostgreSQL (``BENCH_LOAD_DATABASE_URL``, default database ``b24bench_load``, created when
+missing and migrated) and Redis (``BENCH_LOAD_REDIS_URL``, default DB 7); without them it prints
+why it skipped. ``DATABASE_URL``, ``REDIS_URL`` and ``CELERY_BROKER_URL`` are not used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from bisect import bisect_left, bisect_right
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from bench.common import (
+    LOOPBACK,
+    ROOT,
+    HandlerTimer,
+    ensure_database,
+    fmt,
+    print_table,
+    record,
+    require_loopback,
+    setup_django,
+    start_fake,
+    summary,
+)
+
+BENCH_ORDER = 35
+TITLE = "the screen under load (gunicorn + locust)"
+
+DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/b24bench_load"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/7"
+USERS = tuple(int(count) for count in os.environ.get("BENCH_LOAD_USERS", "20,100").split(","))
+SECONDS = max(5, min(int(os.environ.get("BENCH_LOAD_SECONDS", "25")), 600))
+"""Measured seconds of each run, after every user has started and SETTLE_S have passed."""
+THINK_S = float(os.environ.get("BENCH_LOAD_THINK_S", "1"))
+"""Mean think time after each request (uniform from half to one and a half times); 0: none."""
+SETTLE_S = 3
+"""Seconds after the last user started that are not measured (first opens, new accounts)."""
+STOP_TIMEOUT_S = 60
+"""Users finish the request in flight when the run ends (the think time is cut short), so
+every edit sent gets its answer and the final texts at the fake can be checked exactly."""
+EDITS_PER_OPEN = 3
+RESULTS_PER_TASK = 20
+WORKERS = 2
+THREADS = 8
+"""gunicorn: one worker per CPU of this 2-CPU machine (a Python process runs Python code on one
+CPU at a time), and the Procfile's 8 threads each, which overlap the waits on PostgreSQL, Redis
+and Bitrix24 in which a request spends much of its time."""
+NO_LIMIT = (10**6, 10**6)
+READY_TIMEOUT_S = 30.0
+CPU_EVERY_S = 0.5
+ACCESS_FORMAT = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms %(D)sus %({x-bench-request}i)s'
+"""The Procfile's access log line, plus the request time in microseconds and the request id."""
+ACCESS_TAIL = re.compile(r" (\d+)us (\S+)$")
+LOCUSTFILE = ROOT / "bench" / "_load_locust.py"
+KINDS = ("open", "edit")
+
+
+@dataclass
+class Sample:
+    """One request of a simulated person, as locust saw it, with the server's parts (ms)."""
+
+    kind: str
+    user: int
+    request: str
+    text: str | None
+    start: float
+    ms: float
+    status: int
+    failure: str | None
+    gunicorn_ms: float | None = None
+    portal_ms: float = 0.0
+    rest_calls: int = 0
+
+
+@dataclass
+class Run:
+    """One locust run: its samples, the measured window, where the CPU went."""
+
+    users: int
+    samples: list[Sample]
+    window: tuple[float, float]
+    cpu: dict[str, float]
+    """Share of one CPU per part over the window, in %."""
+    paths: Counter
+    """REST paths the fake handled for the measured requests, per kind: ``(kind, path)``."""
+    stray_calls: int
+    """Fake calls that fell in no request of a person (OAuth, unknown tokens, clock trouble)."""
+    edits_ok: int
+    edits_applied: int
+    people: int
+    final_texts_ok: int
+    locust_warnings: list[str]
+    wall_s: float
+    """The whole locust run: its start, the users' run, their last requests, its exit."""
+
+    @property
+    def measured(self) -> list[Sample]:
+        start, end = self.window
+        return [sample for sample in self.samples if start <= sample.start < end]
+
+    def rate(self, samples: list[Sample]) -> float:
+        """Requests per second of measured ``samples`` over the window."""
+        return len(samples) / (self.window[1] - self.window[0])
+
+
+def main(argv: list[str]) -> int:
+    database_url = os.environ.get("BENCH_LOAD_DATABASE_URL") or DEFAULT_DATABASE_URL
+    redis_url = os.environ.get("BENCH_LOAD_REDIS_URL") or DEFAULT_REDIS_URL
+    problem = ensure_database(database_url) or _redis_problem(redis_url)
+    if problem:
+        print(f"== {TITLE}\nskipped: {problem}\n", flush=True)
+        return 0
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
+        folder = Path(tmp)
+        app_url = f"http://{LOOPBACK}:{_free_port()}"
+        _environment(database_url, redis_url, folder, app_url)
+        fake = start_fake()
+        try:
+            setup_django(fake.oauth_url)
+            from django.core.management import call_command
+            from django.db import connections
+
+            call_command("migrate", interactive=False, verbosity=0)
+            # The admin's hundreds of files would take most of the budget to compress; the
+            # screen's pages name only the apps' own files, which locust does not fetch.
+            call_command("collectstatic", interactive=False, verbosity=0, ignore_patterns=["admin"])
+            connections.close_all()
+            runs = _run(fake, folder, app_url)
+        finally:
+            fake.stop()
+    _print(runs, database_url, redis_url, time.monotonic() - started)
+    _record(runs)
+    lost = any(
+        run.edits_applied != run.edits_ok or run.final_texts_ok != run.people for run in runs
+    )
+    return 1 if lost else 0
+
+
+def _environment(database_url: str, redis_url: str, folder: Path, app_url: str) -> None:
+    """This bench's database and Redis, no broker, its static folder, the app's public URL;
+    inherited by gunicorn. The rest comes from ``bench.common``'s defaults."""
+    os.environ["DATABASE_URL"] = database_url
+    os.environ["REDIS_URL"] = redis_url
+    os.environ["CELERY_BROKER_URL"] = ""
+    os.environ["DJANGO_STATIC_ROOT"] = str(folder / "static")
+    os.environ["B24_APP_URL"] = app_url
+
+
+def _redis_problem(url: str) -> str | None:
+    """The reason to skip when the limiter's Redis does not answer, or ``None``."""
+    import redis
+
+    parts = urlsplit(url)
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        return f"needs Redis, but {parts.hostname}:{parts.port or 6379} is not usable ({exc})"
+    finally:
+        client.close()
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def _run(fake: Any, folder: Path, app_url: str) -> list[Run]:
+    from b24app.portals.models import Portal
+
+    portal = fake.add_portal(rate_limit=NO_LIMIT)
+    portal.set_rate_limit(*NO_LIMIT)
+    require_loopback(portal.url)
+    fake.app_url = app_url
+    installer = portal.add_user(name="Anna", last_name="Smirnova", admin=True)
+    gunicorn = _start_gunicorn(folder, app_url)
+    try:
+        _wait_ready(gunicorn, app_url, folder)
+        _install(portal, installer)
+        Portal.objects.filter(member_id=portal.member_id).update(
+            rate_limit=f"{NO_LIMIT[0]}/{NO_LIMIT[1]}"
+        )
+        timer = HandlerTimer(*portal._listeners, fake._listener)  # private, as bench/screen.py
+        runs = []
+        for users in USERS:
+            people, tokens = _people(portal, installer, users, app_url)
+            runs.append(_run_once(folder, app_url, people, tokens, timer, portal, gunicorn))
+        return runs
+    finally:
+        _stop(gunicorn)
+        Portal.objects.filter(member_id=portal.member_id).delete()
+
+
+def _start_gunicorn(folder: Path, app_url: str) -> subprocess.Popen:
+    """The Procfile's ``web`` command on loopback, with ``%(D)s`` and the request id added to
+    its access log line, which goes to a file in ``folder``, as does the app's output (its log
+    lines on stdout, gunicorn's on stderr); a short graceful timeout for the bench's stop."""
+    command = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "b24app.wsgi",
+        "--worker-class",
+        "gthread",
+        "--workers",
+        str(WORKERS),
+        "--threads",
+        str(THREADS),
+        "--bind",
+        urlsplit(app_url).netloc,
+        "--access-logfile",
+        str(folder / "access.log"),
+        "--access-logformat",
+        ACCESS_FORMAT,
+        "--forwarded-allow-ips",
+        "*",
+        "--graceful-timeout",
+        "5",
+        *_no_control_socket(),
+    ]
+    with open(folder / "gunicorn.out", "w", encoding="utf-8") as output:
+        return subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
+
+
+def _no_control_socket() -> list[str]:
+    """Recent gunicorn versions open a control socket at one path per OS user
+    (``~/.gunicorn``); the bench's gunicorn must not take it from another one on the machine."""
+    from gunicorn.config import KNOWN_SETTINGS
+
+    known = {setting.name for setting in KNOWN_SETTINGS}
+    return ["--no-control-socket"] if "control_socket_disable" in known else []
+
+
+def _wait_ready(gunicorn: subprocess.Popen, app_url: str, folder: Path) -> None:
+    import requests
+
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline and gunicorn.poll() is None:
+        try:
+            if requests.get(f"{app_url}/healthz", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"gunicorn did not come up:\n{_tail(folder / 'gunicorn.out')}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no output)"
+
+
+def _install(portal: Any, installer: int) -> None:
+    """The install wizard over HTTP, as Bitrix24 posts it; then ``installFinish``."""
+    import requests
+
+    url, fields = portal.install_post(installer)
+    response = requests.post(require_loopback(url), data=fields, timeout=30)
+    if response.status_code != 200:
+        raise RuntimeError(f"install answered {response.status_code}: {response.text[:500]}")
+    portal.mark_installed()
+
+
+def _people(portal: Any, installer: int, count: int, app_url: str) -> tuple[list[dict], dict]:
+    """``count`` new Bitrix24 users, 20 to a task of 20 results with one result each (the
+    installer's the rest), and each one's frame POST; and their access tokens -> user ids."""
+    people, tokens = [], {}
+    for first in range(0, count, RESULTS_PER_TASK):
+        group = [
+            portal.add_user(name=f"User {number + 1}", last_name="Load")
+            for number in range(first, min(first + RESULTS_PER_TASK, count))
+        ]
+        task = portal.add_task(
+            title=f"Load task {first // RESULTS_PER_TASK + 1}",
+            created_by=installer,
+            responsible_id=installer,
+        )
+        authors = group + [installer] * (RESULTS_PER_TASK - len(group))
+        for number, author in enumerate(authors, start=1):
+            text = f"Result {number}: figures checked, report sent"
+            result = portal.add_result(task, author_id=author, text=text)
+            if author == installer:
+                continue
+            url, fields = portal.frame_post(author, options={"taskId": str(task)})
+            if not url.startswith(f"{app_url}/"):
+                raise RuntimeError(f"the frame POST goes to {url}, not to the app")
+            parts = urlsplit(url)
+            people.append(
+                {
+                    "user": author,
+                    "task": task,
+                    "result": result,
+                    "text": text,
+                    "open_path": f"{parts.path}?{parts.query}",
+                    "open_body": urlencode(fields),
+                }
+            )
+            tokens[fields["AUTH_ID"]] = author
+    return people, tokens
+
+
+def _run_once(
+    folder: Path,
+    app_url: str,
+    people: list[dict],
+    tokens: dict[str, int],
+    timer: HandlerTimer,
+    portal: Any,
+    gunicorn: subprocess.Popen,
+) -> Run:
+    """One locust run with one user per person; its samples read, attributed and checked."""
+    users = len(people)
+    samples_path = folder / f"samples-{users}.jsonl"
+    plan_path = folder / f"plan-{users}.json"
+    plan = {
+        "think_s": THINK_S,
+        "edits_per_open": EDITS_PER_OPEN,
+        "results_per_task": RESULTS_PER_TASK,
+        "samples": str(samples_path),
+        "people": people,
+    }
+    plan_path.write_text(json.dumps(plan), encoding="utf-8")
+    run_s = 1 + SETTLE_S + SECONDS  # every user starts within the first second
+    log_path = folder / f"locust-{users}.log"
+    command = [
+        *(sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless"),
+        *("--host", app_url, "--users", str(users), "--spawn-rate", str(users)),
+        *("--run-time", f"{run_s}s", "--stop-timeout", str(STOP_TIMEOUT_S)),
+        *("--only-summary", "--exit-code-on-error", "0", "--loglevel", "WARNING"),
+    ]
+    timer.handled.clear()
+    timer.recording = True
+    meter = CpuMeter(gunicorn.pid)
+    started = time.monotonic()
+    try:
+        with open(log_path, "w", encoding="utf-8") as log:
+            locust = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env={**os.environ, "BENCH_LOAD_PLAN": str(plan_path)},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            meter.watch(locust.pid)
+            try:
+                code = locust.wait(timeout=run_s + STOP_TIMEOUT_S + 60)
+            except subprocess.TimeoutExpired:
+                locust.kill()
+                raise
+    finally:
+        timer.recording = False
+        meter.stop()
+    wall_s = time.monotonic() - started
+    if code != 0:
+        raise RuntimeError(f"locust exited with {code}:\n{_tail(log_path)}")
+    samples, window = _read_samples(samples_path)
+    _gunicorn_times(samples, folder / "access.log")
+    paths, stray = _portal_times(samples, timer, tokens, window)
+    edits_ok, applied, final_ok = _check_edits(samples, people, portal)
+    start, end = window
+    return Run(
+        users=users,
+        samples=samples,
+        window=window,
+        cpu=meter.shares(start, end),
+        paths=paths,
+        stray_calls=stray,
+        edits_ok=edits_ok,
+        edits_applied=applied,
+        people=len(people),
+        final_texts_ok=final_ok,
+        locust_warnings=[
+            line
+            for line in log_path.read_text(encoding="utf-8").splitlines()
+            if "CPU usage" in line
+        ],
+        wall_s=wall_s,
+    )
+
+
+# --- reading the run ---------------------------------------------------------------------------
+
+
+def _read_samples(path: Path) -> tuple[list[Sample], tuple[float, float]]:
+    """The locust samples and the measured window: from SETTLE_S after every user had started
+    to the moment the run began to stop."""
+    samples, events = [], {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        item = json.loads(line)
+        if "event" in item:
+            events[item["event"]] = item["time"]
+        else:
+            samples.append(Sample(**item))
+    if "spawned" not in events or "stopping" not in events:
+        raise RuntimeError(f"locust did not report its start and stop: {sorted(events)}")
+    return samples, (events["spawned"] + SETTLE_S, events["stopping"])
+
+
+def _gunicorn_times(samples: list[Sample], access_log: Path) -> None:
+    """gunicorn's own request time (``%(D)s``) of each sample, matched by its request id."""
+    times = {}
+    for line in access_log.read_text(encoding="utf-8").splitlines():
+        match = ACCESS_TAIL.search(line)
+        if match and match.group(2) != "-":
+            times[match.group(2)] = int(match.group(1)) / 1000
+    for sample in samples:
+        sample.gunicorn_ms = times.get(sample.request)
+
+
+def _portal_times(
+    samples: list[Sample], timer: HandlerTimer, tokens: dict, window: tuple[float, float]
+) -> tuple[Counter, int]:
+    """The fake's handling of each sample's REST calls: a person has one request in flight at a
+    time, so a call with their token that began inside their request belongs to it. Also the
+    paths called for the requests in ``window``, and the calls that belong to no request."""
+    calls = defaultdict(list)
+    stray = 0
+    for handled in timer.handled:
+        body = handled.request.parsed_body()
+        user = tokens.get(body.get("auth")) if isinstance(body, dict) else None
+        if user is None:
+            stray += 1
+        else:
+            calls[user].append(handled)
+    by_user = defaultdict(list)
+    for sample in samples:
+        by_user[sample.user].append(sample)
+    paths: Counter = Counter()
+    start, end = window
+    for user, handled in calls.items():
+        handled.sort(key=lambda call: call.started)
+        starts = [call.started for call in handled]
+        claimed = 0
+        for sample in by_user.get(user, []):
+            first = bisect_left(starts, sample.start)
+            last = bisect_right(starts, sample.start + sample.ms / 1000)
+            for call in handled[first:last]:
+                sample.portal_ms += call.elapsed_us / 1000
+                sample.rest_calls += 1
+                if start <= sample.start < end:
+                    paths[(sample.kind, call.request.path)] += 1
+            claimed += last - first
+        stray += len(handled) - claimed
+    return paths, stray
+
+
+def _check_edits(samples: list[Sample], people: list[dict], portal: Any) -> tuple[int, int, int]:
+    """Edits answered 2xx, how many of them the fake applied with their text, and the people
+    whose result at the fake carries the text of their last edit answered 2xx."""
+    applied = defaultdict(set)
+    for call in portal.calls(method="tasks.task.result.update", api="v3"):
+        body = call["body"] if isinstance(call["body"], dict) else {}
+        fields = body.get("fields") if isinstance(body.get("fields"), dict) else {}
+        if call["status"] == 200 and not call["replayed"]:
+            applied[body.get("id")].add(fields.get("text"))
+    result_of = {person["user"]: person for person in people}
+    ok = sorted(
+        (sample for sample in samples if sample.kind == "edit" and sample.failure is None),
+        key=lambda sample: sample.start,
+    )
+    last_text = {sample.user: sample.text for sample in ok}
+    found = sum(sample.text in applied[result_of[sample.user]["result"]] for sample in ok)
+    final_ok = 0
+    for person in people:
+        expected = last_text.get(person["user"], person["text"])
+        items = {int(item["id"]): item for item in portal.results(person["task"])}
+        final_ok += items[person["result"]]["text"] == expected
+    return len(ok), found, final_ok
+
+
+class CpuMeter:
+    """CPU time of gunicorn (master and workers), of this process (the fake, in effect), of
+    locust and of the whole machine, sampled every ``CPU_EVERY_S`` with the wall clock."""
+
+    def __init__(self, gunicorn_pid: int) -> None:
+        import psutil
+
+        self._gunicorn = psutil.Process(gunicorn_pid)
+        self._fake = psutil.Process()
+        self._locust = None
+        self._snapshots: list[tuple[float, dict[str, float]]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="cpu-meter", daemon=True)
+        self._thread.start()
+
+    def watch(self, locust_pid: int) -> None:
+        import psutil
+
+        self._locust = psutil.Process(locust_pid)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._done.wait(CPU_EVERY_S):
+            self._snapshots.append((time.time(), self._snapshot()))
+
+    def _snapshot(self) -> dict[str, float]:
+        import psutil
+
+        machine = psutil.cpu_times()
+        busy = sum(
+            getattr(machine, name, 0.0)
+            for name in ("user", "nice", "system", "irq", "softirq", "steal")
+        )
+        gunicorn = [self._gunicorn]
+        try:
+            gunicorn += self._gunicorn.children(recursive=True)
+        except psutil.Error:
+            pass
+        return {
+            "gunicorn": _cpu_seconds(gunicorn),
+            "fake": _cpu_seconds([self._fake]),
+            "locust": _cpu_seconds([self._locust] if self._locust else []),
+            "machine": busy,
+        }
+
+    def shares(self, start: float, end: float) -> dict[str, float]:
+        """Per part, the CPU it used between the snapshots nearest inside ``start``..``end``, in
+        % of one CPU; ``other`` is the machine's rest (PostgreSQL, Redis, anything else)."""
+        inside = [snapshot for snapshot in self._snapshots if start <= snapshot[0] <= end]
+        if len(inside) < 2:
+            return {}
+        (first_at, first), (last_at, last) = inside[0], inside[-1]
+        span = last_at - first_at
+        shares = {name: 100 * (last[name] - first[name]) / span for name in first}
+        shares["other"] = shares["machine"] - shares["gunicorn"] - shares["fake"] - shares["locust"]
+        return shares
+
+
+def _cpu_seconds(processes: list[Any]) -> float:
+    import psutil
+
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+# --- output ------------------------------------------------------------------------------------
+
+
+def _print(runs: list[Run], database_url: str, redis_url: str, elapsed: float) -> None:
+    rows, parts_rows, notes = [], [], []
+    for run in runs:
+        measured = run.measured
+        for kind in (*KINDS, "all"):
+            chosen = [s for s in measured if kind == "all" or s.kind == kind]
+            figures = summary([s.ms for s in chosen])
+            failures = sum(s.failure is not None for s in chosen)
+            rows.append(
+                [run.users, kind, len(chosen), failures, fmt(run.rate(chosen)), *_ms(figures)]
+            )
+        for kind in KINDS:
+            chosen = [s for s in measured if s.kind == kind and s.failure is None and s.gunicorn_ms]
+            parts = [
+                ("client (locust)", [s.ms for s in chosen]),
+                ("gunicorn %(D)s", [s.gunicorn_ms for s in chosen]),
+                ("portal (fake's handling)", [s.portal_ms for s in chosen]),
+                ("app = gunicorn - portal", [s.gunicorn_ms - s.portal_ms for s in chosen]),
+                ("wait = client - gunicorn", [s.ms - s.gunicorn_ms for s in chosen]),
+            ]
+            for part, values in parts:
+                figures = summary(values)
+                parts_rows.append([run.users, kind, part, figures["n"], *_ms(figures)])
+        notes.extend(_run_notes(run))
+    print_table(
+        TITLE,
+        ["users", "request", "requests", "failures", "req/s", "p50 ms", "p95 ms", "p99 ms"],
+        rows,
+        [
+            *notes,
+            f"gunicorn {WORKERS} gthread workers x {THREADS} threads (one worker per CPU, the",
+            "Procfile's threads); production settings with loopback allowances, DEBUG off,",
+            "static files collected, whitenoise; background work inline (no broker); the",
+            f"rate limiter in Redis {_where(redis_url)}; database {_where(database_url)}",
+            f"each user: open, then {EDITS_PER_OPEN} edits of its own result, "
+            + (
+                f"think time {THINK_S / 2:g}-{THINK_S * 3 / 2:g} s after every request"
+                if THINK_S
+                else "no think time"
+            ),
+            f"measured: {SECONDS} s per run, from {SETTLE_S} s after every user had started "
+            "to the stop;",
+            "req/s: requests started in that window per second; percentiles: nearest rank",
+            f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, load average "
+            f"{os.getloadavg()[0]:.2f} (1 min) at the end; {elapsed:.0f} s in all: locust runs "
+            f"{' + '.join(f'{run.wall_s:.0f}' for run in runs)} s, the rest setup and checks",
+        ],
+    )
+    print_table(
+        f"{TITLE}: where the time goes",
+        ["users", "request", "part", "n", "p50 ms", "p95 ms", "p99 ms"],
+        parts_rows,
+        [
+            "successful measured requests; each part is per request, then ranked",
+            "gunicorn %(D)s: from gunicorn reading the request to the end of the answer",
+            "portal: the fake's handlers (routing, REST logic, its request log; no socket I/O)",
+            "for the REST calls made with the person's token while their request was open",
+            "wait: time before a gunicorn thread took the request, plus loopback and locust",
+        ],
+    )
+
+
+def _run_notes(run: Run) -> list[str]:
+    everything = run.samples
+    failures = Counter(s.failure for s in everything if s.failure is not None)
+    per_request = {
+        kind: summary([s.rest_calls for s in run.measured if s.kind == kind and not s.failure])
+        for kind in KINDS
+    }
+    per_kind = defaultdict(list)
+    for (kind, path), count in sorted(run.paths.items()):
+        per_kind[kind].append(f"{path} x{count}")
+    cpu = ", ".join(f"{name} {share:.0f} %" for name, share in run.cpu.items())
+    rate = run.rate(run.measured)
+    cpu_per_request = ", ".join(
+        f"{name} {run.cpu[name] * 10 / rate:.1f} ms"
+        for name in ("gunicorn", "fake")
+        if run.cpu and rate
+    )
+    share = {
+        kind: _share(
+            [s for s in run.measured if s.kind == kind and s.failure is None and s.gunicorn_ms]
+        )
+        for kind in KINDS
+    }
+    notes = [
+        f"{run.users} users: {len(everything)} requests in the whole run (ramp-up and settling "
+        f"included), {sum(failures.values())} failed"
+        + (": " + "; ".join(f"{text} x{count}" for text, count in failures.most_common(4)))
+        * bool(failures),
+        f"  edits answered 2xx and applied at the fake with their text: "
+        f"{run.edits_applied}/{run.edits_ok}; people whose result ends with their last "
+        f"edit: {run.final_texts_ok}/{run.people}",
+        f"  REST calls per request (median): open {fmt(per_request['open']['median'], 0)}, "
+        f"edit {fmt(per_request['edit']['median'], 0)}; calls outside any request: "
+        f"{run.stray_calls}",
+        *(f"  {kind}: {', '.join(items)}" for kind, items in per_kind.items()),
+        f"  the fake's share of gunicorn's time: open {share['open']}, edit {share['edit']}",
+        f"  CPU in % of one CPU over the window: {cpu or 'not sampled'}",
+        f"  CPU per measured request: {cpu_per_request or '-'}",
+        *(f"  locust: {warning.strip()}" for warning in run.locust_warnings),
+    ]
+    return notes
+
+
+def _share(samples: list[Sample]) -> str:
+    total = sum(s.gunicorn_ms for s in samples)
+    return f"{100 * sum(s.portal_ms for s in samples) / total:.0f} %" if total else "-"
+
+
+def _ms(figures: dict[str, float]) -> list[str]:
+    return [fmt(figures["median"]), fmt(figures["p95"]), fmt(figures["p99"])]
+
+
+def _where(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or '-'}{parts.path}"
+
+
+def _record(runs: list[Run]) -> None:
+    for run in runs:
+        measured = run.measured
+        for kind, label in (("open", "screen open"), ("edit", "edit")):
+            figures = summary([s.ms for s in measured if s.kind == kind])
+            record(
+                "load",
+                f"{run.users} users: {label} p50 / p99",
+                f"{figures['median']:.0f} / {figures['p99']:.0f} ms",
+            )
+        record("load", f"{run.users} users: requests/s", f"{run.rate(measured):.1f}")
+        failures = sum(s.failure is not None for s in run.samples)
+        record("load", f"{run.users} users: errors (whole run)", str(failures), target="0")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
