@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F, Max, Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
@@ -28,7 +28,7 @@ from b24app.portals.bitrix import (
     BitrixValidationError,
 )
 from b24app.portals.models import Account, Portal
-from b24app.portals.services import account_client
+from b24app.portals.services import AccountAwaitingSignIn, account_client, portal_rate
 from results.models import ResultChange
 from results.selectors import portal_user_names, result_changes_pending
 
@@ -38,13 +38,22 @@ MAX_TEXT_LENGTH = 10_000
 LEASE = timedelta(seconds=60)
 """How long one delivery attempt owns a change: longer than one attempt can take (a wait for the
 request budget, a token refresh and the call, each bounded by its timeout)."""
-BACKGROUND_LIMITER_WAIT_S = 10.0
+DEFER_AFTER_SLOTS = 2
+"""A background delivery sleeps for its portal's request budget at most this many of the
+portal's request intervals. A longer wait means the budget is spoken for (the portal's other
+changes, a penalty after `QUERY_LIMIT_EXCEEDED`): the change is re-queued for its own turn
+instead, so no worker sits on one portal's budget while other portals' changes wait behind it in
+the queue (head-of-line blocking)."""
+DEFERRED = "RATE_LIMITED"
+"""`last_error` of a change re-queued for its turn: the code of our own limiter's refusal."""
 BACKOFF_BASE_S = 2.0
 BACKOFF_CAP_S = 300.0
 MAX_DELAY_S = 600.0
 """Never schedule further ahead than this (below the broker's visibility timeout)."""
 GIVE_UP_AFTER = timedelta(hours=20)
 """Bitrix24 keeps an idempotent answer for 24 h; after that a resend could apply twice."""
+PORTAL_LIMIT_CODES = ("QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT", DEFERRED)
+"""Errors that hold a change back for the portal's sake, whoever is signed in."""
 WEB_LIMITER_WAIT_S = 2.0
 LIST_SELECT = [
     "id",
@@ -132,6 +141,10 @@ def results_fetch(*, account: Account, task_id: int) -> list[ResultItem]:
             "tasks.task.result.list",
             {"filter": [["taskId", task_id]], "select": LIST_SELECT, "order": {"id": "DESC"}},
         )
+    except AccountAwaitingSignIn as exc:
+        raise ScreenUnavailable(
+            _("Bitrix24 needs you to sign in again. Reopen the app; your changes are kept.")
+        ) from exc
     except BitrixUnavailable as exc:
         raise ScreenUnavailable(_("Bitrix24 is busy right now. Try again in a minute.")) from exc
     except BitrixAccessDenied as exc:
@@ -323,18 +336,46 @@ def _backoff(change: ResultChange, exc: BitrixUnavailable) -> datetime:
     return now + timedelta(seconds=min(delay, MAX_DELAY_S))
 
 
-def result_change_deliver(
-    *, change_id: int, limiter_max_wait: float = BACKGROUND_LIMITER_WAIT_S
-) -> ResultChange:
+def _turn(change: ResultChange, not_before_s: float, interval_s: float) -> datetime:
+    """The change's own turn in its portal's request budget: one request interval after the
+    last turn handed out to the portal's other deferred changes, and not before the limiter's
+    next free slot. Call inside a transaction: the portal's row lock makes concurrent workers
+    hand out turns one after another, so deferred changes come back spread out, in order,
+    instead of all at once."""
+    Portal.objects.select_for_update().only("pk").get(pk=change.portal_id)
+    now = timezone.now()
+    turn = now + timedelta(seconds=not_before_s)
+    last = (
+        ResultChange.objects.filter(
+            portal_id=change.portal_id, state=ResultChange.State.QUEUED, last_error=DEFERRED
+        )
+        .exclude(pk=change.pk)
+        .aggregate(last=Max("next_attempt_at"))["last"]
+    )
+    if last is not None:
+        turn = max(turn, last + timedelta(seconds=interval_s))
+    return min(turn, now + timedelta(seconds=MAX_DELAY_S))
+
+
+def result_change_deliver(*, change_id: int, limiter_max_wait: float | None = None) -> ResultChange:
     """One delivery attempt, if the change is queued, due and not being delivered elsewhere.
 
     Safe to run twice or concurrently: a lease lets one attempt at a time send, and the
     change's `Idempotency-Key` makes Bitrix24 apply a resent change once.
+
+    `limiter_max_wait` bounds the wait for the portal's request budget (a web request's);
+    without it (background) the wait is at most :data:`DEFER_AFTER_SLOTS` request intervals.
+    A change that would wait longer is re-queued for its turn (:func:`_turn`), which is not
+    counted as an attempt: nothing was sent.
     """
     if not _claim(change_id):
         return ResultChange.objects.get(pk=change_id)
     change = ResultChange.objects.select_related("account__portal").get(pk=change_id)
+    interval_s = 1 / portal_rate(change.portal)[1]
+    if limiter_max_wait is None:
+        limiter_max_wait = DEFER_AFTER_SLOTS * interval_s
     updates: dict = {"lease_until": None}
+    deferred_for: float | None = None
     try:
         if change.portal.state != Portal.State.ACTIVE and change.portal.blocked_by_operator:
             raise BitrixAuthError("PORTAL_BLOCKED", "portal blocked by its operator")
@@ -346,6 +387,9 @@ def result_change_deliver(
                 state=ResultChange.State.FAILED,
                 last_error_message=str(_("Bitrix24 was unreachable for too long. Press Retry.")),
             )
+        elif exc.code == DEFERRED:
+            deferred_for = float(exc.retry_after or 0)
+            updates["attempts"] = F("attempts") - 1
         else:
             updates["next_attempt_at"] = _backoff(change, exc)
     except BitrixError as exc:
@@ -362,7 +406,10 @@ def result_change_deliver(
             last_error="",
             last_error_message="",
         )
-    ResultChange.objects.filter(pk=change_id).update(**updates, updated_at=timezone.now())
+    with transaction.atomic():
+        if deferred_for is not None:
+            updates["next_attempt_at"] = _turn(change, deferred_for, interval_s)
+        ResultChange.objects.filter(pk=change_id).update(**updates, updated_at=timezone.now())
     change.refresh_from_db()
     logger.info(
         "change %s attempt %s -> %s %s", change.pk, change.attempts, change.state, change.last_error
@@ -379,3 +426,18 @@ def delivers_inline() -> bool:
     from celery import current_app
 
     return bool(current_app.conf.task_always_eager)
+
+
+def result_changes_resume(*, account: Account) -> int:
+    """The account's user is back with fresh tokens (opened the app, or renewed the frame
+    session): their queued changes are due now instead of after their backoff, unless the
+    portal's own limits hold them back. The next delivery pass (the worker's sweep, or the
+    open screen's polling) sends them. Returns how many."""
+    now = timezone.now()
+    return (
+        ResultChange.objects.filter(
+            account=account, state=ResultChange.State.QUEUED, next_attempt_at__gt=now
+        )
+        .exclude(last_error__in=PORTAL_LIMIT_CODES)
+        .update(next_attempt_at=now, updated_at=now)
+    )

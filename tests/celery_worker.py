@@ -4,9 +4,11 @@ and the test database, trusting the fake OAuth server; stopped, or killed mid-wo
 from __future__ import annotations
 
 
-def start_worker(fake, settings, log_path, name: str):
-    """Start a worker (prefork, 2 processes) named `name`, logging to `log_path`; ready when its
-    log says so or it answers a ping. `celery_worker_process` in tests/conftest.py is one."""
+def start_worker(fake, settings, log_path, name: str, concurrency: int = 2, env=None):
+    """Start a worker (prefork, `concurrency` processes) named `name`, logging to `log_path`;
+    ready when its log says so or it answers a ping. `env` overrides its environment.
+    `celery_worker_process` in tests/conftest.py is one; `bench/throughput.py` starts them
+    with 1 and 4 processes and production's persistent database connections."""
     import os
     import socket
     import subprocess
@@ -26,6 +28,7 @@ def start_worker(fake, settings, log_path, name: str):
         "B24_ALLOW_PRIVATE_PORTALS": "true",
         "DJANGO_CONN_MAX_AGE": "0",
         "PYTHONUNBUFFERED": "1",
+        **(env or {}),
     }
     node = f"{name}-{os.getpid()}@{socket.gethostname()}"
     with open(log_path, "w") as out:
@@ -40,7 +43,7 @@ def start_worker(fake, settings, log_path, name: str):
                 "--pool",
                 "prefork",
                 "--concurrency",
-                "2",
+                str(concurrency),
                 "--hostname",
                 node,
                 "--without-gossip",
@@ -49,7 +52,7 @@ def start_worker(fake, settings, log_path, name: str):
                 "--loglevel",
                 "INFO",
             ],
-            cwd=Path(__file__).resolve().parents[2],
+            cwd=Path(__file__).resolve().parents[1],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

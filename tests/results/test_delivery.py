@@ -425,6 +425,43 @@ def test_result_change_queued_is_scheduled_on_the_broker_for_when_it_is_due(
     assert reset_at - time.time() - 5 <= countdown <= services.MAX_DELAY_S
 
 
+@pytest.mark.django_db
+def test_result_change_whose_portal_budget_is_taken_is_requeued_for_its_turn_not_slept_on(
+    client, fake, portal, task, celery_eager
+):
+    """Head-of-line blocking: a worker that slept until a busy portal had budget again would
+    leave every other portal's changes waiting behind it in the queue. A background delivery
+    that would wait more than two of the portal's request intervals sends nothing and takes a
+    turn instead: after the portal's other deferred changes, one interval apart, not before the
+    limiter's next free slot, without counting as an attempt. At its turn it is sent, once."""
+    changes = [_queued_change(client, portal, task, text=f"Turn {n}") for n in range(3)]
+    sent_before = len(writes(portal))
+    _, rate = services.portal_rate(changes[0].portal)
+    interval = timedelta(seconds=1 / rate)
+    budget_back = timezone.now() + timedelta(seconds=3)
+    # Taken for 3 s: more than the 2 intervals a worker may sleep (1 s at 2/s), less than the
+    # 10 s a worker used to sleep through.
+    rate_limiter().penalize(portal.member_id, 3.0)
+
+    deferred = [services.result_change_deliver(change_id=change.pk) for change in changes]
+
+    assert [c.state for c in deferred] == [ResultChange.State.QUEUED] * 3
+    assert [c.last_error for c in deferred] == [services.DEFERRED] * 3
+    assert [c.attempts for c in deferred] == [1, 1, 1]  # the refused first tries only
+    assert len(writes(portal)) == sent_before
+    first, second, third = (c.next_attempt_at for c in deferred)
+    assert first >= budget_back - timedelta(seconds=1)
+    assert second >= first + interval and third >= second + interval
+    assert third <= budget_back + 4 * interval + timedelta(seconds=5)
+
+    for change in deferred:
+        _time_passes(portal, change)
+        assert services.result_change_deliver(change_id=change.pk).state == "saved"
+
+    assert texts(portal, task) == ["Turn 0", "Turn 1", "Turn 2"]
+    assert [len(applied(portal, c.idempotency_key)) for c in changes] == [1, 1, 1]
+
+
 # --- the lease: one attempt at a time --------------------------------------------------------
 
 
