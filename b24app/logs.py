@@ -42,6 +42,20 @@ _LONG_HEX = re.compile(r"(?<![0-9A-Za-z])[0-9a-f]{40,}(?![0-9A-Za-z])", re.IGNOR
 _EVENT_TOKEN = re.compile(r"(?<![0-9A-Za-z])(?=[0-9a-z]{32}(?![0-9A-Za-z]))[0-9a-z]*[g-z][0-9a-z]*")
 
 
+CLAIMED_ID_CHARS = 8
+
+
+def claimed_id(value: object) -> str:
+    """An id a request claims (a `member_id` of a refused request), shortened for a log line.
+
+    A refused request may carry anything in that field, a secret included, and a 32-character
+    hex token looks exactly like a member_id, so masking cannot tell. Eight characters still let
+    an operator find the portal.
+    """
+    text = str(value)
+    return text if len(text) <= CLAIMED_ID_CHARS else text[:CLAIMED_ID_CHARS] + "…"
+
+
 def _mask_value(value: str) -> str:
     return value[:4] + MASK
 

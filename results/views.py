@@ -22,6 +22,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from b24app.framing import allow_portal_framing, claimed_portal_origin
+from b24app.logs import claimed_id
 from b24app.portals import frame
 from b24app.portals.bitrix import BitrixError
 from b24app.portals.models import Account, Portal
@@ -142,6 +143,14 @@ def _frame(request) -> Frame:
     )
     if account is None or not account.has_tokens:
         raise FrameRefused(_("This session is no longer valid. Reopen the app."), code="frame_gone")
+    if account.state == Account.State.WAITING:
+        # The account's tokens were lost in transit: like an expired session, the open screen
+        # renews it with fresh auth from the Bitrix24 frame (refreshAuth) and repeats the request.
+        raise FrameRefused(
+            _("Your session in this window has expired. Reopen the app."),
+            status=401,
+            code="frame_expired",
+        )
     if account.portal.state == Portal.State.UNINSTALLED or account.portal.blocked_by_operator:
         raise FrameRefused(_("The app is not available on this Bitrix24."), code="portal_off")
     translation.activate(session.language)
@@ -245,9 +254,10 @@ def screen(request):
         logger.warning(
             "placement refused error=%s member_id=%s",
             exc.code,
-            request.POST.get("member_id", "")[:64],
+            claimed_id(request.POST.get("member_id", "")),
         )
         return _refused(request, exc.message, exc.status, code=exc.code)
+    services.result_changes_resume(account=account)
     language = _language(request.GET.get("LANG", ""))
     token = frame.issue(frame.FrameSession(account.portal_id, account.pk, language))
     fr = Frame(account=account, token=token, language=language)
@@ -374,6 +384,7 @@ def session_renew(request):
         )
     except FrameRefused as exc:
         return _framed(JsonResponse({"error": exc.code}, status=exc.status), None)
+    services.result_changes_resume(account=account)
     token = frame.issue(frame.FrameSession(account.portal_id, account.pk, session.language))
     return _framed(JsonResponse({"token": token}), None)
 

@@ -381,7 +381,8 @@ def account_tokens_refresh(*, account_id: int, seen_version: int | None = None) 
         except BitrixError as exc:
             failure = exc
             account.last_refresh_error = f"{exc.code}: temporary, will retry"[:500]
-            account.refresh_unconfirmed_at = now
+            if not isinstance(exc, UnsafeURL):  # refused before sending: nothing was spent
+                account.refresh_unconfirmed_at = now
             account.save(
                 update_fields=["last_refresh_error", "refresh_unconfirmed_at", "updated_at"]
             )
@@ -962,8 +963,10 @@ def _refuse_unusable(portal: Portal) -> None:
 
 
 def _frame_profile(portal: Portal, access_token: str) -> dict:
-    client = _portal_client(portal, access_token, limiter_max_wait=5.0)
     try:
+        # Building the client checks the stored endpoint (SSRF guard): a private address, or a
+        # name that does not resolve right now, is a refusal like any other, not a crash.
+        client = _portal_client(portal, access_token, limiter_max_wait=5.0)
         profile = client.call("profile")
     except BitrixUnavailable as exc:
         raise FrameRefused(

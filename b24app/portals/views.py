@@ -17,6 +17,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from b24app.framing import allow_portal_framing, claimed_portal_origin
+from b24app.logs import claimed_id
 from b24app.portals import services
 from b24app.portals.bitrix import BitrixError
 from b24app.portals.forms import bracket_decode
@@ -56,7 +57,9 @@ def install(request):
         if exc.code in ("rejected", "mismatch", "untrusted_server", "unsafe_portal", "not_admin"):
             status = 403
         error = exc.message
-        logger.warning("install refused error=%s member_id=%s", exc.code, auth["member_id"][:64])
+        logger.warning(
+            "install refused error=%s member_id=%s", exc.code, claimed_id(auth["member_id"])
+        )
     response = render(
         request,
         "portals/install.html",
@@ -86,7 +89,7 @@ def events(request):
         logger.warning(
             "event refused event=%s member_id=%s error=%s",
             event[:40],
-            str(auth.get("member_id", ""))[:64],
+            claimed_id(auth.get("member_id", "")),
             outcome.code,
         )
         return JsonResponse({"status": "error", "error": outcome.code}, status=outcome.status)

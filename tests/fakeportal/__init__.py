@@ -13,5 +13,12 @@ Standard library only. See README.md in this folder and
 
 from .fake import DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, FakeBitrix
 from .portal import FakePortal
+from .util import issued_secrets
 
-__all__ = ["FakeBitrix", "FakePortal", "DEFAULT_CLIENT_ID", "DEFAULT_CLIENT_SECRET"]
+__all__ = [
+    "FakeBitrix",
+    "FakePortal",
+    "DEFAULT_CLIENT_ID",
+    "DEFAULT_CLIENT_SECRET",
+    "issued_secrets",
+]

@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 
 from .server import DROP, Request, Response
 from .state import CODE_TTL_S, AuthCode
-from .util import new_hex
+from .util import issued, new_hex
 
 # Injected token-endpoint errors: code -> (HTTP status, body).
 # [UNCONFIRMED] statuses of PAYMENT_REQUIRED and insufficient_scope/invalid_scope
@@ -306,7 +306,7 @@ def authorize(portal, req: Request) -> Response:
             user = admins[0] if admins else next(iter(portal.users.values()), None)
         if user is None:
             return _error_page(portal, "Authorization error", "No user to authorize.")
-        code = new_hex(16)
+        code = issued(new_hex(16))
         fake.codes[code] = AuthCode(
             code, portal.member_id, user.id, portal.scopes, fake.now() + CODE_TTL_S
         )

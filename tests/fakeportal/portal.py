@@ -23,7 +23,7 @@ from .state import (
     Task,
     User,
 )
-from .util import iso, make_tz, new_hex, new_token, php_json
+from .util import iso, issued, make_tz, new_hex, new_token, php_json
 
 TASK_CARD_PLACEMENTS = ("TASK_VIEW_TAB", "TASK_VIEW_SIDEBAR", "TASK_VIEW_TOP_PANEL")
 
@@ -51,7 +51,7 @@ class FakePortal:
         self.status = status
         self.lang = lang
         self.tz = make_tz(tz_offset_minutes)
-        self.application_token = new_hex(16)
+        self.application_token = issued(new_hex(16))
         self.installed = False
         self.uninstalled = False
         self.app_version = 1
@@ -217,7 +217,7 @@ class FakePortal:
     def add_webhook(self, user_id: int, scopes=None) -> str:
         """An inbound webhook for ``user_id``; returns its base URL ``.../rest/{uid}/{code}/``."""
         with self.lock:
-            code = new_hex(8)
+            code = issued(new_hex(8))
             granted = scopes if scopes is not None else self.scopes
             if isinstance(granted, str):
                 granted = granted.split(",")
@@ -527,7 +527,7 @@ class FakePortal:
             if event == "ONAPPUPDATE":
                 self.previous_version = self.app_version
                 self.app_version += 1
-                self.application_token = new_hex(16)
+                self.application_token = issued(new_hex(16))
             if event not in events.LIFECYCLE_EVENTS and not self.installed:
                 self.sent_events.append(
                     {
@@ -584,7 +584,7 @@ class FakePortal:
         with self.lock:
             self.uninstalled = False
             self.installed = bool(finish)
-            self.application_token = new_hex(16)
+            self.application_token = issued(new_hex(16))
         return self.send_event("ONAPPINSTALL", url=url, user_id=user_id)
 
     # ---- faults and transport

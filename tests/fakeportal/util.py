@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import threading
 from datetime import datetime, timedelta, timezone
 from urllib.parse import parse_qsl
 
@@ -19,7 +20,28 @@ def new_hex(nbytes: int = 16) -> str:
 def new_token() -> str:
     # Real frame tokens look like 70 hex characters (see §3.2 examples); the
     # exact format is opaque to clients.
-    return secrets.token_hex(35)
+    return issued(secrets.token_hex(35))
+
+
+_ISSUED: set[str] = set()
+_ISSUED_LOCK = threading.Lock()
+
+
+def issued(secret: str) -> str:
+    """Remember ``secret`` as handed out by a fake in this process and return it.
+
+    Every access and refresh token, ``application_token``, authorization code and webhook code
+    goes through here, so a check can look for all of them wherever they must never appear
+    (the security suite's whole-run log check, ``tests/security/logcheck.py``)."""
+    with _ISSUED_LOCK:
+        _ISSUED.add(secret)
+    return secret
+
+
+def issued_secrets() -> frozenset[str]:
+    """Every secret any fake in this process has issued so far (see :func:`issued`)."""
+    with _ISSUED_LOCK:
+        return frozenset(_ISSUED)
 
 
 def is_int(value) -> bool:
