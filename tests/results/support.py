@@ -89,15 +89,22 @@ def acting_user(fake, record: dict) -> int | None:
 
 def applied(portal, key: str) -> list[dict]:
     """Requests under `key` that the portal carried out (200, not an idempotent replay)."""
-    return [
-        r
-        for r in writes(portal)
-        if r["idempotency_key"] == key and r["status"] == 200 and not r["replayed"]
-    ]
+    return carried_out(r for r in writes(portal) if r["idempotency_key"] == key)
+
+
+def carried_out(records) -> list[dict]:
+    """Those of the recorded write requests that the portal carried out (200, not a replay)."""
+    return [r for r in records if r["status"] == 200 and not r["replayed"]]
+
+
+def writes_by_key(portal) -> dict[str, list[dict]]:
+    """REST 3.0 write requests by `Idempotency-Key`, in the order they arrived: one pass over
+    the portal's records, for checks of many changes at once."""
+    by_key: dict[str, list[dict]] = {}
+    for record in writes(portal):
+        by_key.setdefault(record["idempotency_key"], []).append(record)
+    return by_key
 
 
 def texts(portal, task_id: int) -> list[str]:
     return sorted(item["text"] for item in portal.results(task_id))
-
-
-# --- Celery workers the fault tests start and kill ---------------------------------------------

@@ -1,0 +1,206 @@
+"""Parts for the fault suite: a TCP proxy that can make PostgreSQL look restarted, the app
+served by gunicorn as in production, and a client for it shaped like Django's test client (so
+the helpers of tests/results/support.py drive it unchanged)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+LOOPBACK = "127.0.0.1"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+class TcpProxy:
+    """Forwards a loopback port to `target`, one pair of threads per connection.
+
+    What a database restart looks like to its clients: `drop_all` cuts every open connection,
+    after `stop_accepting` new ones are refused (nothing listens on the port), and `start`
+    accepts again on the same port."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self.connections_made = 0
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+
+    def start(self) -> TcpProxy:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((LOOPBACK, self.port))
+        listener.listen(64)
+        listener.settimeout(0.1)  # lets `stop_accepting` end the loop without a wake-up call
+        self._listener = listener
+        self._acceptor = threading.Thread(
+            target=self._accept, args=(listener,), name=f"tcp-proxy-{self.port}", daemon=True
+        )
+        self._acceptor.start()
+        return self
+
+    def stop_accepting(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+            self._acceptor.join()
+
+    def drop_all(self) -> None:
+        """Cut every open connection, both ways."""
+        with self._lock:
+            open_sockets, self._sockets = self._sockets, set()
+        for sock in open_sockets:
+            _close(sock)
+
+    def stop(self) -> None:
+        self.stop_accepting()
+        self.drop_all()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed by stop_accepting
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                _close(client)
+                continue
+            client.settimeout(None)
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets |= {client, upstream}
+                self.connections_made += 1
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:  # one side ended: end the other too, as a dropped connection does
+            with self._lock:
+                self._sockets -= {source, sink}
+            _close(source)
+            _close(sink)
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+class WebServer:
+    """The app under gunicorn with gthread workers (the Procfile's `web`) on a free loopback
+    port, in its own process group, with its log and its collected static files in `folder`;
+    `B24_APP_URL` is its address. Ready when `/healthz` answers at all."""
+
+    def __init__(self, env: dict[str, str], folder: Path, threads: int = 4) -> None:
+        from django.core.management import call_command
+        from django.test import override_settings
+
+        self.url = f"http://{LOOPBACK}:{free_port()}"
+        self.log_path = folder / "web.log"
+        static_root = folder / "static"
+        with override_settings(STATIC_ROOT=static_root):  # collected as at a deployment
+            call_command("collectstatic", interactive=False, verbosity=0)
+        env = {**env, "B24_APP_URL": self.url, "DJANGO_STATIC_ROOT": str(static_root)}
+        with open(self.log_path, "w") as out:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "gunicorn",
+                    "b24app.wsgi",
+                    "--worker-class",
+                    "gthread",
+                    "--workers",
+                    "1",
+                    "--threads",
+                    str(threads),
+                    "--bind",
+                    self.url.removeprefix("http://"),
+                    "--access-logfile",
+                    "-",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while not self._answers():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"gunicorn did not start:\n{self.log()}")
+            time.sleep(0.2)
+
+    def _answers(self) -> bool:
+        try:
+            requests.get(f"{self.url}/healthz", timeout=5)
+        except requests.RequestException:
+            return False
+        return True
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-4000:]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+
+
+class LiveClient:
+    """`get`/`post` like Django's test client (`HTTP_*` keyword arguments are headers), over
+    real HTTP to a running server; answers are `requests` responses (`status_code`, `content`).
+    """
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.session = requests.Session()
+
+    def get(self, path: str, **extra):
+        return self.session.get(self.base_url + path, headers=_headers(extra), timeout=30)
+
+    def post(self, path: str, data=None, **extra):
+        return self.session.post(
+            self.base_url + path, data=data or {}, headers=_headers(extra), timeout=30
+        )
+
+
+def _headers(extra: dict) -> dict[str, str]:
+    """Django's `HTTP_X_FRAME_TOKEN` spelling to the header `X-Frame-Token`."""
+    return {
+        name.removeprefix("HTTP_").replace("_", "-").title(): value
+        for name, value in extra.items()
+        if name.startswith("HTTP_")
+    }
