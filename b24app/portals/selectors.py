@@ -4,30 +4,41 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from django.db.models import Count, Max, QuerySet
+from django.db.models import Count, OuterRef, QuerySet, Subquery, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from b24app.portals.models import Account, Portal
 
 KEEPALIVE_AFTER_DAYS = 150
 """Refresh tokens die after 180 days unused; the keep-alive refreshes idle ones after 150."""
+KEEPALIVE_BATCH = 10_000
+"""Refreshes one keep-alive run queues at most, oldest first; any others are due the next day,
+with 29 days left before their tokens die."""
 
 
 def portals_overview() -> QuerySet[Portal]:
-    """Portals with their account count and latest refresh error time, for the admin and CLI."""
+    """Portals with their number of accounts (`accounts_count`) and their accounts' latest
+    refresh error (`latest_refresh_error`, "" when none), for the admin and the CLI.
+
+    Both are correlated subqueries rather than a join with GROUP BY: a page of 100 portals reads
+    only those portals' accounts (through the account's portal index), and the paginator's
+    COUNT(*) leaves them out; the join aggregated every account on every page.
+    """
+    accounts = Account.objects.filter(portal=OuterRef("pk")).order_by()
     return Portal.objects.annotate(
-        accounts_count=Count("accounts"), last_refreshed_at=Max("accounts__last_refreshed_at")
+        accounts_count=Coalesce(
+            Subquery(accounts.values("portal").annotate(count=Count("pk")).values("count")), 0
+        ),
+        latest_refresh_error=Coalesce(
+            Subquery(
+                accounts.exclude(last_refresh_error="")
+                .order_by("-updated_at")
+                .values("last_refresh_error")[:1]
+            ),
+            Value(""),
+        ),
     ).order_by("domain")
-
-
-def portal_last_refresh_error(portal: Portal) -> str:
-    account = (
-        portal.accounts.exclude(last_refresh_error="")
-        .order_by("-updated_at")
-        .only("last_refresh_error")
-        .first()
-    )
-    return account.last_refresh_error if account else ""
 
 
 def portal_connection_account(portal: Portal) -> Account | None:
@@ -52,3 +63,9 @@ def accounts_keepalive_due() -> QuerySet[Account]:
         .exclude(refresh_token_encrypted="")
         .order_by("tokens_issued_at")
     )
+
+
+def accounts_keepalive_batch() -> list[tuple[int, int]]:
+    """`(id, token_version)` of the accounts the keep-alive refreshes now: two integers per
+    account and at most `KEEPALIVE_BATCH` of them, whatever the number of accounts."""
+    return list(accounts_keepalive_due().values_list("pk", "token_version")[:KEEPALIVE_BATCH])

@@ -32,7 +32,7 @@ def account_tokens_refresh_task(account_id: int, seen_version: int) -> None:
 def accounts_keepalive_task() -> int:
     """Daily: spend the refresh token of accounts idle for 150+ days before it dies at 180.
     Active accounts are never refreshed on a timer (Bitrix24 may block apps that do)."""
-    due = list(selectors.accounts_keepalive_due().values_list("pk", "token_version")[:10_000])
+    due = selectors.accounts_keepalive_batch()
     for account_id, version in due:
         account_tokens_refresh_task.delay(account_id, version)
     logger.info("keep-alive queued %s account refreshes", len(due))
@@ -41,7 +41,7 @@ def accounts_keepalive_task() -> int:
 
 @shared_task
 def event_receipts_purge_task() -> int:
-    """Daily: forget applied lifecycle events too old to be redelivered."""
+    """Daily: forget applied lifecycle events too old for a copy of them to arrive."""
     deleted = services.event_receipts_purge()
     logger.info("event receipts purged count=%s", deleted)
     return deleted

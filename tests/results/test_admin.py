@@ -60,6 +60,19 @@ def test_admin_filters_by_state_and_portal(admin_client, changes):
     assert "Olga Ivanova" in by_portal and "Anna Smirnova" not in by_portal
 
 
+def test_admin_searches_by_portal_and_by_task_or_result_number(admin_client, changes):
+    failed, saved = changes
+    url = "/admin/results/resultchange/"
+    by_member = admin_client.get(url, {"q": saved.portal.member_id}).content.decode()
+    assert "Olga Ivanova" in by_member and "Anna Smirnova" not in by_member
+    by_task = admin_client.get(url, {"q": str(failed.task_id)}).content.decode()
+    assert "Anna Smirnova" in by_task
+    unknown = admin_client.get(url, {"q": "987654321"})
+    assert unknown.status_code == 200
+    assert "Anna Smirnova" not in unknown.content.decode()
+    assert admin_client.get(url, {"q": "9" * 40}).status_code == 200  # not a number we store
+
+
 def test_admin_change_page_is_read_only(admin_client, changes):
     failed, _ = changes
     url = f"/admin/results/resultchange/{failed.pk}/change/"

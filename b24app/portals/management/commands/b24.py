@@ -32,7 +32,7 @@ class Command(BaseCommand):
         header = ("DOMAIN", "MEMBER_ID", "STATE", "APP", "ACCOUNTS", "LAST SEEN", "REASON / ERROR")
         rows = [header]
         for portal in portals:
-            error = selectors.portal_last_refresh_error(portal)
+            error = portal.latest_refresh_error
             rows.append(
                 (
                     portal.domain,

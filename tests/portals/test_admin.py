@@ -1,0 +1,73 @@
+"""The operator's portal pages make a fixed number of queries, however many portals and
+accounts there are (tests/portals/test_oauth_and_admin.py covers what they show and do)."""
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from b24app.portals.models import Account, Portal
+
+pytestmark = pytest.mark.django_db
+
+
+def _portals(first: int, count: int, users: int) -> list[Portal]:
+    portals = []
+    for number in range(first, first + count):
+        portal = Portal.objects.create(
+            member_id=f"{number:032x}",
+            domain=f"portal{number:03d}.bitrix24.com",
+            client_endpoint=f"https://portal{number:03d}.bitrix24.com/rest/",
+            state=Portal.State.ACTIVE,
+        )
+        error = f"QUERY_LIMIT_EXCEEDED on portal {number}"
+        for user_id in range(1, users + 1):
+            Account.objects.create(
+                portal=portal,
+                user_id=user_id,
+                display_name=f"User {user_id}",
+                last_refresh_error=error if user_id == 1 else "",
+            )
+        portals.append(portal)
+    return portals
+
+
+def _queries(client, path: str) -> tuple[int, str]:
+    """The number of queries a page makes, and its HTML; after one unmeasured request, which
+    fills per-process caches (content types) that a first request queries."""
+    client.get(path)
+    with CaptureQueriesContext(connection) as captured:
+        response = client.get(path)
+    assert response.status_code == 200
+    return len(captured.captured_queries), response.content.decode()
+
+
+def test_portal_changelist_queries_do_not_grow_with_portals_or_accounts(admin_client):
+    _portals(1, 2, users=1)
+    few, _ = _queries(admin_client, "/admin/portals/portal/")
+    _portals(3, 30, users=4)
+
+    many, html = _queries(admin_client, "/admin/portals/portal/")
+
+    assert many == few
+    assert html.count('<th class="field-domain">') == 32
+    assert "QUERY_LIMIT_EXCEEDED on portal 32" in html
+    assert '<td class="field-accounts_count">4</td>' in html
+
+
+def test_portal_changelist_sorts_by_accounts(admin_client):
+    _portals(1, 1, users=3)
+    _portals(2, 1, users=1)
+    _portals(3, 1, users=2)
+    html = admin_client.get("/admin/portals/portal/?o=-8").content.decode()  # accounts, desc
+    positions = [html.index(f"portal{number:03d}.bitrix24.com") for number in (1, 3, 2)]
+    assert positions == sorted(positions)
+
+
+def test_portal_change_page_queries_do_not_grow_with_accounts(admin_client):
+    small, large = _portals(1, 1, users=2)[0], _portals(2, 1, users=40)[0]
+    few, _ = _queries(admin_client, f"/admin/portals/portal/{small.pk}/change/")
+
+    many, html = _queries(admin_client, f"/admin/portals/portal/{large.pk}/change/")
+
+    assert many == few
+    assert html.count('<tr class="form-row') == 40

@@ -1,0 +1,77 @@
+"""Reads about portals: the admin's and CLI's overview, and the keep-alive's batch."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from b24app.portals import selectors
+from b24app.portals.models import Account, Portal
+
+pytestmark = pytest.mark.django_db
+
+
+def _portal(number: int, state: str = Portal.State.ACTIVE) -> Portal:
+    return Portal.objects.create(
+        member_id=f"{number:032x}",
+        domain=f"portal{number}.bitrix24.com",
+        client_endpoint=f"https://portal{number}.bitrix24.com/rest/",
+        state=state,
+    )
+
+
+def _account(portal: Portal, user_id: int, **fields) -> Account:
+    return Account.objects.create(
+        portal=portal, user_id=user_id, refresh_token_encrypted="stored", **fields
+    )
+
+
+def test_portals_overview_counts_accounts_and_names_the_latest_refresh_error():
+    busy, quiet, empty = _portal(1), _portal(2), _portal(3)
+    _account(busy, 1, last_refresh_error="QUERY_LIMIT_EXCEEDED: temporary, will retry")
+    latest = _account(busy, 2, last_refresh_error="Refresh token rejected by Bitrix24")
+    _account(busy, 3)
+    _account(quiet, 1)
+    Account.objects.filter(pk=latest.pk).update(updated_at=timezone.now() + timedelta(minutes=1))
+
+    overview = {portal.pk: portal for portal in selectors.portals_overview()}
+
+    assert [overview[p.pk].accounts_count for p in (busy, quiet, empty)] == [3, 1, 0]
+    assert overview[busy.pk].latest_refresh_error == "Refresh token rejected by Bitrix24"
+    assert overview[quiet.pk].latest_refresh_error == overview[empty.pk].latest_refresh_error == ""
+    assert [portal.domain for portal in selectors.portals_overview()] == [
+        "portal1.bitrix24.com",
+        "portal2.bitrix24.com",
+        "portal3.bitrix24.com",
+    ]
+
+
+def test_portals_overview_counts_only_what_a_page_shows(django_assert_num_queries):
+    """The paginator's count and a page are one query each, however many accounts there are."""
+    for number in range(1, 6):
+        portal = _portal(number)
+        for user_id in range(1, number + 1):
+            _account(portal, user_id, last_refresh_error=f"error {number}")
+
+    with django_assert_num_queries(2):
+        assert selectors.portals_overview().count() == 5
+        page = list(selectors.portals_overview()[:3])
+    assert [(p.accounts_count, p.latest_refresh_error) for p in page] == [
+        (1, "error 1"),
+        (2, "error 2"),
+        (3, "error 3"),
+    ]
+
+
+def test_keepalive_batch_is_the_oldest_idle_accounts_ids_and_versions(monkeypatch):
+    portal, blocked_portal = _portal(1), _portal(2, state=Portal.State.BLOCKED)
+    now = timezone.now()
+    oldest = _account(portal, 1, tokens_issued_at=now - timedelta(days=170), token_version=4)
+    older = _account(portal, 2, tokens_issued_at=now - timedelta(days=160), token_version=2)
+    _account(portal, 3, tokens_issued_at=now - timedelta(days=155))
+    _account(portal, 4, tokens_issued_at=now - timedelta(days=149))  # not idle long enough
+    _account(portal, 5, tokens_issued_at=now - timedelta(days=200), state=Account.State.BLOCKED)
+    _account(blocked_portal, 1, tokens_issued_at=now - timedelta(days=200))
+    monkeypatch.setattr(selectors, "KEEPALIVE_BATCH", 2)
+
+    assert selectors.accounts_keepalive_batch() == [(oldest.pk, 4), (older.pk, 2)]
