@@ -24,17 +24,17 @@ listener's request handler, so the server share of a call can be told apart.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from bench.common import (
     HandlerTimer,
+    b24pysdk_over_http,
     fmt,
     print_table,
     record,
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
         listener = _portal_listener(portal)
         timer = HandlerTimer(listener) if listener is not None else None
         started = time.monotonic()
-        with _b24pysdk_over_http():
+        with b24pysdk_over_http():
             _measure(series, fake, portal, user, timer, calls)
         elapsed = time.monotonic() - started
     finally:
@@ -108,24 +108,6 @@ def main(argv: list[str]) -> int:
     _print(series, timer, calls, elapsed)
     _record(series)
     return 0
-
-
-@contextlib.contextmanager
-def _b24pysdk_over_http() -> Iterator[None]:
-    """Let ``b24pysdk`` reach the fake portal over plain HTTP on loopback.
-
-    The SDK hard-codes ``https://{domain}/rest`` as the base of every REST URL (no public
-    setting chooses the scheme), and the fake portal speaks HTTP. Only that property is replaced,
-    and only while the bench runs; the SDK's call path is otherwise the one it ships.
-    """
-    from b24pysdk.api.callers.call_method import _MethodCaller
-
-    shipped = _MethodCaller._base_url
-    _MethodCaller._base_url = property(lambda caller: f"http://{caller._domain}/rest")
-    try:
-        yield
-    finally:
-        _MethodCaller._base_url = shipped
 
 
 def _series(fake: Any, portal: Any, task: int, token: str) -> list[Series]:

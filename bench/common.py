@@ -5,12 +5,13 @@ Nothing here imports Django at module level, so a bench can set the environment 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,25 @@ def start_fake():
     fake.start()
     require_loopback(fake.oauth_url)
     return fake
+
+
+@contextlib.contextmanager
+def b24pysdk_over_http() -> Iterator[None]:
+    """Let ``b24pysdk`` reach the fake portal over plain HTTP on loopback.
+
+    The SDK hard-codes ``https://{domain}/rest`` as the base of every REST URL (no public
+    setting chooses the scheme), and the fake portal speaks HTTP. Only that property
+    (``_MethodCaller._base_url``) is replaced, and only inside the ``with``; the SDK's call path
+    is otherwise the one it ships.
+    """
+    from b24pysdk.api.callers.call_method import _MethodCaller
+
+    shipped = _MethodCaller._base_url
+    _MethodCaller._base_url = property(lambda caller: f"http://{caller._domain}/rest")
+    try:
+        yield
+    finally:
+        _MethodCaller._base_url = shipped
 
 
 @dataclass(frozen=True)
@@ -145,6 +165,32 @@ def ensure_database(url: str) -> str | None:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return f"needs PostgreSQL, but {where} is not usable ({first_line})"
     return None
+
+
+@contextlib.contextmanager
+def fake_and_database(database_url: str) -> Iterator[Any]:
+    """A started fake portal, and Django set up on ``database_url`` (made ``DATABASE_URL``, for
+    this process and the ones it starts) and migrated; the fake is stopped at the end.
+
+    The fake comes first: its OAuth server is the default ``B24_OAUTH_SERVERS`` of the settings.
+    The database must exist (``ensure_database``).
+    """
+    os.environ["DATABASE_URL"] = database_url
+    fake = start_fake()
+    try:
+        setup_django(fake.oauth_url)
+        from django.core.management import call_command
+
+        call_command("migrate", interactive=False, verbosity=0)
+        yield fake
+    finally:
+        fake.stop()
+
+
+def skipped(title: str, reason: str) -> int:
+    """Say why a bench did not run; its exit status (0: a missing service is no failure)."""
+    print(f"== {title}\nskipped: {reason}\n", flush=True)
+    return 0
 
 
 # --- figures -----------------------------------------------------------------------------------

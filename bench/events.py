@@ -6,8 +6,8 @@ broker, no Redis). The fake Bitrix24 (in this process) has 100 portals with 10 a
 portal gets 10 events, ``ONAPPINSTALL`` from its first admin and then ``ONAPPUPDATE`` from each
 of the others (with a new ``application_token`` each time, as bitrix24-protocol.md §4.3 says).
 Every event body is built once, with the tokens the fake issued for it, and POSTed three times as
-it is (Bitrix24 redelivers the same body) by 16 sender threads, the copies a few positions apart
-in the sending order so that duplicates are in flight together.
+it is (every copy of an event is the same body) by 16 sender threads, the copies a few positions
+apart in the sending order so that duplicates are in flight together.
 
 "Applied" is read from the database, not from the answers: every event carries the tokens of a
 user no other event names, so its effect is that user's account holding exactly those tokens at
@@ -26,28 +26,26 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    LOOPBACK,
-    ROOT,
     ensure_database,
+    fake_and_database,
     fmt,
     print_table,
     record,
     require_loopback,
-    setup_django,
-    start_fake,
+    skipped,
     summary,
 )
+from tests.appserver import AppServer
 
 BENCH_ORDER = 50
 TITLE = "events delivered 3 times each"
@@ -97,83 +95,9 @@ def main(argv: list[str]) -> int:
     database_url = os.environ.get("BENCH_EVENTS_DATABASE_URL", DEFAULT_DATABASE_URL)
     problem = ensure_database(database_url)
     if problem:
-        print(f"== {TITLE}\nskipped: {problem}\n", flush=True)
-        return 0
-    os.environ["DATABASE_URL"] = database_url
-    fake = start_fake()
-    try:
-        setup_django(fake.oauth_url)
-        from django.core.management import call_command
-
-        call_command("migrate", interactive=False, verbosity=0)
+        return skipped(TITLE, problem)
+    with fake_and_database(database_url) as fake:
         return _run(fake, database_url)
-    finally:
-        fake.stop()
-
-
-class AppServer:
-    """gunicorn serving the app on a free loopback port; its output goes to a temporary file."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        with socket.socket() as probe:
-            probe.bind((LOOPBACK, 0))
-            port = probe.getsockname()[1]
-        self.url = require_loopback(f"http://{LOOPBACK}:{port}")
-        self.output = tempfile.TemporaryFile(mode="w+")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "b24app.wsgi",
-                "--worker-class",
-                "gthread",
-                "--workers",
-                str(WORKERS),
-                "--threads",
-                str(THREADS),
-                "--bind",
-                f"{LOOPBACK}:{port}",
-                "--graceful-timeout",
-                "10",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=self.output,
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout_s: float) -> None:
-        """Until ``/healthz`` answers (200, or 503 for a missing broker: either means up)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited ({self.process.returncode}):\n{self.tail()}")
-            if _get(f"{self.url}/healthz") is not None:
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"gunicorn did not answer within {timeout_s:.0f} s:\n{self.tail()}")
-
-    def tail(self) -> str:
-        """The last whole lines of the app's log (about 3,000 characters)."""
-        self.output.seek(0)
-        text = self.output.read()
-        tail = text[-3000:]
-        if len(text) > len(tail) and "\n" in tail:
-            tail = tail[tail.index("\n") + 1 :]  # from the start of a line
-        return tail
-
-    def stop(self) -> str:
-        """Stop gunicorn (its workers finish their requests first); the end of its log."""
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        tail = self.tail()
-        self.output.close()
-        return tail
 
 
 def _run(fake: Any, database_url: str) -> int:
@@ -184,21 +108,25 @@ def _run(fake: Any, database_url: str) -> int:
         "REDIS_URL": "",
         "B24_OAUTH_SERVERS": fake.oauth_url,
     }
-    server = AppServer(env)
-    fake.app_url = server.url
-    try:
+    with tempfile.TemporaryDirectory(prefix="bench-events-") as folder:
+        server = AppServer(
+            Path(folder) / "gunicorn.out", workers=WORKERS, threads=THREADS, graceful_timeout_s=10
+        ).start(env)
+        fake.app_url = server.url
         try:
-            events = _events(fake)  # while gunicorn starts
-            server.wait_ready(START_TIMEOUT_S)
-            _warm_up(server.url)
-            started = time.monotonic()
-            answers = _deliver(events, server.url + EVENTS_PATH)
-            elapsed = time.monotonic() - started
+            try:
+                events = _events(fake)  # while gunicorn starts
+                server.wait_ready(START_TIMEOUT_S)
+                _warm_up(server.url)
+                started = time.monotonic()
+                answers = _deliver(events, server.url + EVENTS_PATH)
+                elapsed = time.monotonic() - started
+            finally:
+                server.stop()
+                log_tail = server.tail()
+            effects = _effects(events, [portal.member_id for portal in fake.portals])
         finally:
-            log_tail = server.stop()
-        effects = _effects(events, [portal.member_id for portal in fake.portals])
-    finally:
-        _delete([portal.member_id for portal in fake.portals])
+            _delete([portal.member_id for portal in fake.portals])
     effects["checks"] = _checks(fake)
     _print(events, answers, effects, elapsed)
     status = _verdict(answers, effects)

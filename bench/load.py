@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,18 +41,18 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from bench.common import (
-    LOOPBACK,
     ROOT,
     HandlerTimer,
     ensure_database,
+    fake_and_database,
     fmt,
     print_table,
     record,
     require_loopback,
-    setup_django,
-    start_fake,
+    skipped,
     summary,
 )
+from tests.appserver import PROCFILE_ACCESS_FORMAT, AppServer
 
 BENCH_ORDER = 35
 TITLE = "the screen under load (gunicorn + locust)"
@@ -80,7 +79,7 @@ and Bitrix24 in which a request spends much of its time."""
 NO_LIMIT = (10**6, 10**6)
 READY_TIMEOUT_S = 30.0
 CPU_EVERY_S = 0.5
-ACCESS_FORMAT = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms %(D)sus %({x-bench-request}i)s'
+ACCESS_FORMAT = PROCFILE_ACCESS_FORMAT + " %(D)sus %({x-bench-request}i)s"
 """The Procfile's access log line, plus the request time in microseconds and the request id."""
 ACCESS_TAIL = re.compile(r" (\d+)us (\S+)$")
 LOCUSTFILE = ROOT / "bench" / "_load_locust.py"
@@ -140,27 +139,21 @@ def main(argv: list[str]) -> int:
     redis_url = os.environ.get("BENCH_LOAD_REDIS_URL") or DEFAULT_REDIS_URL
     problem = ensure_database(database_url) or _redis_problem(redis_url)
     if problem:
-        print(f"== {TITLE}\nskipped: {problem}\n", flush=True)
-        return 0
+        return skipped(TITLE, problem)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         folder = Path(tmp)
-        app_url = f"http://{LOOPBACK}:{_free_port()}"
-        _environment(database_url, redis_url, folder, app_url)
-        fake = start_fake()
-        try:
-            setup_django(fake.oauth_url)
+        server = _server(folder)
+        _environment(redis_url, folder, server.url)
+        with fake_and_database(database_url) as fake:
             from django.core.management import call_command
             from django.db import connections
 
-            call_command("migrate", interactive=False, verbosity=0)
             # The admin's hundreds of files would take most of the budget to compress; the
             # screen's pages name only the apps' own files, which locust does not fetch.
             call_command("collectstatic", interactive=False, verbosity=0, ignore_patterns=["admin"])
             connections.close_all()
-            runs = _run(fake, folder, app_url)
-        finally:
-            fake.stop()
+            runs = _run(fake, folder, server)
     _print(runs, database_url, redis_url, time.monotonic() - started)
     _record(runs)
     lost = any(
@@ -169,10 +162,10 @@ def main(argv: list[str]) -> int:
     return 1 if lost else 0
 
 
-def _environment(database_url: str, redis_url: str, folder: Path, app_url: str) -> None:
-    """This bench's database and Redis, no broker, its static folder, the app's public URL;
-    inherited by gunicorn. The rest comes from ``bench.common``'s defaults."""
-    os.environ["DATABASE_URL"] = database_url
+def _environment(redis_url: str, folder: Path, app_url: str) -> None:
+    """This bench's Redis, no broker, its static folder, the app's public URL; inherited by
+    gunicorn, as is the database (``fake_and_database``). The rest comes from ``bench.common``'s
+    defaults."""
     os.environ["REDIS_URL"] = redis_url
     os.environ["CELERY_BROKER_URL"] = ""
     os.environ["DJANGO_STATIC_ROOT"] = str(folder / "static")
@@ -194,26 +187,21 @@ def _redis_problem(url: str) -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
-
-
 # --- the run -----------------------------------------------------------------------------------
 
 
-def _run(fake: Any, folder: Path, app_url: str) -> list[Run]:
+def _run(fake: Any, folder: Path, server: AppServer) -> list[Run]:
     from b24app.portals.models import Portal
 
+    app_url = server.url
     portal = fake.add_portal(rate_limit=NO_LIMIT)
     portal.set_rate_limit(*NO_LIMIT)
     require_loopback(portal.url)
     fake.app_url = app_url
     installer = portal.add_user(name="Anna", last_name="Smirnova", admin=True)
-    gunicorn = _start_gunicorn(folder, app_url)
+    server.start()
     try:
-        _wait_ready(gunicorn, app_url, folder)
+        server.wait_ready(READY_TIMEOUT_S)
         _install(portal, installer)
         Portal.objects.filter(member_id=portal.member_id).update(
             rate_limit=f"{NO_LIMIT[0]}/{NO_LIMIT[1]}"
@@ -222,75 +210,25 @@ def _run(fake: Any, folder: Path, app_url: str) -> list[Run]:
         runs = []
         for users in USERS:
             people, tokens = _people(portal, installer, users, app_url)
-            runs.append(_run_once(folder, app_url, people, tokens, timer, portal, gunicorn))
+            runs.append(_run_once(folder, app_url, people, tokens, timer, portal, server.process))
         return runs
     finally:
-        _stop(gunicorn)
+        server.stop()
         Portal.objects.filter(member_id=portal.member_id).delete()
 
 
-def _start_gunicorn(folder: Path, app_url: str) -> subprocess.Popen:
+def _server(folder: Path) -> AppServer:
     """The Procfile's ``web`` command on loopback, with ``%(D)s`` and the request id added to
     its access log line, which goes to a file in ``folder``, as does the app's output (its log
     lines on stdout, gunicorn's on stderr); a short graceful timeout for the bench's stop."""
-    command = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "b24app.wsgi",
-        "--worker-class",
-        "gthread",
-        "--workers",
-        str(WORKERS),
-        "--threads",
-        str(THREADS),
-        "--bind",
-        urlsplit(app_url).netloc,
-        "--access-logfile",
-        str(folder / "access.log"),
-        "--access-logformat",
-        ACCESS_FORMAT,
-        "--forwarded-allow-ips",
-        "*",
-        "--graceful-timeout",
-        "5",
-        *_no_control_socket(),
-    ]
-    with open(folder / "gunicorn.out", "w", encoding="utf-8") as output:
-        return subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)
-
-
-def _no_control_socket() -> list[str]:
-    """Recent gunicorn versions open a control socket at one path per OS user
-    (``~/.gunicorn``); the bench's gunicorn must not take it from another one on the machine."""
-    from gunicorn.config import KNOWN_SETTINGS
-
-    known = {setting.name for setting in KNOWN_SETTINGS}
-    return ["--no-control-socket"] if "control_socket_disable" in known else []
-
-
-def _wait_ready(gunicorn: subprocess.Popen, app_url: str, folder: Path) -> None:
-    import requests
-
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline and gunicorn.poll() is None:
-        try:
-            if requests.get(f"{app_url}/healthz", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"gunicorn did not come up:\n{_tail(folder / 'gunicorn.out')}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    return AppServer(
+        folder / "gunicorn.out",
+        workers=WORKERS,
+        threads=THREADS,
+        access_log=folder / "access.log",
+        access_format=ACCESS_FORMAT,
+        graceful_timeout_s=5,
+    )
 
 
 def _tail(path: Path, lines: int = 30) -> str:

@@ -29,11 +29,11 @@ from typing import Any
 from bench.common import (
     ROOT,
     ensure_database,
+    fake_and_database,
     fmt,
     print_table,
     require_loopback,
-    setup_django,
-    start_fake,
+    skipped,
     summary,
 )
 
@@ -57,18 +57,9 @@ def main(argv: list[str]) -> int:
     database_url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_DATABASE_URL)
     problem = ensure_database(database_url)
     if problem:
-        print(f"== {TITLE}\nskipped: {problem}\n", flush=True)
-        return 0
-    os.environ["DATABASE_URL"] = database_url
-    fake = start_fake()
-    try:
-        setup_django(fake.oauth_url)
-        from django.core.management import call_command
-
-        call_command("migrate", interactive=False, verbosity=0)
+        return skipped(TITLE, problem)
+    with fake_and_database(database_url) as fake:
         return _run(fake, database_url, rounds)
-    finally:
-        fake.stop()
 
 
 class Worker:

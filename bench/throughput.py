@@ -42,13 +42,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    b24pysdk_over_http,
     ensure_database,
+    fake_and_database,
     fmt,
     print_table,
     record,
     require_loopback,
-    setup_django,
-    start_fake,
+    skipped,
 )
 
 BENCH_ORDER = 40
@@ -88,21 +89,11 @@ def main(argv: list[str]) -> int:
     database_url = os.environ.get("BENCH_THROUGHPUT_DATABASE_URL", DEFAULT_DATABASE_URL)
     problem = ensure_database(database_url) or _redis_problem()
     if problem:
-        print(f"== {TITLE}\nskipped: {problem}\n", flush=True)
-        return 0
-    os.environ.update(
-        DATABASE_URL=database_url, CELERY_BROKER_URL=BROKER_URL, REDIS_URL=LIMITER_URL
-    )
+        return skipped(TITLE, problem)
+    os.environ.update(CELERY_BROKER_URL=BROKER_URL, REDIS_URL=LIMITER_URL)
     os.environ.setdefault("DJANGO_LOG_LEVEL", "WARNING")  # 2 lines per change otherwise
-    fake = start_fake()
-    try:
-        setup_django(fake.oauth_url)
-        from django.core.management import call_command
-
-        call_command("migrate", interactive=False, verbosity=0)
+    with fake_and_database(database_url) as fake:
         return _run(fake)
-    finally:
-        fake.stop()
 
 
 def _redis_problem() -> str | None:
@@ -460,7 +451,6 @@ def _b24pysdk(fake: Any) -> list[Run]:
     503 itself, 3 attempts 1 s and 2 s apart). The SDK builds `https://{domain}`; the fake
     speaks plain HTTP, so only that scheme is changed, for this run."""
     from b24pysdk import BitrixApp, BitrixToken, Client
-    from b24pysdk.api.callers.call_method import _MethodCaller
 
     target = _target(fake, CHANGES)
     tokens = target.fake_portal.issue_tokens(target.account.user_id)
@@ -493,17 +483,13 @@ def _b24pysdk(fake: Any) -> list[Run]:
             except Exception as exc:  # noqa: BLE001 - a write it gave up on is not applied
                 failures.append(type(exc).__name__)
 
-    https_url = _MethodCaller._base_url
-    _MethodCaller._base_url = property(lambda caller: f"http://{caller._domain}/rest")
     watch = Watch([target])
-    try:
+    with b24pysdk_over_http():
         threads = [threading.Thread(target=sender) for _ in range(PEER_THREADS)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-    finally:
-        _MethodCaller._base_url = https_url
     return _runs(
         "b24pysdk",
         f"{PEER_THREADS} threads",

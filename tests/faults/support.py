@@ -4,25 +4,13 @@ the helpers of tests/results/support.py drive it unchanged)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import requests
 
-LOOPBACK = "127.0.0.1"
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
+from tests.appserver import LOOPBACK, AppServer, free_port
 
 
 class TcpProxy:
@@ -113,70 +101,27 @@ def _close(sock: socket.socket) -> None:
     sock.close()
 
 
-class WebServer:
-    """The app under gunicorn with gthread workers (the Procfile's `web`) on a free loopback
-    port, in its own process group, with its log and its collected static files in `folder`;
-    `B24_APP_URL` is its address. Ready when `/healthz` answers at all."""
+def start_web(env: dict[str, str], folder: Path, threads: int) -> AppServer:
+    """The app under gunicorn as in production (`tests.appserver`), one gthread worker of
+    `threads` threads, in a process group of its own, its log (access lines too) and its
+    collected static files in `folder`; `B24_APP_URL` is its address. Returned once `/healthz`
+    answers at all."""
+    from django.core.management import call_command
+    from django.test import override_settings
 
-    def __init__(self, env: dict[str, str], folder: Path, threads: int = 4) -> None:
-        from django.core.management import call_command
-        from django.test import override_settings
-
-        self.url = f"http://{LOOPBACK}:{free_port()}"
-        self.log_path = folder / "web.log"
-        static_root = folder / "static"
-        with override_settings(STATIC_ROOT=static_root):  # collected as at a deployment
-            call_command("collectstatic", interactive=False, verbosity=0)
-        env = {**env, "B24_APP_URL": self.url, "DJANGO_STATIC_ROOT": str(static_root)}
-        with open(self.log_path, "w") as out:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "gunicorn",
-                    "b24app.wsgi",
-                    "--worker-class",
-                    "gthread",
-                    "--workers",
-                    "1",
-                    "--threads",
-                    str(threads),
-                    "--bind",
-                    self.url.removeprefix("http://"),
-                    "--access-logfile",
-                    "-",
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 60
-        while not self._answers():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"gunicorn did not start:\n{self.log()}")
-            time.sleep(0.2)
-
-    def _answers(self) -> bool:
-        try:
-            requests.get(f"{self.url}/healthz", timeout=5)
-        except requests.RequestException:
-            return False
-        return True
-
-    def log(self) -> str:
-        return self.log_path.read_text()[-4000:]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+    static_root = folder / "static"
+    with override_settings(STATIC_ROOT=static_root):  # collected as at a deployment
+        call_command("collectstatic", interactive=False, verbosity=0)
+    web = AppServer(
+        folder / "web.log", workers=1, threads=threads, access_log="-", new_session=True
+    )
+    web.start({**env, "B24_APP_URL": web.url, "DJANGO_STATIC_ROOT": str(static_root)})
+    try:
+        web.wait_ready(60)
+    except BaseException:
+        web.stop()
+        raise
+    return web
 
 
 class LiveClient:

@@ -21,9 +21,10 @@ from django.db import connection
 
 from results.models import ResultChange
 from results.tasks import result_change_deliver_task, result_changes_sweep_task
+from tests.appserver import AppServer
 from tests.celery_worker import descendants
 from tests.conftest import test_database_url
-from tests.faults.support import LiveClient, TcpProxy, WebServer
+from tests.faults.support import LiveClient, TcpProxy, start_web
 from tests.portals.support import post_frame
 from tests.results.support import (
     add,
@@ -68,7 +69,7 @@ def app_behind_proxy(fake, settings, tmp_path, database_proxy):
         f"@{database['HOST']}:{database['PORT']}/", f"@127.0.0.1:{database_proxy.port}/"
     )
     env = {key: value for key, value in os.environ.items() if key != "DJANGO_CONN_MAX_AGE"}
-    web = WebServer(
+    web = start_web(
         {
             **env,
             "DATABASE_URL": through_proxy,
@@ -121,7 +122,7 @@ def _healthz(client) -> tuple[int, dict]:
     return response.status_code, json.loads(response.content)
 
 
-def _busy_threads(web: WebServer) -> None:
+def _busy_threads(web: AppServer) -> None:
     """Requests side by side, so that each of gunicorn's threads serves some and keeps its
     database connection (`CONN_MAX_AGE`)."""
     with ThreadPoolExecutor(THREADS) as pool:
@@ -132,7 +133,7 @@ def _busy_threads(web: WebServer) -> None:
         assert set(statuses) == {200}
 
 
-def _processes(web: WebServer, worker) -> set[int]:
+def _processes(web: AppServer, worker) -> set[int]:
     """The app's running processes: gunicorn's and the worker's, each with its children."""
     running = {web.process.pid, worker.pid}
     return running | set(descendants(web.process.pid)) | set(descendants(worker.pid))
@@ -165,7 +166,7 @@ def test_the_app_recovers_from_database_restarts_without_being_restarted(
     _database_comes_back(database_proxy, _database_goes_down(database_proxy))
     for _ in range(THREADS * 3):
         status, body = _healthz(client)
-        assert status == 200, (body, web.log())
+        assert status == 200, (body, web.tail())
     open_screen(client, portal, BORIS, task)
 
     # A restart while people work: what they ask for fails cleanly meanwhile.
@@ -197,10 +198,10 @@ def test_the_app_recovers_from_database_restarts_without_being_restarted(
 
     for _ in range(THREADS * 3):
         status, body = _healthz(client)
-        assert status == 200, (body, web.log())
+        assert status == 200, (body, web.tail())
     token = open_screen(client, portal, BORIS, task)[1]
     saved = edit(client, token, task, draft, "after the restart")
-    assert "Saved" in saved.content.decode(), web.log()
+    assert "Saved" in saved.content.decode(), web.tail()
     assert [item["text"] for item in portal.results(task) if item["id"] == draft] == [
         "after the restart"
     ]
