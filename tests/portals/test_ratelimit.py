@@ -100,14 +100,15 @@ def _process_main(redis_url: str, key: str, start_at: float, results) -> None:
 # --- Redis, shared by processes ----------------------------------------------------------------
 
 
-def test_redis_leaky_bucket_processes_and_threads_never_exceed_the_bucket(redis_url, key) -> None:
+def run_processes(target, count: int, *args) -> list[float]:
+    """Start ``count`` processes of ``target(*args, start_at, results)`` at one shared instant;
+    the stamps they all report, once each has exited cleanly."""
     # spawn, not fork: forking a pytest process that runs threads (fake servers) can deadlock
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     start_at = time.time() + 4.0  # spawned interpreters need a moment to import
     processes = [
-        context.Process(target=_process_main, args=(redis_url, key, start_at, results))
-        for _ in range(4)
+        context.Process(target=target, args=(*args, start_at, results)) for _ in range(count)
     ]
     for process in processes:
         process.start()
@@ -115,7 +116,11 @@ def test_redis_leaky_bucket_processes_and_threads_never_exceed_the_bucket(redis_
     for process in processes:
         process.join(timeout=5)
         assert process.exitcode == 0
+    return stamps
 
+
+def test_redis_leaky_bucket_processes_and_threads_never_exceed_the_bucket(redis_url, key) -> None:
+    stamps = run_processes(_process_main, 4, redis_url, key)
     assert len(stamps) == 4 * 8 * 2
     assert_within_limit_and_fast(stamps, BURST, RATE)
 
@@ -246,20 +251,8 @@ def test_database_leaky_bucket_allows_the_burst_then_the_rate(db_key, db_limiter
 def test_database_leaky_bucket_is_shared_by_processes(db_key) -> None:
     """Two processes (each with its own connections) draw from one schedule: together they
     never exceed the portal's counter."""
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    start_at = time.time() + 4.0
     database = connection.settings_dict["NAME"]
-    processes = [
-        context.Process(target=_database_process_main, args=(database, db_key, start_at, results))
-        for _ in range(2)
-    ]
-    for process in processes:
-        process.start()
-    stamps = [stamp for _ in processes for stamp in results.get(timeout=60)]
-    for process in processes:
-        process.join(timeout=5)
-        assert process.exitcode == 0
+    stamps = run_processes(_database_process_main, 2, database, db_key)
     assert len(stamps) == 2 * 4 * 4
     assert_within_limit_and_fast(stamps, BURST, RATE)
 
