@@ -297,3 +297,33 @@ def read_records(path: str | Path) -> list[dict[str, str]]:
     except FileNotFoundError:
         return []
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def install_directly(fake, fake_portal, user_id: int):
+    """The Portal row and its installer's Account (``user_id``, an admin, with tokens the fake
+    issued), written through the services as a verified install would; for benches whose subject
+    is not the install itself. Needs Django set up."""
+    from b24app.portals import services
+    from b24app.portals.bitrix import TokenSet
+
+    verified = services.VerifiedAuth(
+        oauth_server=fake.oauth_url,
+        member_id=fake_portal.member_id,
+        domain=fake_portal.domain,
+        client_endpoint=fake_portal.client_endpoint,
+        user_id=user_id,
+        status=fake_portal.status,
+        scope=fake_portal.scopes,
+        installed=True,
+    )
+    portal = services.portal_upsert(
+        verified=verified, application_token=fake_portal.application_token
+    )
+    account = services.account_tokens_store(
+        portal=portal,
+        user_id=user_id,
+        tokens=TokenSet.from_response(fake_portal.issue_tokens(user_id)),
+        is_installer=True,
+        is_admin=True,
+    )
+    return portal, account

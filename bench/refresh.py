@@ -31,6 +31,7 @@ from bench.common import (
     ensure_database,
     fake_and_database,
     fmt,
+    install_directly,
     print_table,
     require_loopback,
     skipped,
@@ -120,33 +121,14 @@ class Worker:
 
 def _install(fake: Any) -> tuple[Any, Any, int]:
     """A fake portal with one admin user, and its Portal and Account rows (the installer's)."""
-    from b24app.portals import services
-    from b24app.portals.bitrix import TokenSet
     from b24app.portals.models import Portal
 
     portal = fake.add_portal(rate_limit=NO_LIMIT)
     portal.set_rate_limit(*NO_LIMIT)
     require_loopback(portal.url)
     user = portal.add_user(name="Anna", last_name="Smirnova", admin=True)
-    verified = services.VerifiedAuth(
-        oauth_server=fake.oauth_url,
-        member_id=portal.member_id,
-        domain=portal.domain,
-        client_endpoint=portal.client_endpoint,
-        user_id=user,
-        status=portal.status,
-        scope=portal.scopes,
-        installed=True,
-    )
-    stored = services.portal_upsert(verified=verified, application_token=portal.application_token)
+    stored, account = install_directly(fake, portal, user)
     Portal.objects.filter(pk=stored.pk).update(rate_limit=f"{NO_LIMIT[0]}/{NO_LIMIT[1]}")
-    account = services.account_tokens_store(
-        portal=stored,
-        user_id=user,
-        tokens=TokenSet.from_response(portal.issue_tokens(user)),
-        is_installer=True,
-        is_admin=True,
-    )
     return portal, account, user
 
 

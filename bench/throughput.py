@@ -46,6 +46,7 @@ from bench.common import (
     ensure_database,
     fake_and_database,
     fmt,
+    install_directly,
     print_table,
     record,
     require_loopback,
@@ -128,34 +129,12 @@ class Target:
 
 
 def _target(fake: Any, count: int, rate: float = RATE) -> Target:
-    from b24app.portals import services
-    from b24app.portals.bitrix import TokenSet
-
     fake_portal = fake.add_portal(rate_limit=(BURST, rate))
     require_loopback(fake_portal.url)
     anna = fake_portal.add_user(name="Anna", last_name="Smirnova", admin=True)
     task = fake_portal.add_task(title="Throughput")
     results = [fake_portal.add_result(task, author_id=anna, text="Draft") for _ in range(count)]
-    verified = services.VerifiedAuth(
-        oauth_server=fake.oauth_url,
-        member_id=fake_portal.member_id,
-        domain=fake_portal.domain,
-        client_endpoint=fake_portal.client_endpoint,
-        user_id=anna,
-        status=fake_portal.status,
-        scope=fake_portal.scopes,
-        installed=True,
-    )
-    portal = services.portal_upsert(
-        verified=verified, application_token=fake_portal.application_token
-    )
-    account = services.account_tokens_store(
-        portal=portal,
-        user_id=anna,
-        tokens=TokenSet.from_response(fake_portal.issue_tokens(anna)),
-        is_installer=True,
-        is_admin=True,
-    )
+    _, account = install_directly(fake, fake_portal, anna)
     return Target(fake_portal, account, task, results, rate)
 
 
