@@ -33,6 +33,7 @@ from bench.common import (
     fmt,
     install_directly,
     print_table,
+    record,
     require_loopback,
     skipped,
     summary,
@@ -243,6 +244,19 @@ def _print(results: list[dict], user: int, reconnects: int, elapsed: float) -> N
     if reconnects:
         notes.append(f"the account was blocked by invalid_grant and given new tokens {reconnects}x")
     print_table(TITLE, ["figure", "value"], rows, notes)
+    shape = f"{len(results)} rounds x {PROCESSES * THREADS} callers in {PROCESSES} processes"
+    record(
+        "refresh",
+        f"token calls per round, min / median / max ({shape})",
+        f"{refresh_figures['min']} / {refresh_figures['median']:g} / {refresh_figures['max']}",
+        "1 / 1 / 1",
+    )
+    invalid_grants = sum(result["invalid_grant"] for result in results)
+    record("refresh", "invalid_grant answers", invalid_grants, "0")
+    record("refresh", "failed callers", len(failed), "0")
+    record(
+        "refresh", "caller latency p50 / p99", f"{latency['median']:.0f} / {latency['p99']:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.common import fmt, print_table, require_loopback, setup_django, start_fake, summary
+from bench.common import (
+    fmt,
+    print_table,
+    record,
+    require_loopback,
+    setup_django,
+    start_fake,
+    summary,
+)
 
 BENCH_ORDER = 30
 TITLE = "screen open and edit round trip"
@@ -321,6 +329,12 @@ def _edits(client, fake, portal, task, user, token, stopwatch, http, count) -> t
 def _print(all_series: list[Series], applied: int, count: int, connection, elapsed) -> None:
     rows = []
     for series in all_series:
+        total = summary(series.total)
+        record(
+            "screen",
+            f"{series.name}: median / p99, queries (sequential, in-process)",
+            f"{total['median']:.1f} / {total['p99']:.1f} ms, {_span(series.queries)} queries",
+        )
         parts = [
             ("total", series.total),
             ("portal (fake's handling)", series.portal),
