@@ -9,13 +9,26 @@ from __future__ import annotations
 from django.contrib import admin, messages
 from django.http import HttpResponseRedirect
 from django.urls import reverse
+from django.utils.html import format_html
 from django.utils.http import urlencode
 
 from b24app.portals import crypto, selectors, services
 from b24app.portals.models import Account, Portal
 
 
-class AccountInline(admin.TabularInline):
+class MaskedTokens:
+    """Token columns for account pages: the first four characters, never more."""
+
+    @admin.display(description="access token")
+    def access_token_masked(self, account: Account) -> str:
+        return crypto.mask(account.access_token) if account.access_token_encrypted else "—"
+
+    @admin.display(description="refresh token")
+    def refresh_token_masked(self, account: Account) -> str:
+        return crypto.mask(account.refresh_token) if account.refresh_token_encrypted else "—"
+
+
+class AccountInline(MaskedTokens, admin.TabularInline):
     model = Account
     extra = 0
     can_delete = False
@@ -43,14 +56,6 @@ class AccountInline(admin.TabularInline):
 
     def has_add_permission(self, request, obj=None):
         return False
-
-    @admin.display(description="access token")
-    def access_token_masked(self, account: Account) -> str:
-        return crypto.mask(account.access_token) if account.access_token_encrypted else "—"
-
-    @admin.display(description="refresh token")
-    def refresh_token_masked(self, account: Account) -> str:
-        return crypto.mask(account.refresh_token) if account.refresh_token_encrypted else "—"
 
 
 @admin.register(Portal)
@@ -93,8 +98,11 @@ class PortalAdmin(admin.ModelAdmin):
         return False  # portals arrive by installing the app
 
     @admin.display(description="accounts", ordering="accounts_count")
-    def accounts_count(self, portal: Portal) -> int:
-        return portal.accounts_count
+    def accounts_count(self, portal: Portal) -> str:
+        url = reverse("admin:portals_account_changelist")
+        return format_html(
+            '<a href="{}?portal__id__exact={}">{}</a>', url, portal.pk, portal.accounts_count
+        )
 
     @admin.display(description="last refresh error")
     def last_refresh_error(self, portal: Portal) -> str:
@@ -135,3 +143,57 @@ class PortalAdmin(admin.ModelAdmin):
         portal = queryset.get()
         query = urlencode({"portal": portal.member_id})
         return HttpResponseRedirect(f"{reverse('portals:oauth_start')}?{query}")
+
+
+@admin.register(Account)
+class AccountAdmin(MaskedTokens, admin.ModelAdmin):
+    """Every Bitrix24 user who installed or opened the app, across portals, paginated: a
+    portal with thousands of users is read here rather than in its page's inline. Read-only;
+    tokens show their first four characters at most. One portal's accounts:
+    `?portal__id__exact=<portal id>` (the portal list's account count links there)."""
+
+    list_display = (
+        "user_id",
+        "display_name",
+        "portal",
+        "state",
+        "is_installer",
+        "is_admin",
+        "last_seen_at",
+        "last_refreshed_at",
+        "last_refresh_error",
+    )
+    list_filter = ("state", "is_installer", "is_admin")
+    search_fields = ("=portal__member_id", "portal__domain", "display_name")
+    search_help_text = "A portal's member_id or domain, a name, or a Bitrix24 user id."
+    list_select_related = ("portal",)
+    show_full_result_count = False
+    fields = (
+        "portal",
+        *AccountInline.fields,
+        "refresh_unconfirmed_at",
+        "tokens_issued_at",
+        "last_seen_at",
+        "created_at",
+        "updated_at",
+    )
+    readonly_fields = fields
+
+    def lookup_allowed(self, lookup, value, request=None):
+        return lookup == "portal__id__exact" or super().lookup_allowed(lookup, value, request)
+
+    def get_search_results(self, request, queryset, search_term):
+        """A number is a Bitrix24 user id (compared as a number, so the index applies)."""
+        term = search_term.strip()
+        if term.isdigit() and len(term) < 19:
+            return queryset.filter(user_id=int(term)), False
+        return super().get_search_results(request, queryset, search_term)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

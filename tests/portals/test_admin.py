@@ -1,6 +1,8 @@
 """The operator's portal pages make a fixed number of queries, however many portals and
 accounts there are (tests/portals/test_oauth_and_admin.py covers what they show and do)."""
 
+import re
+
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
@@ -51,7 +53,7 @@ def test_portal_changelist_queries_do_not_grow_with_portals_or_accounts(admin_cl
     assert many == few
     assert html.count('<th class="field-domain">') == 32
     assert "QUERY_LIMIT_EXCEEDED on portal 32" in html
-    assert '<td class="field-accounts_count">4</td>' in html
+    assert re.search(r'<td class="field-accounts_count"><a href="[^"]+">4</a></td>', html)
 
 
 def test_portal_changelist_sorts_by_accounts(admin_client):
@@ -71,3 +73,43 @@ def test_portal_change_page_queries_do_not_grow_with_accounts(admin_client):
 
     assert many == few
     assert html.count('<tr class="form-row') == 40
+
+
+# --- the account list: every user of every portal, paginated -----------------------------------
+
+
+def test_account_changelist_lists_one_portal_and_finds_users(admin_client):
+    first, second = _portals(1, 2, 3)
+    changelist = "/admin/portals/account/"
+    # The portal list's account count links to that portal's accounts.
+    portals = admin_client.get("/admin/portals/portal/").content.decode()
+    assert f'href="{changelist}?portal__id__exact={first.pk}"' in portals
+
+    queries, html = _queries(admin_client, f"{changelist}?portal__id__exact={first.pk}")
+    assert html.count(first.domain) >= 3 and second.domain not in html
+    more, _ = _queries(admin_client, f"{changelist}?portal__id__exact={second.pk}")
+    assert more == queries  # no query per row
+
+    by_member = admin_client.get(changelist, {"q": second.member_id}).content.decode()
+    assert second.domain in by_member and first.domain not in by_member
+    by_user = admin_client.get(changelist, {"q": "2"}).content.decode()
+    assert by_user.count("User 2") >= 2 and "User 3" not in by_user
+
+
+def test_account_pages_are_read_only_and_show_four_characters_of_a_token(admin_client):
+    from b24app.portals import crypto
+
+    (portal,) = _portals(1, 1, 1)
+    account = Account.objects.get(portal=portal)
+    secret = "a1b2c3d4e5f6a7b8c9d0a1b2c3d4e5f6"
+    Account.objects.filter(pk=account.pk).update(
+        access_token_encrypted=crypto.encrypt(secret),
+        refresh_token_encrypted=crypto.encrypt(secret),
+    )
+    url = f"/admin/portals/account/{account.pk}/change/"
+    page = admin_client.get(url).content.decode()
+    assert "a1b2***" in page and secret not in page
+    admin_client.post(url, {"display_name": "Changed", "state": "blocked"})
+    account.refresh_from_db()
+    assert (account.display_name, account.state) == ("User 1", Account.State.ACTIVE)
+    assert admin_client.get("/admin/portals/account/add/").status_code == 403
