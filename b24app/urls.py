@@ -9,3 +9,5 @@ urlpatterns = [
     path("b24/", include("b24app.portals.urls")),
     path("b24/", include("results.urls")),
 ]
+
+handler500 = "b24app.errors.server_error"

@@ -179,13 +179,14 @@ def test_the_app_recovers_from_database_restarts_without_being_restarted(
     assert status == 503
     assert body["checks"]["database"]["ok"] is False
     assert all(check["ok"] for name, check in body["checks"].items() if name != "database")
-    for response in (
-        post_frame(client, *portal.frame_post(BORIS, options={"taskId": str(task)})),
-        edit(client, token, task, draft, "during the restart"),
-    ):
+    opened = post_frame(client, *portal.frame_post(BORIS, options={"taskId": str(task)}))
+    for response in (opened, edit(client, token, task, draft, "during the restart")):
         assert response.status_code in (500, 503), response.status_code
         page = response.content.decode()
         assert not [leak for leak in LEAKS if leak.lower() in page.lower()], page[:2000]
+    # The person in the task card reads why: the error page may be shown in their portal.
+    assert "Try again in a minute" in opened.content.decode()
+    assert opened.headers["Content-Security-Policy"] == f"frame-ancestors {portal.url}"
     # The worker meets the outage too: its attempt fails, and it lives on.
     result_change_deliver_task.delay(queued.pk)
     _wait_for(
