@@ -133,6 +133,29 @@
 
   function itemOf(el) { return el.closest("li.result"); }
 
+  /* The editor or delete confirmation of a result: made on first use from the list's shared
+     <template>, with the result's id and text (data-text holds it as Bitrix24 stores it). */
+  function formFor(item, action) {
+    var id = item.getAttribute("data-result-id");
+    var existing = document.getElementById(action + "-" + id);
+    if (existing) return existing;
+    var template = document.getElementById(action === "edit" ? "editor-template" : "delete-template");
+    if (!id || !template) return null;
+    var form = template.content.firstElementChild.cloneNode(true);
+    var text = item.getAttribute("data-text") || "";
+    form.id = action + "-" + id;
+    form.action = template.getAttribute("data-action-url").replace("/0/", "/" + id + "/");
+    form.querySelector("input[name=text_before]").value = text;
+    var box = form.querySelector("textarea");
+    if (box) {
+      box.id = "edit-text-" + id;
+      box.value = text;
+      form.querySelector("label").htmlFor = box.id;
+    }
+    item.appendChild(form);
+    return form;
+  }
+
   /* Close an editor or a delete confirmation and give focus back to the button that opened it. */
   function closeForm(form) {
     if (!form) return;
@@ -158,7 +181,7 @@
       closeForm(button.closest("form"));
       return;
     }
-    var target = document.getElementById(button.getAttribute("aria-controls"));
+    var target = formFor(item, action);
     if (!target) return;
     hideForms(item);
     item.querySelector(".item-actions").hidden = true;
