@@ -266,6 +266,22 @@ class World:
     def resolve_pairs(self, pairs) -> list[tuple[str, str]]:
         return [(self.resolve(key), self.resolve(value)) for key, value in pairs]
 
+    def resolve_body(self, body):
+        """A generated body as sent: raw bytes as they are, form pairs resolved."""
+        return body if isinstance(body, bytes) else self.resolve_pairs(body)
+
+    def sent(self, method, path, query, body, content_type, extra) -> Sent:
+        """The request a generated case describes, with every `Real` value resolved."""
+        headers = {name: self.resolve(value) for name, value in extra.items()}
+        return Sent(
+            method,
+            path,
+            self.resolve_pairs(query),
+            self.resolve_body(body),
+            content_type,
+            headers,
+        )
+
     def portal_pk_of(self, member_id) -> int | None:
         return {self.a.member_id: self.portal_a.pk, self.b.member_id: self.portal_b.pk}.get(
             member_id
@@ -1084,14 +1100,7 @@ install_body_keys = keys(INSTALL_FIELDS)
 def test_install_random_requests_change_nothing(world, method, query, body, content_type, extra):
     """Random methods, queries, bodies (installer field names, bracket keys, raw bytes, 1000+
     fields), content types and headers: refused without the installing admin's live token."""
-    sent = Sent(
-        method,
-        "/b24/install/",
-        world.resolve_pairs(query),
-        body if isinstance(body, bytes) else world.resolve_pairs(body),
-        content_type,
-        {name: world.resolve(value) for name, value in extra.items()},
-    )
+    sent = world.sent(method, "/b24/install/", query, body, content_type, extra)
     exchange(world, world.anonymous, sent, lambda s: install_scope(world, s))
 
 
@@ -1147,14 +1156,7 @@ def test_install_genuine_post_with_one_field_mutated(world, mutation):
 def test_events_random_bodies_change_nothing(world, method, body, content_type, extra):
     """Event-shaped and random bracket-key bodies: only a portal admin's live token (install,
     update) or the stored application token (uninstall) can change anything."""
-    sent = Sent(
-        method,
-        "/b24/events/",
-        [],
-        body if isinstance(body, bytes) else world.resolve_pairs(body),
-        content_type,
-        {name: world.resolve(value) for name, value in extra.items()},
-    )
+    sent = world.sent(method, "/b24/events/", [], body, content_type, extra)
     exchange(world, world.anonymous, sent, lambda s: event_scope(world, s))
 
 
@@ -1211,14 +1213,7 @@ screen_body_keys = keys(INSTALL_FIELDS)
 )
 def test_screen_random_requests_change_nothing(world, method, query, body, content_type, extra):
     """Random placement POSTs: no page, no frame token, no state without a live AUTH_ID."""
-    sent = Sent(
-        method,
-        "/b24/app/",
-        world.resolve_pairs(query),
-        body if isinstance(body, bytes) else world.resolve_pairs(body),
-        content_type,
-        {name: world.resolve(value) for name, value in extra.items()},
-    )
+    sent = world.sent(method, "/b24/app/", query, body, content_type, extra)
     exchange(world, world.anonymous, sent, lambda s: screen_scope(world, s))
 
 
@@ -1575,7 +1570,7 @@ def test_any_endpoint_handles_odd_hosts_sizes_and_content_types(
         method,
         path,
         world.resolve_pairs(query),
-        body if isinstance(body, bytes) else world.resolve_pairs(body),
+        world.resolve_body(body),
         content_type,
         {} if host is None else {"HTTP_HOST": host},
     )
