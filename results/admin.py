@@ -1,19 +1,20 @@
 """Operators see every change people made and why one failed (read-only: the outbox is data).
 
 Built for a large outbox (10,000 portals, 100,000 changes; `bench/scale.py`): no filter that lists
-every portal, no date hierarchy (both scan the table on every page), searches that can use
-indexes (a member_id exactly, a domain, a task or result id as a number), and no second COUNT(*)
-for a search. A portal's changes: `?portal__id__exact=<portal id>`.
+every portal and no date hierarchy (both scan the table on every page); searches that can use
+indexes (a member_id exactly, a domain, a task or result id as a number); see
+`b24app.adminlists`. A portal's changes: `?portal__id__exact=<portal id>`.
 """
 
 from django.contrib import admin
 from django.db.models import Q
 
+from b24app.adminlists import PortalRowsAdmin
 from results.models import ResultChange
 
 
 @admin.register(ResultChange)
-class ResultChangeAdmin(admin.ModelAdmin):
+class ResultChangeAdmin(PortalRowsAdmin):
     list_display = (
         "id",
         "created_at",
@@ -31,30 +32,13 @@ class ResultChangeAdmin(admin.ModelAdmin):
     search_fields = ("=portal__member_id", "portal__domain")
     search_help_text = "A portal's member_id or domain, or a task or result id."
     list_select_related = ("portal", "account")
-    show_full_result_count = False
 
-    def lookup_allowed(self, lookup, value, request=None):
-        return lookup == "portal__id__exact" or super().lookup_allowed(lookup, value, request)
-
-    def get_search_results(self, request, queryset, search_term):
-        """A number is a task or result id (compared as a number, so indexes apply)."""
-        term = search_term.strip()
-        if term.isdigit() and len(term) < 19:
-            number = int(term)
-            return queryset.filter(Q(task_id=number) | Q(result_id=number)), False
-        return super().get_search_results(request, queryset, search_term)
+    def number_search(self, queryset, number: int):
+        """A number is a task or a result id."""
+        return queryset.filter(Q(task_id=number) | Q(result_id=number))
 
     def get_readonly_fields(self, request, obj=None):
         return [field.name for field in self.model._meta.fields]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
     @admin.display(description="editor", ordering="account__user_id")
     def editor(self, change: ResultChange) -> str:

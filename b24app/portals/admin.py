@@ -12,6 +12,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.http import urlencode
 
+from b24app.adminlists import PortalRowsAdmin
 from b24app.portals import crypto, selectors, services
 from b24app.portals.models import Account, Portal
 
@@ -146,7 +147,7 @@ class PortalAdmin(admin.ModelAdmin):
 
 
 @admin.register(Account)
-class AccountAdmin(MaskedTokens, admin.ModelAdmin):
+class AccountAdmin(MaskedTokens, PortalRowsAdmin):
     """Every Bitrix24 user who installed or opened the app, across portals, paginated: a
     portal with thousands of users is read here rather than in its page's inline. Read-only;
     tokens show their first four characters at most. One portal's accounts:
@@ -167,7 +168,6 @@ class AccountAdmin(MaskedTokens, admin.ModelAdmin):
     search_fields = ("=portal__member_id", "portal__domain", "display_name")
     search_help_text = "A portal's member_id or domain, a name, or a Bitrix24 user id."
     list_select_related = ("portal",)
-    show_full_result_count = False
     fields = (
         "portal",
         *AccountInline.fields,
@@ -179,21 +179,6 @@ class AccountAdmin(MaskedTokens, admin.ModelAdmin):
     )
     readonly_fields = fields
 
-    def lookup_allowed(self, lookup, value, request=None):
-        return lookup == "portal__id__exact" or super().lookup_allowed(lookup, value, request)
-
-    def get_search_results(self, request, queryset, search_term):
-        """A number is a Bitrix24 user id (compared as a number, so the index applies)."""
-        term = search_term.strip()
-        if term.isdigit() and len(term) < 19:
-            return queryset.filter(user_id=int(term)), False
-        return super().get_search_results(request, queryset, search_term)
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
+    def number_search(self, queryset, number: int):
+        """A number is a Bitrix24 user id."""
+        return queryset.filter(user_id=number)
