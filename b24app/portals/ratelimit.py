@@ -13,15 +13,29 @@ and treats the bucket as full when the block ends, so traffic resumes at the ste
 
 :class:`RedisLeakyBucket` shares the schedule between all processes and machines through one Lua
 script and Redis' own clock; :class:`LocalLeakyBucket` does the same inside one process. While
-Redis is unreachable the Redis limiter hands over to a fallback shared through the database
-(``ratelimit_db.DatabaseLeakyBucket``); whenever pacing moves from one store to the other, the
-new store's bucket starts full, since it cannot know what the other one just sent.
+Redis is unreachable the Redis limiter hands over to a stand-in shared through the database
+(``ratelimit_db.DatabaseLeakyBucket``). The two hand-overs differ in what they can know:
+
+* **Redis to the database.** Redis is gone, so its schedule is known only from this process's
+  own replies. The stand-in is blocked until the last slot this process saw Redis give out, plus
+  the queue that was waiting then (each waiting caller may have reserved once more), and then
+  starts full (the burst is not used again). Other processes' reservations that this misses are
+  absorbed while they are fewer than that queue plus ``burst - 3``.
+* **Redis lost its data** (a restart, a fail-over, a flush) while this process did not notice an
+  outage: an epoch key in Redis changes, and the process carries what it knows of the old
+  schedule (as above) into the new one before reserving.
+* **The database back to Redis.** The stand-in's row is shared, so the hand-back is exact: the
+  first process that finds Redis working marks the row *released* (no slot is given there any
+  more) and carries its schedule over into Redis before reserving there. Processes still pacing
+  through the database see the mark on their next call and move to Redis at once, carrying the
+  same schedule over, instead of waiting for their own retry.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -32,10 +46,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 __all__ = [
+    "FallbackReleased",
     "LocalLeakyBucket",
     "RateLimitTimeout",
     "RateLimiter",
     "RedisLeakyBucket",
+    "StandIn",
     "limiter_from_url",
     "parse_rate",
     "schedule_for",
@@ -75,6 +91,27 @@ class RateLimiter(Protocol):
 
     def reset(self, key: str) -> None:
         """Forget everything about ``key`` (an empty bucket)."""
+        ...
+
+
+class FallbackReleased(Exception):
+    """The stand-in no longer paces this key: a process found Redis working and took the
+    schedule back. Nothing was reserved; the caller should pace through Redis."""
+
+
+class StandIn(RateLimiter, Protocol):
+    """What the Redis limiter needs from the store that stands in for it during an outage.
+
+    ``acquire`` raises :class:`FallbackReleased` once the key was released, until it is taken.
+    """
+
+    def take(self, key: str, seconds: float) -> None:
+        """Pace ``key`` here (again): allow no request for ``seconds``, then the steady rate."""
+        ...
+
+    def release(self, key: str, burst: int, rate: float) -> float | None:
+        """Stop giving slots for ``key`` and return how far its schedule runs ahead of now, in
+        seconds (GCRA ``tat - now``; may be negative), or None if this store never paced it."""
         ...
 
 
@@ -152,27 +189,51 @@ class LocalLeakyBucket:
             self._tat.pop(key, None)
             self._blocked_until.pop(key, None)
 
+    def horizon(self, key: str, burst: int, rate: float) -> float | None:
+        """How far ``key``'s schedule runs ahead of now (``tat - now``, blocks included), or
+        None if this limiter never paced it."""
+        schedule = _Schedule.for_limit(burst, rate)
+        with self._lock:
+            tat = self._tat.get(key)
+            blocked_until = self._blocked_until.get(key)
+            if tat is None and blocked_until is None:
+                return None
+            if blocked_until is not None:
+                tat = max(tat or 0.0, blocked_until + schedule.tolerance)
+            return tat - time.monotonic()
+
 
 # All times in microseconds of Redis' clock. The bucket is a hash {tat, until}; see module doc.
+# KEYS[2] holds Redis' epoch: a random id set when it is missing, i.e. on first use and after
+# Redis lost its data (a restart, a fail-over, a flush). A caller that knew another epoch for
+# this bucket carries its own knowledge of the schedule (ARGV[6] ahead of now) over first.
 _ACQUIRE_SCRIPT = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local max_wait = tonumber(ARGV[3])
+local epoch = redis.call('GET', KEYS[2])
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('SET', KEYS[2], epoch)
+end
 local state = redis.call('HMGET', KEYS[1], 'tat', 'until')
 local tat = math.max(tonumber(state[1]) or now, now)
+if ARGV[4] ~= '' and ARGV[4] ~= epoch then
+  tat = math.max(tat, now + tonumber(ARGV[6]))
+end
 if state[2] then
   tat = math.max(tat, tonumber(state[2]) + tolerance)
 end
 local wait = math.max(tat - tolerance - now, 0)
 if max_wait >= 0 and wait > max_wait then
-  return {0, wait, tat - now}
+  return {0, wait, tat - now, epoch}
 end
 tat = tat + interval
 redis.call('HSET', KEYS[1], 'tat', string.format('%.0f', tat))
 redis.call('PEXPIRE', KEYS[1], math.ceil((tat - now) / 1000) + 1000)
-return {1, wait, tat - now}
+return {1, wait, tat - now, epoch}
 """
 
 _PENALIZE_SCRIPT = """
@@ -190,17 +251,37 @@ end
 return 1
 """
 
+# Carry a schedule over from the stand-in: the bucket's tat becomes at least now + ARGV[1].
+_ADOPT_SCRIPT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local target = now + tonumber(ARGV[1])
+local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or '0')
+if target > tat then
+  redis.call('HSET', KEYS[1], 'tat', string.format('%.0f', target))
+  local keep_ms = math.ceil((target - now) / 1000) + 1000
+  if redis.call('PTTL', KEYS[1]) < keep_ms then
+    redis.call('PEXPIRE', KEYS[1], keep_ms)
+  end
+end
+return 1
+"""
+
 _MICROS = 1_000_000
+
+SWITCH_ATTEMPTS = 3
+"""Moves between Redis and the stand-in one acquire may make before pacing in-process."""
 
 
 class RedisLeakyBucket:
     """Limiter shared by every process and machine that uses the same Redis.
 
     Fails safe: while Redis is unreachable it paces through ``fallback`` (the database-backed
-    limiter in the app, shared by all processes too), or, without one, each process on its own
+    stand-in in the app, shared by all processes too), or, without one, each process on its own
     at burst 1 and :data:`FALLBACK_RATE_SHARE` of the rate. It logs one warning per outage,
-    retries Redis after ``retry_interval`` seconds and never raises a Redis error into the
-    caller. :attr:`degraded` says whether the last attempt found Redis down.
+    retries Redis after ``retry_interval`` seconds (at once when another process found it back)
+    and never raises a Redis error into the caller. :attr:`degraded` says whether the last
+    attempt found Redis down. See the module doc for the two hand-overs.
     """
 
     PENALTY_KEEP_MS = 600_000
@@ -213,7 +294,7 @@ class RedisLeakyBucket:
         *,
         socket_timeout: float = 0.5,
         retry_interval: float = 5.0,
-        fallback: RateLimiter | None = None,
+        fallback: StandIn | None = None,
     ) -> None:
         self._redis = redis.Redis.from_url(
             redis_url,
@@ -224,13 +305,16 @@ class RedisLeakyBucket:
         self._prefix = prefix
         self._acquire_script = self._redis.register_script(_ACQUIRE_SCRIPT)
         self._penalize_script = self._redis.register_script(_PENALIZE_SCRIPT)
+        self._adopt_script = self._redis.register_script(_ADOPT_SCRIPT)
         self._fallback = fallback
         self._process_only = LocalLeakyBucket()
         self._retry_interval = retry_interval
         self._state_lock = threading.Lock()
         self._skip_redis_until: float | None = None  # time.monotonic(); None while Redis is fine
         self._store_of: dict[str, str] = {}  # key -> "redis" | "fallback": where it was paced last
-        self._horizon: dict[str, float] = {}  # key -> monotonic time of the last slot Redis gave
+        self._horizon: dict[str, float] = {}  # key -> monotonic time Redis' schedule may run to
+        self._epoch_of: dict[str, str] = {}  # key -> Redis' epoch at our last reservation
+        self._epoch_key = prefix + "~epoch"  # "~" cannot occur in a member_id
 
     @property
     def degraded(self) -> bool:
@@ -239,35 +323,22 @@ class RedisLeakyBucket:
 
     def acquire(self, key: str, burst: int, rate: float, *, max_wait: float | None = None) -> float:
         schedule = _Schedule.for_limit(burst, rate)
-        if self._redis_usable():
+        for _ in range(SWITCH_ATTEMPTS):
+            if self._redis_usable():
+                try:
+                    return self._redis_acquire(key, burst, rate, schedule, max_wait)
+                except redis.RedisError as exc:
+                    self._redis_failed(exc)
+            if self._fallback is None:
+                break
+            if self._switch_to(key, "fallback"):
+                # What Redis gave out before it died is still to be sent: start after it.
+                self._fallback.take(key, self._horizon_left(key))
             try:
-                if self._switch_to(key, "redis"):
-                    self._redis_penalize(key, 0.0)
-                granted, wait_us, horizon_us = self._acquire_script(
-                    keys=[self._prefix + key],
-                    args=[
-                        round(schedule.interval * _MICROS),
-                        round(schedule.tolerance * _MICROS),
-                        -1 if max_wait is None else round(max_wait * _MICROS),
-                    ],
-                )
-            except redis.RedisError as exc:
-                self._redis_failed(exc)
-            else:
-                self._redis_ok()
-                wait = int(wait_us) / _MICROS
-                self._horizon_seen(key, int(horizon_us) / _MICROS)
-                if not int(granted):
-                    raise RateLimitTimeout(wait)
-                if wait > 0:
-                    time.sleep(wait)
-                return wait
-        if self._fallback is None:
-            return self._process_only.acquire(key, 1, rate * FALLBACK_RATE_SHARE, max_wait=max_wait)
-        if self._switch_to(key, "fallback"):
-            # Slots reserved in Redis before it died are still to be used: start after them.
-            self._fallback.penalize(key, self._horizon_left(key))
-        return self._fallback.acquire(key, burst, rate, max_wait=max_wait)
+                return self._fallback.acquire(key, burst, rate, max_wait=max_wait)
+            except FallbackReleased:
+                self._redis_found_back()
+        return self._process_only.acquire(key, 1, rate * FALLBACK_RATE_SHARE, max_wait=max_wait)
 
     def penalize(self, key: str, seconds: float) -> None:
         self._process_only.penalize(key, seconds)
@@ -297,15 +368,58 @@ class RedisLeakyBucket:
         else:
             self._redis_ok()
 
+    def _redis_acquire(
+        self, key: str, burst: int, rate: float, schedule: _Schedule, max_wait: float | None
+    ) -> float:
+        """Reserve through Redis (raises RateLimitTimeout or a Redis error)."""
+        if self._switch_to(key, "redis"):
+            self._take_back(key, burst, rate)
+        with self._state_lock:
+            known_epoch = self._epoch_of.get(key, "")
+        granted, wait_us, ahead_us, epoch = self._acquire_script(
+            keys=[self._prefix + key, self._epoch_key],
+            args=[
+                round(schedule.interval * _MICROS),
+                round(schedule.tolerance * _MICROS),
+                -1 if max_wait is None else round(max_wait * _MICROS),
+                known_epoch,
+                secrets.token_hex(8),
+                round(self._horizon_left(key) * _MICROS),
+            ],
+        )
+        self._redis_ok()
+        wait = int(wait_us) / _MICROS
+        with self._state_lock:
+            self._epoch_of[key] = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        self._horizon_seen(key, int(ahead_us) / _MICROS, schedule)
+        if not int(granted):
+            raise RateLimitTimeout(wait)
+        if wait > 0:
+            time.sleep(wait)
+        return wait
+
+    def _take_back(self, key: str, burst: int, rate: float) -> None:
+        """``key`` was paced by the stand-in: stop it there and carry its schedule into Redis
+        (whose own state is lost or stale), so that no slot the stand-in gave is given twice."""
+        if self._fallback is None:
+            self._redis_penalize(key, 0.0)  # the process-only pacing knew nothing: start full
+            return
+        ahead = self._fallback.release(key, burst, rate)
+        if ahead is not None and ahead > 0:
+            self._adopt_script(keys=[self._prefix + key], args=[round(ahead * _MICROS)])
+
     def _redis_penalize(self, key: str, seconds: float) -> None:
         self._penalize_script(
             keys=[self._prefix + key],
             args=[round(max(seconds, 0.0) * _MICROS), self.PENALTY_KEEP_MS],
         )
 
-    def _horizon_seen(self, key: str, seconds_ahead: float) -> None:
-        """Remember how far ahead Redis' schedule for ``key`` ran at our last reservation."""
-        until = time.monotonic() + seconds_ahead
+    def _horizon_seen(self, key: str, ahead: float, schedule: _Schedule) -> None:
+        """Remember how far Redis' schedule for ``key`` may run: ``ahead`` (its tat after our
+        reservation) plus the queue waiting then, since each waiting caller may reserve once
+        more before we hear of an outage."""
+        queue = max(0.0, ahead - schedule.tolerance - schedule.interval)
+        until = time.monotonic() + ahead + queue
         with self._state_lock:
             self._horizon[key] = max(self._horizon.get(key, until), until)
 
@@ -314,16 +428,24 @@ class RedisLeakyBucket:
             return max(0.0, self._horizon.get(key, 0.0) - time.monotonic())
 
     def _switch_to(self, key: str, store: str) -> bool:
-        """Record that ``key`` is paced by ``store`` now; True if it was paced by the other one
-        (so the new store's bucket must start full)."""
+        """Record that ``key`` is paced by ``store`` now; True if it was not before (for the
+        stand-in: also when this process never paced it, since its row may be released)."""
         with self._state_lock:
             previous = self._store_of.get(key)
             self._store_of[key] = store
-        return previous is not None and previous != store
+        if store == "redis":
+            return previous == "fallback"
+        return previous != "fallback"
 
     def _redis_usable(self) -> bool:
         with self._state_lock:
             return self._skip_redis_until is None or time.monotonic() >= self._skip_redis_until
+
+    def _redis_found_back(self) -> None:
+        """Another process paces through Redis again: try it now, not after our retry wait."""
+        with self._state_lock:
+            if self._skip_redis_until is not None:
+                self._skip_redis_until = time.monotonic()
 
     def _redis_failed(self, exc: redis.RedisError) -> None:
         with self._state_lock:
@@ -346,7 +468,7 @@ class RedisLeakyBucket:
             logger.info("rate limiter: Redis is back; shared pacing resumed")
 
 
-def limiter_from_url(redis_url: str | None, *, fallback: RateLimiter | None = None) -> RateLimiter:
+def limiter_from_url(redis_url: str | None, *, fallback: StandIn | None = None) -> RateLimiter:
     """The shared Redis limiter for ``REDIS_URL`` (with ``fallback`` for its outages), or an
     in-process one when it is unset."""
     if redis_url:

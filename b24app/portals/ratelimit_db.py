@@ -9,6 +9,11 @@ under the row's lock, on the database's clock.
 Each thread uses a connection of its own in autocommit mode, so a reservation never waits for,
 or holds a lock inside, the caller's transaction. If the database fails too, the caller is paced
 in-process at a small share of the rate (the last resort, as before).
+
+When Redis is back, the first process to find it *releases* the row (`released`): from then on
+the row gives no slot (`FallbackReleased`), and every process carries the row's final schedule
+into Redis (`release` returns it) before reserving there. A process that finds Redis down again
+*takes* the row back.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from django.db import DatabaseError, connections
 
 from b24app.portals.ratelimit import (
     FALLBACK_RATE_SHARE,
+    FallbackReleased,
     LocalLeakyBucket,
     RateLimitTimeout,
     schedule_for,
@@ -31,12 +37,12 @@ logger = logging.getLogger("b24app.ratelimit")
 NO_LIMIT_S = 1e12
 """Stands for "wait as long as it takes" (``max_wait=None``) in SQL."""
 
-# `portals_ratebucket` is `RateBucket`'s table. Reserve the next slot if it is within max_wait;
-# return the wait either way (see ratelimit.py).
+# `portals_ratebucket` is `RateBucket`'s table. Reserve the next slot if it is within max_wait
+# and the row is not released; return the wait and the released flag either way (ratelimit.py).
 _ACQUIRE_SQL = """
 WITH clock AS (SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8 AS now),
 current AS (
-    SELECT b.key, c.now,
+    SELECT b.key, b.released, c.now,
            GREATEST(b.tat, c.now, b.blocked_until + %(tolerance)s) AS start
     FROM portals_ratebucket AS b CROSS JOIN clock AS c
     WHERE b.key = %(key)s
@@ -44,13 +50,13 @@ current AS (
 )
 UPDATE portals_ratebucket AS b
 SET tat = CASE
-    WHEN current.start - %(tolerance)s - current.now <= %(max_wait)s
+    WHEN NOT current.released AND current.start - %(tolerance)s - current.now <= %(max_wait)s
     THEN current.start + %(interval)s
     ELSE b.tat
 END
 FROM current
 WHERE b.key = current.key
-RETURNING GREATEST(current.start - %(tolerance)s - current.now, 0)
+RETURNING GREATEST(current.start - %(tolerance)s - current.now, 0), current.released
 """
 
 _CREATE_SQL = """
@@ -63,6 +69,23 @@ INSERT INTO portals_ratebucket (key, tat, blocked_until)
 VALUES (%(key)s, 0, EXTRACT(EPOCH FROM clock_timestamp()) + %(seconds)s)
 ON CONFLICT (key) DO UPDATE
 SET blocked_until = GREATEST(portals_ratebucket.blocked_until, EXCLUDED.blocked_until)
+"""
+
+# Pace the key here (again): block it and clear `released`.
+_TAKE_SQL = """
+INSERT INTO portals_ratebucket (key, tat, blocked_until, released)
+VALUES (%(key)s, 0, EXTRACT(EPOCH FROM clock_timestamp()) + %(seconds)s, false)
+ON CONFLICT (key) DO UPDATE
+SET blocked_until = GREATEST(portals_ratebucket.blocked_until, EXCLUDED.blocked_until),
+    released = false
+"""
+
+# Give no slot from now on; return how far the schedule runs ahead (final once released).
+_RELEASE_SQL = """
+UPDATE portals_ratebucket
+SET released = true
+WHERE key = %(key)s
+RETURNING GREATEST(tat, blocked_until + %(tolerance)s) - EXTRACT(EPOCH FROM clock_timestamp())
 """
 
 _RESET_SQL = "DELETE FROM portals_ratebucket WHERE key = %(key)s"
@@ -102,7 +125,11 @@ class DatabaseLeakyBucket:
             self._database_failed(exc)
             return self._last_resort.acquire(key, 1, rate * FALLBACK_RATE_SHARE, max_wait=max_wait)
         self._database_ok()
-        wait = float(row[0]) if row is not None else 0.0
+        if row is None:  # deleted between the two statements (a reset): nothing to wait for
+            return 0.0
+        wait, released = float(row[0]), bool(row[1])
+        if released:
+            raise FallbackReleased(key)
         if max_wait is not None and wait > max_wait:
             raise RateLimitTimeout(wait)
         if wait > 0:
@@ -114,6 +141,26 @@ class DatabaseLeakyBucket:
         self._exact_locally.penalize(key, seconds)
         if self._shared():
             self._quietly(_PENALIZE_SQL, {"key": key, "seconds": max(seconds, 0.0)})
+
+    def take(self, key: str, seconds: float) -> None:
+        self._last_resort.penalize(key, seconds)
+        self._exact_locally.penalize(key, seconds)
+        if self._shared():
+            self._quietly(_TAKE_SQL, {"key": key, "seconds": max(seconds, 0.0)})
+
+    def release(self, key: str, burst: int, rate: float) -> float | None:
+        if not self._shared():
+            ahead = self._exact_locally.horizon(key, burst, rate)
+            self._exact_locally.reset(key)
+            return ahead
+        params = {"key": key, "tolerance": schedule_for(burst, rate).tolerance}
+        try:
+            row = self._fetch(_RELEASE_SQL, params)
+        except DatabaseError as exc:
+            self._database_failed(exc)
+            return None
+        self._database_ok()
+        return None if row is None else float(row[0])
 
     def reset(self, key: str) -> None:
         self._last_resort.reset(key)

@@ -20,6 +20,7 @@ from django.db import connection
 
 from b24app.portals.ratelimit import (
     BURST_MARGIN,
+    FallbackReleased,
     LocalLeakyBucket,
     RateLimitTimeout,
     RedisLeakyBucket,
@@ -294,6 +295,54 @@ def test_redis_down_hands_over_to_the_database_starting_full(db_key, db_limiter)
     from b24app.portals.models import RateBucket
 
     assert RateBucket.objects.filter(key=db_key).exists()
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_redis_back_takes_the_schedule_over_from_the_database(
+    redis_url, db_key, db_limiter
+) -> None:
+    """The first process to find Redis back releases the database's row and carries its
+    schedule into Redis; a process still pacing through the database moves over at its next
+    call (not after its own retry wait), so no slot is given twice."""
+    from b24app.portals.models import RateBucket
+
+    prefix = f"{PREFIX}{uuid.uuid4().hex}:"  # a Redis of its own, as if just restarted empty
+    db_limiter().take(db_key, 0.5)  # the database's schedule runs 0.5 s (and a burst) ahead
+    first = RedisLeakyBucket(redis_url, prefix=prefix, fallback=db_limiter())
+    first._store_of[db_key] = "fallback"  # it paced this portal through the database until now
+    late = RedisLeakyBucket(redis_url, prefix=prefix, retry_interval=60, fallback=db_limiter())
+    late._store_of[db_key] = "fallback"
+    late._redis_failed(redis.ConnectionError("down a moment ago"))  # next retry in a minute
+    try:
+        waited_first = first.acquire(db_key, BURST, RATE)
+        assert RateBucket.objects.get(key=db_key).released
+        late.acquire(db_key, BURST, RATE)
+    finally:
+        redis.Redis.from_url(redis_url).delete(prefix + db_key, prefix + "~epoch")
+
+    assert 0.4 <= waited_first <= 0.5  # after the database's slots, not a fresh burst
+    assert not late.degraded  # moved to Redis at once, into the same schedule
+    with pytest.raises(FallbackReleased):  # the database gives no more slots for it
+        db_limiter().acquire(db_key, BURST, RATE)
+
+
+def test_redis_that_lost_its_data_continues_the_schedule_this_process_knew(redis_url) -> None:
+    """Redis restarted (or failed over, or was flushed) without this process seeing an outage:
+    the epoch key is gone, so the process carries its knowledge of the old schedule over instead
+    of starting a fresh burst beside the slots it already gave out."""
+    prefix = f"{PREFIX}{uuid.uuid4().hex}:"
+    limiter = RedisLeakyBucket(redis_url, prefix=prefix)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for _ in range(BURST - BURST_MARGIN):  # the burst: the schedule now runs ahead
+            assert limiter.acquire("portal", BURST, RATE) == 0.0
+        client.delete(prefix + "portal", prefix + "~epoch")  # Redis lost everything
+        assert limiter.acquire("portal", BURST, RATE) >= 1 / RATE - 0.01
+        fresh = RedisLeakyBucket(redis_url, prefix=prefix)  # knew nothing: queues behind it
+        assert fresh.acquire("portal", BURST, RATE) > 0.0
+    finally:
+        client.delete(prefix + "portal", prefix + "~epoch")
 
 
 # --- in-process --------------------------------------------------------------------------------
