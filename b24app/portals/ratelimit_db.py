@@ -117,10 +117,10 @@ class DatabaseLeakyBucket:
             "max_wait": NO_LIMIT_S if max_wait is None else max_wait,
         }
         try:
-            row = self._fetch(_ACQUIRE_SQL, params)
+            row = self._run(_ACQUIRE_SQL, params)
             if row is None:  # first call for this key (or it was reset): create, then reserve
-                self._execute(_CREATE_SQL, params)
-                row = self._fetch(_ACQUIRE_SQL, params)
+                self._run(_CREATE_SQL, params)
+                row = self._run(_ACQUIRE_SQL, params)
         except DatabaseError as exc:
             self._database_failed(exc)
             return self._last_resort.acquire(key, 1, rate * FALLBACK_RATE_SHARE, max_wait=max_wait)
@@ -129,6 +129,7 @@ class DatabaseLeakyBucket:
             return 0.0
         wait, released = float(row[0]), bool(row[1])
         if released:
+            self._drop_connection()  # this thread will pace through Redis
             raise FallbackReleased(key)
         if max_wait is not None and wait > max_wait:
             raise RateLimitTimeout(wait)
@@ -140,33 +141,29 @@ class DatabaseLeakyBucket:
         self._last_resort.penalize(key, seconds)
         self._exact_locally.penalize(key, seconds)
         if self._shared():
-            self._quietly(_PENALIZE_SQL, {"key": key, "seconds": max(seconds, 0.0)})
+            self._once(_PENALIZE_SQL, {"key": key, "seconds": max(seconds, 0.0)})
 
     def take(self, key: str, seconds: float) -> None:
         self._last_resort.penalize(key, seconds)
         self._exact_locally.penalize(key, seconds)
         if self._shared():
-            self._quietly(_TAKE_SQL, {"key": key, "seconds": max(seconds, 0.0)})
+            self._once(_TAKE_SQL, {"key": key, "seconds": max(seconds, 0.0)})
 
     def release(self, key: str, burst: int, rate: float) -> float | None:
         if not self._shared():
             ahead = self._exact_locally.horizon(key, burst, rate)
             self._exact_locally.reset(key)
             return ahead
-        params = {"key": key, "tolerance": schedule_for(burst, rate).tolerance}
-        try:
-            row = self._fetch(_RELEASE_SQL, params)
-        except DatabaseError as exc:
-            self._database_failed(exc)
-            return None
-        self._database_ok()
+        tolerance = schedule_for(burst, rate).tolerance
+        row = self._once(_RELEASE_SQL, {"key": key, "tolerance": tolerance})
+        self._drop_connection()  # this thread paces through Redis again
         return None if row is None else float(row[0])
 
     def reset(self, key: str) -> None:
         self._last_resort.reset(key)
         self._exact_locally.reset(key)
         if self._shared():
-            self._quietly(_RESET_SQL, {"key": key})
+            self._once(_RESET_SQL, {"key": key})
 
     def close(self) -> None:
         """Close this thread's connection (it reopens on the next call)."""
@@ -184,30 +181,32 @@ class DatabaseLeakyBucket:
             self._local.connection = wrapper
         return wrapper
 
-    def _fetch(self, sql: str, params: dict):
+    def _run(self, sql: str, params: dict):
+        """Run one statement on this thread's connection; its first row, or None."""
         try:
             with self._connection().cursor() as cursor:
                 cursor.execute(sql, params)
-                return cursor.fetchone()
+                return cursor.fetchone() if cursor.description else None
         except DatabaseError:
             self._drop_connection()
             raise
 
-    def _execute(self, sql: str, params: dict) -> None:
+    def _once(self, sql: str, params: dict):
+        """Run a statement outside the pacing path (penalize, take, release, reset) and return
+        its first row, or None, also when the database fails. A thread that is not pacing here
+        gets a connection for it that is closed after, so that the threads which only ever saw
+        a QUERY_LIMIT_EXCEEDED do not each keep one open."""
+        pacing = getattr(self._local, "connection", None) is not None
         try:
-            with self._connection().cursor() as cursor:
-                cursor.execute(sql, params)
-        except DatabaseError:
-            self._drop_connection()
-            raise
-
-    def _quietly(self, sql: str, params: dict) -> None:
-        try:
-            self._execute(sql, params)
+            row = self._run(sql, params)
         except DatabaseError as exc:
             self._database_failed(exc)
-        else:
-            self._database_ok()
+            return None
+        finally:
+            if not pacing:
+                self._drop_connection()
+        self._database_ok()
+        return row
 
     def _drop_connection(self) -> None:
         wrapper = getattr(self._local, "connection", None)

@@ -281,6 +281,28 @@ def test_database_leaky_bucket_penalize_holds_every_process_back(db_key, db_limi
     assert time.monotonic() - started >= 0.4
 
 
+def _sessions_on_this_database() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_database_leaky_bucket_keeps_a_connection_only_while_pacing(db_key, db_limiter) -> None:
+    """A penalty (every QUERY_LIMIT_EXCEEDED, Redis up or not) or a reset opens no connection
+    that stays; pacing keeps one per thread, and the hand-back to Redis closes it."""
+    limiter = db_limiter()
+    idle = _sessions_on_this_database()
+    limiter.penalize(db_key, 0.0)
+    limiter.reset(db_key)
+    assert _sessions_on_this_database() == idle
+    limiter.acquire(db_key, BURST, RATE)
+    assert _sessions_on_this_database() == idle + 1
+    assert limiter.release(db_key, BURST, RATE) is not None
+    assert _sessions_on_this_database() == idle
+
+
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_redis_down_hands_over_to_the_database_starting_full(db_key, db_limiter) -> None:
