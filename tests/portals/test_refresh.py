@@ -258,12 +258,12 @@ def test_refresh_storm_twenty_users_ten_callers_each_never_mix_tokens(client, fa
 @pytest.mark.redis
 @pytest.mark.django_db(transaction=True)
 def test_rate_limit_shared_by_processes_keeps_under_the_portals_bucket(client, fake, portal):
-    """32 callers in 2 processes against a portal limited to 10 burst / 20 per second (Bitrix24's
-    50/2, scaled up): the portal never answers QUERY_LIMIT_EXCEEDED, and the achieved steady
-    rate is within 10% of the allowed one."""
+    """32 callers in 2 processes against a portal limited to 10 burst / 10 per second (Bitrix24's
+    50/2, scaled up; see the next test for why not faster): the portal never answers
+    QUERY_LIMIT_EXCEEDED, and the achieved steady rate is within 10% of the allowed one."""
     assert install(client, portal).status_code == 200
     account = Account.objects.get(user_id=1)
-    burst, rate = 10, 20.0
+    burst, rate = 10, 10.0
     portal.set_rate_limit(burst, rate)
     Portal.objects.update(rate_limit=f"{burst}/{rate:g}")
     from b24app.portals.services import rate_limiter
@@ -271,12 +271,12 @@ def test_rate_limit_shared_by_processes_keeps_under_the_portals_bucket(client, f
     rate_limiter().reset(portal.member_id)
     first = len(portal.requests)
 
-    outcomes = _storm(fake, [account.pk], processes=2, threads=16, calls=5)
+    outcomes = _storm(fake, [account.pk], processes=2, threads=16, calls=3)
 
     assert [o for o in outcomes if "error" in o] == []
     assert portal.limit_hits == 0
     times = sorted(r["time"] for r in portal.requests[first:] if r.get("method_name") == "profile")
-    assert len(times) == 32 * 5
+    assert len(times) == 32 * 3
     steady = times[burst:]
     achieved = (len(steady) - 1) / (steady[-1] - steady[0])
     assert 0.9 * rate <= achieved <= 1.1 * rate, achieved
