@@ -236,33 +236,19 @@ redis.call('PEXPIRE', KEYS[1], math.ceil((tat - now) / 1000) + 1000)
 return {1, wait, tat - now, epoch}
 """
 
-_PENALIZE_SCRIPT = """
+# Raise the bucket's field ARGV[1] to at least now + ARGV[2] and keep the bucket ARGV[3] ms beyond
+# that: 'until' for a penalty (see penalize), 'tat' to carry a schedule over from the stand-in.
+_RAISE_SCRIPT = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local blocked_until = now + tonumber(ARGV[1])
-local current = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
-if blocked_until > current then
-  redis.call('HSET', KEYS[1], 'until', string.format('%.0f', blocked_until))
+local target = now + tonumber(ARGV[2])
+local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if target > current then
+  redis.call('HSET', KEYS[1], ARGV[1], string.format('%.0f', target))
 end
-local keep_ms = math.ceil(tonumber(ARGV[1]) / 1000) + tonumber(ARGV[2])
+local keep_ms = math.ceil(tonumber(ARGV[2]) / 1000) + tonumber(ARGV[3])
 if redis.call('PTTL', KEYS[1]) < keep_ms then
   redis.call('PEXPIRE', KEYS[1], keep_ms)
-end
-return 1
-"""
-
-# Carry a schedule over from the stand-in: the bucket's tat becomes at least now + ARGV[1].
-_ADOPT_SCRIPT = """
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local target = now + tonumber(ARGV[1])
-local tat = tonumber(redis.call('HGET', KEYS[1], 'tat') or '0')
-if target > tat then
-  redis.call('HSET', KEYS[1], 'tat', string.format('%.0f', target))
-  local keep_ms = math.ceil((target - now) / 1000) + 1000
-  if redis.call('PTTL', KEYS[1]) < keep_ms then
-    redis.call('PEXPIRE', KEYS[1], keep_ms)
-  end
 end
 return 1
 """
@@ -304,8 +290,7 @@ class RedisLeakyBucket:
         )
         self._prefix = prefix
         self._acquire_script = self._redis.register_script(_ACQUIRE_SCRIPT)
-        self._penalize_script = self._redis.register_script(_PENALIZE_SCRIPT)
-        self._adopt_script = self._redis.register_script(_ADOPT_SCRIPT)
+        self._raise_script = self._redis.register_script(_RAISE_SCRIPT)
         self._fallback = fallback
         self._process_only = LocalLeakyBucket()
         self._retry_interval = retry_interval
@@ -406,12 +391,14 @@ class RedisLeakyBucket:
             return
         ahead = self._fallback.release(key, burst, rate)
         if ahead is not None and ahead > 0:
-            self._adopt_script(keys=[self._prefix + key], args=[round(ahead * _MICROS)])
+            self._raise_script(
+                keys=[self._prefix + key], args=["tat", round(ahead * _MICROS), 1000]
+            )
 
     def _redis_penalize(self, key: str, seconds: float) -> None:
-        self._penalize_script(
+        self._raise_script(
             keys=[self._prefix + key],
-            args=[round(max(seconds, 0.0) * _MICROS), self.PENALTY_KEEP_MS],
+            args=["until", round(max(seconds, 0.0) * _MICROS), self.PENALTY_KEEP_MS],
         )
 
     def _horizon_seen(self, key: str, ahead: float, schedule: _Schedule) -> None:
