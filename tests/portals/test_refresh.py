@@ -334,9 +334,10 @@ def test_rate_limit_stays_under_the_bucket_when_redis_dies_and_comes_back(
     (carrying the database's schedule over), and the portal never answers QUERY_LIMIT_EXCEEDED.
     Per-process pacing could not promise that with 4 processes.
 
-    The rate is 10/s, 5 times Bitrix24's, rather than 20/s: pacing at the full rate never drains
-    what a late request adds to the portal's counter, and 32 callers on 2 CPUs are late by tens
-    of milliseconds, which weighs 10 times more against a 20/s interval than against 2/s."""
+    The rate is 10/s, 5 times Bitrix24's, rather than 20/s: a burst that reaches the portal late
+    loses drain that pacing at the full rate never wins back, and 32 callers starting at once on
+    2 CPUs are late by tens of milliseconds, which weighs 10 times more against a 20/s interval
+    than against 2/s."""
     assert install(client, portal).status_code == 200
     account = Account.objects.get(user_id=1)
     burst, rate = 10, 10.0
