@@ -52,6 +52,20 @@ def setup_django(oauth_url: str | None = None) -> None:
     django.setup()
 
 
+def in_process_environment(database_url: str) -> None:
+    """For benches that drive the app in-process with Django's test client: ``database_url``,
+    inline background work (no broker, no Redis) and ``testserver`` among the allowed hosts; the
+    rest from :data:`BENCH_ENV` (the real environment wins there)."""
+    os.environ["DATABASE_URL"] = database_url
+    os.environ["CELERY_BROKER_URL"] = ""
+    os.environ["REDIS_URL"] = ""
+    hosts = [h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "").split(",") if h.strip()]
+    hosts = hosts or ["localhost", "127.0.0.1"]
+    if "testserver" not in hosts and "*" not in hosts:
+        hosts.append("testserver")
+    os.environ["DJANGO_ALLOWED_HOSTS"] = ",".join(hosts)
+
+
 def require_loopback(url: str) -> str:
     """Benches talk to the fake portal on 127.0.0.1 only; refuse anything else."""
     if urlsplit(url).hostname != LOOPBACK:

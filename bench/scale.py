@@ -43,6 +43,7 @@ from bench.common import (
     ROOT,
     ensure_database,
     fmt,
+    in_process_environment,
     print_table,
     record,
     require_loopback,
@@ -50,7 +51,6 @@ from bench.common import (
     start_fake,
 )
 from bench.screen import RESULT_ITEM
-from bench.screen import _environment as screen_environment
 
 BENCH_ORDER = 60
 TITLE = "scale: 10,000 portals, 100,000 accounts"
@@ -134,9 +134,9 @@ def main(argv: list[str]) -> int:
 
 
 def _environment(database_url: str) -> None:
-    """The ``screen`` bench's (this database, inline background work, ``testserver`` allowed),
-    with warnings only in the logs: the keep-alive logs a line per refresh."""
-    screen_environment(database_url)
+    """The in-process environment, with warnings only in the logs: the keep-alive logs a line
+    per refresh."""
+    in_process_environment(database_url)
     os.environ.setdefault("DJANGO_LOG_LEVEL", "WARNING")
 
 

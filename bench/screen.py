@@ -41,6 +41,7 @@ from typing import Any
 
 from bench.common import (
     fmt,
+    in_process_environment,
     print_table,
     record,
     require_loopback,
@@ -114,7 +115,7 @@ def main(argv: list[str]) -> int:
         database_url = os.environ.get("BENCH_SCREEN_DATABASE_URL") or (
             f"sqlite:///{tmp}/bench.sqlite3"
         )
-        _environment(database_url)
+        in_process_environment(database_url)
         fake = start_fake()
         try:
             setup_django(fake.oauth_url)
@@ -133,19 +134,6 @@ def main(argv: list[str]) -> int:
                     connections.close_all()
         finally:
             fake.stop()
-
-
-def _environment(database_url: str) -> None:
-    """This bench's database, inline background work, ``testserver`` allowed; the rest from
-    ``bench.common``'s defaults (the real environment wins there)."""
-    os.environ["DATABASE_URL"] = database_url
-    os.environ["CELERY_BROKER_URL"] = ""
-    os.environ["REDIS_URL"] = ""
-    hosts = [h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "").split(",") if h.strip()]
-    hosts = hosts or ["localhost", "127.0.0.1"]
-    if "testserver" not in hosts and "*" not in hosts:
-        hosts.append("testserver")
-    os.environ["DJANGO_ALLOWED_HOSTS"] = ",".join(hosts)
 
 
 @contextlib.contextmanager
