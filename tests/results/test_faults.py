@@ -132,20 +132,31 @@ def _assert_each_applied_once(fake, portal, changes) -> None:
     assert not [r for r in writes(portal) if r["status"] in (400, 403, 422)]
 
 
-def test_result_changes_survive_a_worker_killed_mid_delivery(
-    client, fake, portal, task, celery_worker_process, more_workers, monkeypatch
-):
-    first_worker = celery_worker_process
-    to_edit = [portal.add_result(task, author_id=BORIS, text=f"draft {n}") for n in range(5)]
-    to_delete = [portal.add_result(task, author_id=ANNA, text=f"obsolete {n}") for n in range(5)]
+def _queue_while_down(client, portal, task, *, added: int, edited: int, deleted: int) -> dict:
+    """Boris has `edited` results and Anna `deleted` results at the portal; both open the screen,
+    the portal goes down (the web request's own attempt fails, so every change goes to the
+    worker), and they add `added` results, edit Boris's ("final n") and delete Anna's. Returns
+    their frame tokens by user."""
+    to_edit = [portal.add_result(task, author_id=BORIS, text=f"draft {n}") for n in range(edited)]
+    to_delete = [
+        portal.add_result(task, author_id=ANNA, text=f"obsolete {n}") for n in range(deleted)
+    ]
     tokens = {user: open_screen(client, portal, user, task)[1] for user in (ANNA, BORIS)}
-    portal.go_down()  # the web request's own attempt fails: every change goes to the worker
-    for n in range(20):
+    portal.go_down()
+    for n in range(added):
         add(client, tokens[ANNA if n % 2 else BORIS], task, f"added {n}")
     for n, result_id in enumerate(to_edit):
         edit(client, tokens[BORIS], task, result_id, f"final {n}")
     for result_id in to_delete:
         delete(client, tokens[ANNA], task, result_id)
+    return tokens
+
+
+def test_result_changes_survive_a_worker_killed_mid_delivery(
+    client, fake, portal, task, celery_worker_process, more_workers, monkeypatch
+):
+    first_worker = celery_worker_process
+    _queue_while_down(client, portal, task, added=20, edited=5, deleted=5)
     assert _states() == {"queued": 30}
     in_flight = InFlight(portal, monkeypatch)
     portal.latency_s = 1.0
@@ -246,16 +257,8 @@ def test_result_changes_survive_thirty_seconds_of_portal_outage_mid_delivery(
     """Bitrix24 is gone for 30 s (real ones) while the worker delivers, one write on the wire,
     and people keep making changes meanwhile; once it is back, everything arrives once."""
     worker = celery_worker_process
-    to_edit = [portal.add_result(task, author_id=BORIS, text=f"draft {n}") for n in range(10)]
-    to_delete = [portal.add_result(task, author_id=ANNA, text=f"obsolete {n}") for n in range(10)]
-    tokens = {user: open_screen(client, portal, user, task)[1] for user in (ANNA, BORIS)}
-    portal.go_down()  # a first outage queues everything for the worker
-    for n in range(30):
-        add(client, tokens[ANNA if n % 2 else BORIS], task, f"added {n}")
-    for n, result_id in enumerate(to_edit):
-        edit(client, tokens[BORIS], task, result_id, f"final {n}")
-    for result_id in to_delete:
-        delete(client, tokens[ANNA], task, result_id)
+    # A first outage queues everything for the worker.
+    tokens = _queue_while_down(client, portal, task, added=30, edited=10, deleted=10)
     in_flight = InFlight(portal, monkeypatch)
     portal.latency_s = 0.2
     portal.come_back()
