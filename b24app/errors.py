@@ -15,14 +15,13 @@ from django.utils import translation
 from django.utils.translation import gettext as _
 
 from b24app.framing import allow_portal_framing, claimed_portal_origin
-
-LANGUAGES = ("en", "ru")
+from b24app.languages import frame_language
 
 
 def server_error(request) -> HttpResponse:
     """`handler500`: a readable, frameable 500 without a trace of what failed."""
-    language = str(request.GET.get("LANG") or request.GET.get("lang") or "")[:2].lower()
-    with translation.override(language if language in LANGUAGES else "en"):
+    language = frame_language(request.GET.get("LANG") or request.GET.get("lang"))
+    with translation.override(language):
         message = _("Something went wrong on our side. Try again in a minute.")
         if "application/json" in request.headers.get("Accept", ""):
             response = JsonResponse({"error": "server_error", "message": message}, status=500)

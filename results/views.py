@@ -22,6 +22,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from b24app.framing import allow_portal_framing, claimed_portal_origin
+from b24app.languages import frame_language
 from b24app.logs import claimed_id
 from b24app.portals import frame
 from b24app.portals.bitrix import BitrixError
@@ -39,17 +40,11 @@ from results.models import ResultChange
 
 logger = logging.getLogger("results")
 
-LANGUAGES = ("en", "ru")
 TASK_PLACEMENTS = {"TASK_VIEW_TAB", "TASK_VIEW_SIDEBAR", "TASK_VIEW_TOP_PANEL"}
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; base-uri 'none'; object-src 'none'"
 )
-
-
-def _language(code: str) -> str:
-    code = (code or "").strip().lower()[:2]
-    return code if code in LANGUAGES else "en"
 
 
 MAX_OPTIONS_LENGTH = 10_000
@@ -166,7 +161,7 @@ def frame_view(handler):
         try:
             fr = _frame(request)
         except FrameRefused as exc:
-            translation.activate(_language(request.GET.get("lang", "")))
+            translation.activate(frame_language(request.GET.get("lang", "")))
             return _refused(request, exc.message, exc.status, code=exc.code)
         return _framed(handler(request, fr, *args, **kwargs), fr)
 
@@ -247,7 +242,7 @@ def _connection_panel(fr: Frame) -> dict:
 @require_POST
 def screen(request):
     """Placement entry: verify the POST, learn who opened it, show the task's results."""
-    translation.activate(_language(request.GET.get("LANG", "")))
+    translation.activate(frame_language(request.GET.get("LANG", "")))
     try:
         account = frame_account_open(post=request.POST, domain=request.GET.get("DOMAIN") or None)
     except FrameRefused as exc:
@@ -258,7 +253,7 @@ def screen(request):
         )
         return _refused(request, exc.message, exc.status, code=exc.code)
     services.result_changes_resume(account=account)
-    language = _language(request.GET.get("LANG", ""))
+    language = frame_language(request.GET.get("LANG", ""))
     token = frame.issue(frame.FrameSession(account.portal_id, account.pk, language))
     fr = Frame(account=account, token=token, language=language)
     placement = str(request.POST.get("PLACEMENT", "DEFAULT"))[:64].upper()

@@ -17,6 +17,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
 from b24app.framing import allow_portal_framing, claimed_portal_origin
+from b24app.languages import frame_language
 from b24app.logs import claimed_id
 from b24app.portals import services
 from b24app.portals.bitrix import BitrixError
@@ -45,8 +46,7 @@ def app_url(request) -> str:
 @csrf_exempt  # a cross-site POST from the Bitrix24 frame, verified with the OAuth server instead
 @require_POST
 def install(request):
-    language = request.GET.get("LANG", "")[:2].lower()
-    translation.activate(language if language in ("en", "ru") else "en")
+    translation.activate(frame_language(request.GET.get("LANG")))
     auth = {name: request.POST.get(name, "") for name in INSTALL_FIELDS}
     auth["DOMAIN"] = request.GET.get("DOMAIN", "")
     status, error, portal = 200, None, None
