@@ -242,7 +242,8 @@ def _connection_panel(fr: Frame) -> dict:
 @require_POST
 def screen(request):
     """Placement entry: verify the POST, learn who opened it, show the task's results."""
-    translation.activate(frame_language(request.GET.get("LANG", "")))
+    language = frame_language(request.GET.get("LANG"))
+    translation.activate(language)
     try:
         account = frame_account_open(post=request.POST, domain=request.GET.get("DOMAIN") or None)
     except FrameRefused as exc:
@@ -253,7 +254,6 @@ def screen(request):
         )
         return _refused(request, exc.message, exc.status, code=exc.code)
     services.result_changes_resume(account=account)
-    language = frame_language(request.GET.get("LANG", ""))
     token = frame.issue(frame.FrameSession(account.portal_id, account.pk, language))
     fr = Frame(account=account, token=token, language=language)
     placement = str(request.POST.get("PLACEMENT", "DEFAULT"))[:64].upper()
