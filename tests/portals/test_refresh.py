@@ -18,6 +18,7 @@ from django.utils import timezone
 from b24app.portals import services
 from b24app.portals.bitrix import BitrixAuthError
 from b24app.portals.models import Account, Portal, RateBucket
+from tests.appserver import free_port
 from tests.portals.support import install, post_frame
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -290,9 +291,7 @@ class OwnRedis:
 
     def __init__(self, directory: Path) -> None:
         self._directory = directory
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
 
