@@ -1,6 +1,7 @@
 """The placement entry (`POST /b24/app/`) and the server-rendered screen."""
 
 import re
+from datetime import UTC, datetime
 from unittest import mock
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -13,11 +14,18 @@ from tests.portals.support import install, kill_installer_tokens, post_frame
 pytestmark = pytest.mark.django_db
 
 
+# A fixed moment, so that what the screen shows of a date (the month's name, the year) is the
+# same whatever day the suite runs on.
+SEEDED_AT = datetime(2026, 11, 5, 9, 30, tzinfo=UTC)
+
+
 @pytest.fixture
 def task(portal):
     task_id = portal.add_task(title="Prepare the quarterly report")
-    portal.add_result(task_id, author_id=2, text="Figures <b>checked</b>\nsecond line")
-    portal.add_result(task_id, author_id=1, text="Report sent")
+    portal.add_result(
+        task_id, author_id=2, text="Figures <b>checked</b>\nsecond line", created_at=SEEDED_AT
+    )
+    portal.add_result(task_id, author_id=1, text="Report sent", created_at=SEEDED_AT)
     return task_id
 
 
@@ -145,7 +153,8 @@ def test_screen_in_russian_and_other_languages_fall_back_to_english(client, port
         "Отмена",
     ):
         assert label in html
-    assert re.search(r"\d+ ноября \d{4}", html)  # dates in the user's locale
+    # Dates in the user's locale, in the portal's own offset (the fake's is +03:00).
+    assert "5 ноября 2026 г. 12:30" in html
     de = open_screen(client, portal, user_id=2, options={"taskId": str(task)}, lang="de")
     assert "Add result" in de.content.decode()
 
