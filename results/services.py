@@ -55,6 +55,11 @@ GIVE_UP_AFTER = timedelta(hours=20)
 PORTAL_LIMIT_CODES = ("QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT", DEFERRED)
 """Errors that hold a change back for the portal's sake, whoever is signed in."""
 WEB_LIMITER_WAIT_S = 2.0
+LIST_PAGE_SIZE = 50
+"""Results asked for per page. The documentation gives no default or maximum for
+`tasks.task.result.list`, so the listing learns what the portal really returns (`list_v3`)."""
+RESULT_PAGE_MEMORY = timedelta(days=1)
+"""How long what was learnt of a portal's page size is trusted before it is learnt again."""
 LIST_SELECT = [
     "id",
     "taskId",
@@ -137,9 +142,11 @@ def results_fetch(*, account: Account, task_id: int) -> list[ResultItem]:
     """The task's results as `account`'s user sees them (their own token), newest first, with
     this user's undelivered changes laid over them."""
     try:
-        raw_items = account_client(account, limiter_max_wait=WEB_LIMITER_WAIT_S).list_v3(
+        listing = account_client(account, limiter_max_wait=WEB_LIMITER_WAIT_S).list_v3(
             "tasks.task.result.list",
             {"filter": [["taskId", task_id]], "select": LIST_SELECT, "order": {"id": "DESC"}},
+            page_size=LIST_PAGE_SIZE,
+            known_page=_known_result_page(account.portal),
         )
     except AccountAwaitingSignIn as exc:
         raise ScreenUnavailable(
@@ -159,10 +166,30 @@ def results_fetch(*, account: Account, task_id: int) -> list[ResultItem]:
         raise ScreenUnavailable(_("This task was not found in Bitrix24."), status=404) from exc
     except BitrixError as exc:
         raise ScreenUnavailable(_("Bitrix24 could not show the results right now.")) from exc
+    _result_page_remember(account.portal, listing.largest_page)
     names = portal_user_names(account.portal)
-    items = [item for raw in raw_items if isinstance(raw, dict) and (item := _item(raw, names))]
+    items = [item for raw in listing.items if isinstance(raw, dict) and (item := _item(raw, names))]
     items.sort(key=lambda item: item.id, reverse=True)  # ids grow with creation: newest first
     return _with_pending_changes(items, account=account, task_id=task_id)
+
+
+def _known_result_page(portal: Portal) -> int:
+    """The page size this portal was seen to return, while that knowledge is fresh."""
+    seen_at = portal.result_page_seen_at
+    if seen_at is None or timezone.now() - seen_at > RESULT_PAGE_MEMORY:
+        return 0
+    return portal.result_page_seen
+
+
+def _result_page_remember(portal: Portal, largest: int) -> None:
+    """Keep what a listing learnt of the portal's page size: written when it grows, or once
+    its day is over (a portal whose cap changed is relearnt then), never on every open."""
+    known = _known_result_page(portal)
+    if largest == 0 or (known and largest <= known):
+        return
+    now = timezone.now()
+    Portal.objects.filter(pk=portal.pk).update(result_page_seen=largest, result_page_seen_at=now)
+    portal.result_page_seen, portal.result_page_seen_at = largest, now
 
 
 def results_pending_only(*, account: Account, task_id: int) -> list[ResultItem]:

@@ -67,6 +67,7 @@ __all__ = [
     "OAuthServer",
     "TokenSet",
     "UnsafeURL",
+    "V3Listing",
     "build_session",
     "mask_secret",
     "oauth_origin_for",
@@ -717,8 +718,27 @@ QUERY_LIMIT_PENALTY_SHARE = 0.5
 """After ``QUERY_LIMIT_EXCEEDED`` (and no ``Retry-After``) pause the portal for the time its
 bucket needs to drain this share of the burst (25 s × 0.5 for 50/2), at least 1 s."""
 
+MAX_LIST_ITEMS = 5000
+"""Most items one listing reads, whatever a portal answers (a task has far fewer results)."""
+
 _METHOD_NAME = re.compile(r"^[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*$")
 _IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+
+
+@dataclass(frozen=True)
+class V3Listing:
+    """The items of a v3 list method, and what the listing learnt of the portal's page size."""
+
+    items: list[Any]
+    largest_page: int
+    """The most items the portal returned in one page (at least the ``known_page`` passed)."""
+
+
+def _item_key(item: Any) -> Any:
+    """What tells list items apart: their ``id``, else the item itself."""
+    if isinstance(item, dict) and "id" in item:
+        return ("id", str(item["id"]))
+    return ("item", repr(item))
 
 
 class BitrixClient:
@@ -799,25 +819,65 @@ class BitrixClient:
         return self._execute(method, "v3", dict(params or {}), headers)
 
     def list_v3(
-        self, method: str, params: Mapping[str, Any] | None = None, page_size: int = 50
-    ) -> list[Any]:
-        """All ``items`` of a v3 list method, paging with ``pagination{limit, offset}`` until a
-        short page (v3 lists return no total, §5.3)."""
+        self,
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        page_size: int = 50,
+        *,
+        known_page: int = 0,
+        max_items: int = MAX_LIST_ITEMS,
+    ) -> V3Listing:
+        """All ``items`` of a v3 list method, paging with ``pagination{limit, offset}``.
+
+        v3 lists return no total, and the page size a portal really returns is not documented
+        (§5.2: ``tasks.task.result.list`` has no stated default or maximum; real portals cap
+        ``tasks.task.list`` at 50 whatever ``limit`` says). So a page shorter than ``page_size``
+        ends the list only when it is shorter than a page this portal is known to return in
+        full: ``known_page`` (what the caller remembers of earlier lists) or a page seen during
+        this listing. Otherwise the next page is asked for: an empty one ends the list, a
+        non-empty one proves the short page was the portal's cap, and pages of that size go
+        on. :attr:`V3Listing.largest_page` is what the caller may remember next time.
+
+        A portal that answers anything: pages that bring no new item (an ignored ``offset``)
+        end the list, and at most ``max_items`` items are read.
+        """
         if not 1 <= page_size <= 1000:
             raise ValueError("page_size must be between 1 and 1000")
         items: list[Any] = []
-        while True:
-            page_params = {
-                **(params or {}),
-                "pagination": {"limit": page_size, "offset": len(items)},
-            }
-            result = self.call_v3(method, page_params)
+        seen: set[Any] = set()
+        largest = max(0, known_page)
+        cap: int | None = None  # the portal's proven page cap, below page_size
+        unresolved: int | None = None  # a short page that may be the cap or the end
+        while len(items) < max_items:
+            result = self.call_v3(
+                method, {**(params or {}), "pagination": {"limit": page_size, "offset": len(items)}}
+            )
             page = result.get("items") if isinstance(result, dict) else None
             if not isinstance(page, list):
                 raise BitrixError("INVALID_RESPONSE", f"{method} returned no items list")
-            items.extend(page)
-            if len(page) < page_size:
-                return items
+            if not page:
+                break
+            if unresolved is not None:
+                cap, unresolved = unresolved, None
+            fresh = [item for item in page if _item_key(item) not in seen]
+            if not fresh:
+                logger.warning("bitrix24 %s repeated a page; the listing ends there", method)
+                break
+            seen.update(_item_key(item) for item in fresh)
+            items.extend(fresh)
+            known, largest = largest, max(largest, len(page))
+            if len(page) >= page_size:
+                continue
+            if cap is not None:
+                if len(page) < cap:
+                    break
+                continue
+            if len(page) < known:
+                break
+            unresolved = len(page)
+        else:
+            logger.warning("bitrix24 %s listing stopped at %s items", method, max_items)
+        return V3Listing(items=items[:max_items], largest_page=largest)
 
     # -- internals --
 

@@ -56,6 +56,12 @@ class Portal(models.Model):
         validators=[validate_rate_limit],
         help_text="burst/per second, e.g. 250/5; empty: B24_RATE_LIMIT",
     )
+    result_page_seen = models.PositiveIntegerField(
+        default=0,
+        help_text="The most results tasks.task.result.list returned in one page here (0: not "
+        "known yet); a shorter page ends a list",
+    )
+    result_page_seen_at = models.DateTimeField(null=True, blank=True)
     installed_at = models.DateTimeField(null=True, blank=True)
     last_seen_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

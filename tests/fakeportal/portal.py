@@ -58,6 +58,10 @@ class FakePortal:
         self.previous_version: int | None = None
         self.payment_required = False
         self.strict_handlers = False  # True: refuse loopback handler URLs like real Bitrix24
+        # The most items one page of tasks.task.result.list holds, whatever `limit` asks
+        # (None: 1000). Real portals cap tasks.task.list pages at 50 (§5.2); this one's cap is
+        # undocumented, so tests try the plausible ones.
+        self.result_page_cap: int | None = None
         self.created_at = fake.now()
 
         self.users: dict[int, User] = {}

@@ -473,7 +473,7 @@ def m_list(portal, ctx: AuthContext, body: dict):
     limit = _parse_int(pagination.get("limit", 50), "limit")
     if limit == 0:
         raise V3Error(INVALID_PAGINATION, [v("Field `limit` must be positive", "pagination")])
-    limit = min(limit, 1000)
+    limit = min(limit, 1000, portal.result_page_cap or 1000)
     if "offset" in pagination:
         offset = _parse_int(pagination["offset"], "offset")
     else:

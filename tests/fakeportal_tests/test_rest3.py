@@ -420,6 +420,24 @@ def test_v3_list_default_limit_is_50_and_max_1000(portal, anna):
     assert len(items.json()["result"]["items"]) == 1000
 
 
+def test_v3_list_page_cap_holds_whatever_limit_asks(portal, anna):
+    with portal.lock:
+        for i in range(45):
+            portal.create_result(1, 1, f"r{i}")
+    portal.result_page_cap = 20
+
+    def page(offset):
+        return v3(
+            portal,
+            "tasks.task.result.list",
+            anna["access_token"],
+            filter=[["taskId", 1]],
+            pagination={"limit": 50, "offset": offset},
+        ).json()["result"]["items"]
+
+    assert [len(page(offset)) for offset in (0, 20, 40)] == [20, 20, 5]
+
+
 LIST_ERRORS = [
     pytest.param({}, REQUEST_VALIDATION, "filter", id="no-filter"),
     pytest.param({"filter": []}, REQUEST_VALIDATION, "filter", id="empty-filter"),

@@ -195,16 +195,24 @@ def test_call_rejects_method_names_that_change_the_url(config, method) -> None:
         make_client(config).call(method)
 
 
-def test_list_v3_pages_until_a_short_page(rsps, config) -> None:
-    pages = [[{"id": 1}, {"id": 2}], [{"id": 3}, {"id": 4}], [{"id": 5}]]
+def _pages(rsps, *pages) -> None:
     for page in pages:
         rsps.post(f"{V3}tasks.task.result.list", json=ok({"items": page}))
 
-    items = make_client(config).list_v3(
+
+def _ids(first: int, last: int) -> list[dict]:
+    return [{"id": n} for n in range(first, last + 1)]
+
+
+def test_list_v3_pages_until_a_page_shorter_than_a_full_one(rsps, config) -> None:
+    """Two items per page were asked for and came: a page of one is the end."""
+    _pages(rsps, _ids(1, 2), _ids(3, 4), _ids(5, 5))
+
+    listing = make_client(config).list_v3(
         "tasks.task.result.list", {"filter": [["taskId", 51]]}, page_size=2
     )
 
-    assert items == [{"id": n} for n in range(1, 6)]
+    assert listing.items == _ids(1, 5)
     bodies = [body_of(call) for call in rsps.calls]
     assert [b["pagination"] for b in bodies] == [
         {"limit": 2, "offset": 0},
@@ -212,13 +220,70 @@ def test_list_v3_pages_until_a_short_page(rsps, config) -> None:
         {"limit": 2, "offset": 4},
     ]
     assert all(b["filter"] == [["taskId", 51]] for b in bodies)
+    assert listing.largest_page == 2
+
+
+def test_list_v3_asks_past_a_short_first_page(rsps, config) -> None:
+    """Nothing is known of the portal's page size: a short first page may be its cap, so the
+    next page is asked for, and an empty one ends the list."""
+    _pages(rsps, _ids(1, 3), [])
+    listing = make_client(config).list_v3("tasks.task.result.list", {}, page_size=50)
+    assert listing.items == _ids(1, 3)
+    assert [body_of(c)["pagination"]["offset"] for c in rsps.calls] == [0, 3]
+    assert listing.largest_page == 3
+
+
+def test_list_v3_learns_a_page_cap_below_the_limit_it_asked_for(rsps, config) -> None:
+    """45 results on a portal that returns 20 per page whatever `limit` says: all 45, and the
+    short last page (shorter than the proven cap) ends the list without another call."""
+    _pages(rsps, _ids(1, 20), _ids(21, 40), _ids(41, 45))
+
+    listing = make_client(config).list_v3("tasks.task.result.list", {}, page_size=50)
+
+    assert listing.items == _ids(1, 45)
+    assert [body_of(c)["pagination"]["offset"] for c in rsps.calls] == [0, 20, 40]
+    assert listing.largest_page == 20
+
+
+def test_list_v3_ends_on_a_page_shorter_than_one_the_portal_is_known_to_return(
+    rsps, config
+) -> None:
+    _pages(rsps, _ids(1, 3))
+
+    listing = make_client(config).list_v3("tasks.task.result.list", {}, known_page=12)
+
+    assert listing.items == _ids(1, 3)
+    assert len(rsps.calls) == 1
+    assert listing.largest_page == 12
+
+
+def test_list_v3_a_page_as_long_as_the_known_one_may_be_a_cap(rsps, config) -> None:
+    _pages(rsps, _ids(1, 12), _ids(13, 14))
+
+    listing = make_client(config).list_v3("tasks.task.result.list", {}, known_page=12)
+
+    assert listing.items == _ids(1, 14)
+    assert len(rsps.calls) == 2
 
 
 def test_list_v3_stops_on_an_empty_page(rsps, config) -> None:
-    rsps.post(f"{V3}tasks.task.result.list", json=ok({"items": [{"id": 1}, {"id": 2}]}))
-    rsps.post(f"{V3}tasks.task.result.list", json=ok({"items": []}))
-    items = make_client(config).list_v3("tasks.task.result.list", {}, page_size=2)
-    assert len(items) == 2 and len(rsps.calls) == 2
+    _pages(rsps, _ids(1, 2), [])
+    listing = make_client(config).list_v3("tasks.task.result.list", {}, page_size=2)
+    assert listing.items == _ids(1, 2) and len(rsps.calls) == 2
+
+
+def test_list_v3_ends_when_the_portal_repeats_a_page(rsps, config) -> None:
+    """A portal that ignores `offset` answers the same page forever: the listing ends at the
+    first page that brings nothing new, and keeps each item once."""
+    _pages(rsps, _ids(1, 2), _ids(1, 2))
+    listing = make_client(config).list_v3("tasks.task.result.list", {}, page_size=2)
+    assert listing.items == _ids(1, 2) and len(rsps.calls) == 2
+
+
+def test_list_v3_reads_at_most_max_items(rsps, config) -> None:
+    _pages(rsps, _ids(1, 2), _ids(3, 4), _ids(5, 6))
+    listing = make_client(config).list_v3("tasks.task.result.list", {}, page_size=2, max_items=5)
+    assert listing.items == _ids(1, 5) and len(rsps.calls) == 3
 
 
 # --- error mapping -----------------------------------------------------------------------------

@@ -318,3 +318,66 @@ def test_screen_with_the_broker_down_still_queues_the_change(client, portal, tas
 
     change = ResultChange.objects.get()
     assert change.state == ResultChange.State.QUEUED and change.text_after.startswith("Written")
+
+
+# --- paging without guessing the page size ------------------------------------------------------
+
+
+def _list_calls(portal) -> int:
+    return len(portal.calls("tasks.task.result.list", api="v3"))
+
+
+@pytest.mark.parametrize("cap", [None, 20, 50, 7])
+def test_screen_shows_every_result_whatever_page_size_the_portal_returns(client, portal, cap):
+    """The documentation gives no default or maximum page for tasks.task.result.list: a task
+    with 45 results shows all 45 on a portal that returns 7, 20, 50 or 1000 per page."""
+    install(client, portal)
+    portal.result_page_cap = cap
+    task_id = portal.add_task(title="Many results")
+    for n in range(45):
+        portal.add_result(task_id, author_id=1, text=f"Result number {n:02d}")
+
+    html = open_screen(client, portal, options={"taskId": str(task_id)}).content.decode()
+
+    assert html.count('<li class="result') == 45
+    assert all(f"Result number {n:02d}" in html for n in range(45))
+
+
+def test_screen_learns_the_page_size_once_and_then_reads_a_small_task_in_one_call(client, portal):
+    install(client, portal)
+    portal.result_page_cap = 20
+    big, small = portal.add_task(title="Big"), portal.add_task(title="Small")
+    for n in range(45):
+        portal.add_result(big, author_id=1, text=f"Big {n}")
+    for n in range(3):
+        portal.add_result(small, author_id=1, text=f"Small {n}")
+
+    before = _list_calls(portal)
+    open_screen(client, portal, options={"taskId": str(big)})
+    assert _list_calls(portal) - before == 3  # 20 + 20 + 5: the cap is proven by page two
+    assert Portal.objects.get().result_page_seen == 20
+
+    before = _list_calls(portal)
+    html = open_screen(client, portal, options={"taskId": str(small)}).content.decode()
+    assert _list_calls(portal) - before == 1  # 3 < 20: the end, no second call
+    assert html.count('<li class="result') == 3
+
+
+def test_screen_relearns_the_page_size_after_a_day(client, portal):
+    """A portal whose cap changed is learnt again: what was learnt is trusted for a day."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    install(client, portal)
+    task_id = portal.add_task(title="Task")
+    for n in range(30):
+        portal.add_result(task_id, author_id=1, text=f"R {n}")
+    portal.result_page_cap = 10
+    # Learnt when the portal still returned 25 per page, more than a day ago.
+    Portal.objects.update(
+        result_page_seen=25, result_page_seen_at=timezone.now() - timedelta(days=1, minutes=1)
+    )
+    html = open_screen(client, portal, options={"taskId": str(task_id)}).content.decode()
+    assert html.count('<li class="result') == 30
+    assert Portal.objects.get().result_page_seen == 10
