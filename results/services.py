@@ -198,6 +198,25 @@ def results_pending_only(*, account: Account, task_id: int) -> list[ResultItem]:
     return _with_pending_changes([], account=account, task_id=task_id, complete=False)
 
 
+def result_item_of_change(*, change: ResultChange, account: Account | None = None) -> ResultItem:
+    """The result a person added, as the screen shows it before Bitrix24's list has it: their
+    text under their name, with the change's state. What they may do with it (`rights`) is
+    Bitrix24's to say, so it offers nothing until the list is read again."""
+    account = account or change.account
+    return ResultItem(
+        id=change.result_id or 0,
+        text=change.text_after,
+        author_id=account.user_id,
+        author_name=account.display_name or f"#{account.user_id}",
+        created_at=change.created_at,
+        updated_at=None,
+        closed=False,
+        can_edit=False,
+        can_remove=False,
+        change=change,
+    )
+
+
 def _with_pending_changes(
     items, *, account: Account, task_id: int, complete: bool = True
 ) -> list[ResultItem]:
@@ -212,20 +231,7 @@ def _with_pending_changes(
         if change.action == ResultChange.Action.ADD and change.result_id not in by_id:
             if change.state == ResultChange.State.SAVED and complete:
                 continue
-            added.append(
-                ResultItem(
-                    id=0,
-                    text=change.text_after,
-                    author_id=account.user_id,
-                    author_name=account.display_name or f"#{account.user_id}",
-                    created_at=change.created_at,
-                    updated_at=None,
-                    closed=False,
-                    can_edit=False,
-                    can_remove=False,
-                    change=change,
-                )
-            )
+            added.append(result_item_of_change(change=change, account=account))
         elif change.result_id in by_id:
             item = by_id[change.result_id]
             item.change = change

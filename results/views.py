@@ -212,6 +212,7 @@ def _render_screen(
             "html": html,
             "pending": context["pending_ids"],
             "error": str(error or "") or None,
+            "unavailable": str(context["unavailable"] or "") or None,
         }
         return JsonResponse(payload, status=status or (400 if error else context["status"]))
     if task_id is None and fr.account.is_admin:
@@ -289,8 +290,37 @@ def _submit(request, fr: Frame, *, action: str, result_id: int | None = None):
             text_before=request.POST.get("text_before", ""),
         )
     except services.ResultError as exc:
+        if _wants_json(request):
+            return JsonResponse({"error": str(exc.message)}, status=400)
         return _render_screen(request, fr, task_id, error=exc.message, status=400)
-    return _render_screen(request, fr, task_id, notice=_notice(change))
+    return _change_accepted(request, fr, change)
+
+
+def _change_accepted(request, fr: Frame, change: ResultChange):
+    """The answer to a change the app took: 200 whatever Bitrix24 said (the change is kept and
+    its state shown). The screen's script gets only what changed, to lay over the list the
+    person has: it never depends on reading the list again, which a busy portal may refuse.
+    Without JavaScript the whole screen is shown, with the list if it can be read."""
+    if not _wants_json(request):
+        return _render_screen(request, fr, change.task_id, notice=_notice(change), status=200)
+    context = {"frame_token": fr.token, "frame_field": frame.FIELD}
+    payload = {
+        "change": _change_state(change),
+        "action": change.action,
+        "result_id": change.result_id,
+        "notice": str(_notice(change)),
+        "change_html": render_to_string(
+            "results/_change.html", {**context, "change": change}, request=request
+        ),
+    }
+    if change.action == ResultChange.Action.ADD:
+        item = services.result_item_of_change(change=change)
+        payload["item_html"] = render_to_string(
+            "results/_item.html", {**context, "item": item}, request=request
+        )
+    elif change.action == ResultChange.Action.UPDATE:
+        payload["text"] = change.text_after
+    return JsonResponse(payload)
 
 
 def _notice(change: ResultChange) -> str:
@@ -299,6 +329,15 @@ def _notice(change: ResultChange) -> str:
     if change.state == ResultChange.State.QUEUED:
         return _("Queued")
     return _("Not saved")
+
+
+def _change_state(change: ResultChange) -> dict:
+    return {
+        "id": change.pk,
+        "state": change.state,
+        "label": str(change.get_state_display()),
+        "reason": change.last_error_message,
+    }
 
 
 @frame_view
@@ -325,35 +364,39 @@ def change_retry(request, fr: Frame, change_id: int):
     try:
         change = services.result_change_retry(change_id=change_id, account=fr.account)
     except ResultChange.DoesNotExist:
+        if _wants_json(request):
+            return JsonResponse({"error": str(_("Unknown change."))}, status=404)
         return _render_screen(request, fr, None, error=_("Unknown change."), status=404)
     change = services.result_change_deliver(
         change_id=change.pk, limiter_max_wait=services.WEB_LIMITER_WAIT_S
     )
-    return _render_screen(request, fr, change.task_id, notice=_notice(change))
+    return _change_accepted(request, fr, change)
 
 
 @frame_view
 @require_GET
 def changes_state(request, fr: Frame):
-    """The states of the page's queued changes, for its polling."""
+    """The states of the page's queued changes, for its polling, each with the badge to show."""
     parts = request.GET.get("ids", "").split(",")[:200]
     ids = [number for part in parts if (number := _positive_int(part)) is not None]
-    changes = selectors.result_changes_of(account=fr.account, ids=ids)
     if services.delivers_inline():
         # No worker in inline mode: the open screen's polling is what retries due changes.
         for change_id in selectors.result_changes_due(account=fr.account):
             services.result_change_deliver(
                 change_id=change_id, limiter_max_wait=services.WEB_LIMITER_WAIT_S
             )
-        changes = selectors.result_changes_of(account=fr.account, ids=ids)
+    changes = selectors.result_changes_of(account=fr.account, ids=ids)
+    context = {"frame_token": fr.token, "frame_field": frame.FIELD}
     return JsonResponse(
         {
             "changes": [
                 {
-                    "id": change.pk,
-                    "state": change.state,
-                    "label": str(change.get_state_display()),
-                    "reason": change.last_error_message,
+                    **_change_state(change),
+                    "action": change.action,
+                    "result_id": change.result_id,
+                    "html": render_to_string(
+                        "results/_change.html", {**context, "change": change}, request=request
+                    ),
                 }
                 for change in changes
             ]

@@ -404,6 +404,51 @@ def test_queued_change_stays_on_screen_under_the_default_rate_limit(
     assert portal_texts(sandbox) == ["Sent while Bitrix24 was busy"]
 
 
+def test_busy_portal_keeps_the_list_and_shows_queued_then_saved(
+    browser_page, sandbox, celery_eager
+):
+    """Bitrix24 answers the add QUERY_LIMIT_EXCEEDED and then refuses every read of the list:
+    the person keeps the list they had, sees their result Queued and then Saved, and never an
+    empty list."""
+    from b24app.portals.models import Portal
+
+    sandbox.add_result(TASK, author_id=BORIS, text="Boris counted the stock")
+    sandbox.add_result(TASK, author_id=ANNA, text="Anna checked the invoices")
+    frame = open_screen(browser_page, sandbox)
+    # Short pauses after each busy answer, so the test does not wait for the default budget.
+    assert Portal.objects.filter(member_id=sandbox.member_id).update(rate_limit="10/20") == 1
+    sandbox.fail_next(count=1, error="QUERY_LIMIT_EXCEEDED", method="tasks.task.result.add")
+    sandbox.fail_next(count=1000, error="QUERY_LIMIT_EXCEEDED", method="tasks.task.result.list")
+    mark_document(frame)
+
+    add_box(frame).fill("Sent while the list could not be read")
+    frame.get_by_role("button", name="Add result", exact=True).click()
+
+    items = frame.locator("li.result")
+    newest = items.first
+    expect(newest.locator("[data-change-label]")).to_have_text("Queued")
+    expect(items.locator(".text")).to_have_text(
+        [
+            "Sent while the list could not be read",
+            "Anna checked the invoices",
+            "Boris counted the stock",
+        ]
+    )
+    expect(newest.locator("[data-change-label]")).to_have_text("Saved", timeout=60_000)
+    expect(items).to_have_count(3)
+    expect(frame.locator("li.empty")).to_have_count(0)
+    expect(frame.get_by_text("No results yet.")).to_have_count(0)
+    assert_same_document(frame)
+    assert sorted(portal_texts(sandbox)) == sorted(
+        [
+            "Sent while the list could not be read",
+            "Anna checked the invoices",
+            "Boris counted the stock",
+        ]
+    )
+    assert len([c for c in sandbox.calls("tasks.task.result.add") if c["status"] == 200]) == 1
+
+
 # --- cookies and framing -----------------------------------------------------------------------
 
 

@@ -249,15 +249,15 @@ def test_result_edit_of_another_users_result_is_not_saved_with_a_reason_and_retr
     [request] = writes(portal)
     assert request["status"] == 403
     assert acting_user(fake, request) == BORIS  # never Anna's (admin, author) token
-    state = frame_get(client, token, f"/b24/app/changes/?ids={change.pk}").json()["changes"]
-    assert state == [
-        {
-            "id": change.pk,
-            "state": "failed",
-            "label": "Not saved",
-            "reason": "Bitrix24 does not let you change this result (only its author can).",
-        }
-    ]
+    [state] = frame_get(client, token, f"/b24/app/changes/?ids={change.pk}").json()["changes"]
+    assert {key: state[key] for key in ("id", "state", "label", "reason", "action")} == {
+        "id": change.pk,
+        "state": "failed",
+        "label": "Not saved",
+        "reason": "Bitrix24 does not let you change this result (only its author can).",
+        "action": "update",
+    }
+    assert "Retry" in state["html"] and f"/b24/app/changes/{change.pk}/retry/" in state["html"]
 
     retried = frame_post(client, token, f"/b24/app/changes/{change.pk}/retry/")
 
@@ -350,7 +350,7 @@ def test_result_add_queued_by_a_busy_portal_stays_on_the_screen_to_be_polled(
     client, portal, task, celery_eager
 ):
     """Contract: a queued change turns into Saved on the open screen without a reload, so the
-    answer to the submit must list it as pending (the page polls what `pending` names)."""
+    answer to the submit carries the new item marked queued, under the change the page polls."""
     portal.add_result(task, author_id=ANNA, text="Already there")
     _, token = open_screen(client, portal, BORIS, task)
     portal.fail_next(error="QUERY_LIMIT_EXCEEDED", method=ADD)
@@ -360,10 +360,11 @@ def test_result_add_queued_by_a_busy_portal_stays_on_the_screen_to_be_polled(
     change = _change(task_id=task)
     assert change.state == ResultChange.State.QUEUED
     data = response.json()
-    assert data["pending"] == [change.pk]
-    assert f'data-change-id="{change.pk}" data-change-state="queued"' in data["html"]
-    assert "Waiting for the portal" in data["html"]
-    assert data["error"] is None
+    assert response.status_code == 200
+    assert data["change"]["id"] == change.pk and data["change"]["state"] == "queued"
+    assert f'data-change-id="{change.pk}" data-change-state="queued"' in data["item_html"]
+    assert "Waiting for the portal" in data["item_html"]
+    assert "Queued" in data["change_html"]
 
 
 @pytest.mark.django_db

@@ -270,12 +270,16 @@ def test_screen_for_a_task_the_user_cannot_see_offers_nothing_to_add(client, por
     assert 'class="add"' not in html
 
 
-def test_screen_when_bitrix24_is_busy_keeps_the_persons_new_result_in_sight(
+def test_screen_change_on_a_busy_portal_answers_2xx_without_reading_the_list(
     client, portal, task, celery_eager
 ):
+    """An edit that Bitrix24 answers QUERY_LIMIT_EXCEEDED is queued, and the limiter then holds
+    the portal: the answer must not depend on reading the list again (which the held portal
+    would refuse), so the person keeps the list they have, with the change marked Queued."""
     install(client, portal)
     token = frame_token(open_screen(client, portal, options={"taskId": str(task)}))
-    portal.fail_next(count=3, error="QUERY_LIMIT_EXCEEDED")  # the add, then the list re-read
+    lists = len(portal.calls("tasks.task.result.list"))
+    portal.fail_next(count=3, error="QUERY_LIMIT_EXCEEDED")  # the add, and whatever comes next
     response = client.post(
         "/b24/app/results/add/",
         {"task": str(task), "text": "Sent to the board"},
@@ -283,10 +287,49 @@ def test_screen_when_bitrix24_is_busy_keeps_the_persons_new_result_in_sight(
         HTTP_ACCEPT="application/json",
     )
     body = response.json()
+    assert response.status_code == 200
+    assert body["change"]["state"] == "queued"
+    assert "Sent to the board" in body["item_html"] and "Queued" in body["item_html"]
+    assert "No results yet." not in body["item_html"]
+    assert len(portal.calls("tasks.task.result.list")) == lists  # no read of the list
+
+
+def test_screen_form_post_on_a_busy_portal_answers_2xx_and_says_the_list_could_not_load(
+    client, portal, task, celery_eager
+):
+    """Without JavaScript the whole screen comes back: the person's queued result is in it, the
+    list is said to be unavailable with a way to try again, and never "No results yet."."""
+    install(client, portal)
+    token = frame_token(open_screen(client, portal, options={"taskId": str(task)}))
+    portal.fail_next(count=3, error="QUERY_LIMIT_EXCEEDED")
+    response = client.post(
+        "/b24/app/results/add/", {"frame_token": token, "task": str(task), "text": "On paper"}
+    )
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert "On paper" in page and "Queued" in page
+    assert "The results could not be loaded." in page
+    assert 'class="reload"' in page
+    assert "No results yet." not in page
+
+
+def test_screen_open_on_a_busy_portal_says_the_list_could_not_load_and_offers_a_retry(
+    client, portal, task
+):
+    install(client, portal)
+    Portal.objects.update(rate_limit="100000/100000")  # the busy answer's pause is 1 s
+    portal.fail_next(error="QUERY_LIMIT_EXCEEDED", method="tasks.task.result.list")
+    response = open_screen(client, portal, options={"taskId": str(task)})
+    page = response.content.decode()
     assert response.status_code == 503
-    assert "Sent to the board" in body["html"] and "Queued" in body["html"]
-    assert len(body["pending"]) == 1
-    assert 'class="add"' in body["html"]
+    assert "The results could not be loaded." in page
+    assert "No results yet." not in page  # a statement about the task, which nobody knows
+    assert 'class="reload"' in page and "Try again" in page
+
+    token = frame_token(response)
+    again = client.post("/b24/app/task/", {"frame_token": token, "task": str(task)})
+    assert again.status_code == 200
+    assert "Report sent" in again.content.decode()
 
 
 def test_screen_without_app_credentials_is_a_clear_refusal(client, portal, task, settings):

@@ -2,8 +2,10 @@
  * The results screen inside the Bitrix24 frame. Without JavaScript the list shows and "Add result"
  * posts a plain form; with it, every action happens in place:
  *  - forms are sent with fetch, with the frame token in the X-Frame-Token header (no cookies);
- *  - the server answers with the list's new HTML, swapped in place;
- *  - queued changes are polled until they turn Saved / Not saved;
+ *  - a change's answer carries only what changed (the new item, or the change's state), laid
+ *    over the list the person has: a busy Bitrix24 never empties the screen;
+ *  - queued changes are polled until they turn Saved / Not saved, then the list is read again
+ *    and shown if Bitrix24 gives it;
  *  - an expired frame token is renewed with fresh auth from the Bitrix24 frame (refreshAuth),
  *    or the person is told to reopen the app.
  */
@@ -46,24 +48,27 @@
     }).then(function (data) { token = data.token; });
   }
 
-  /* fetch with the frame token; on an expired token renew it once and repeat. */
+  /* Read a response's JSON once, whatever its status: {ok, status, data}. */
+  function readJson(response) {
+    return response.json().catch(function () { return {}; }).then(function (data) {
+      return {ok: response.ok, status: response.status, data: data || {}};
+    });
+  }
+
+  /* fetch with the frame token, read once into {ok, status, data}; on an expired token renew
+     it once and repeat. */
   function call(url, options, renewed) {
     options = options || {};
     var headers = {"X-Frame-Token": token, "Accept": "application/json"};
     var init = {method: options.method || "GET", body: options.body, credentials: "omit", headers: headers};
-    return fetch(url, init).then(function (response) {
-      if (response.status === 401 && !renewed) {
-        return response.json().catch(function () { return {}; }).then(function (data) {
-          if (data.error !== "frame_expired") return response;
-          return renewSession().then(function () {
-            return call(url, options, true);
-          }, function () {
-            message(screen.getAttribute("data-msg-expired"));
-            throw new Error("expired");
-          });
-        });
-      }
-      return response;
+    return fetch(url, init).then(readJson).then(function (answer) {
+      if (answer.status !== 401 || renewed || answer.data.error !== "frame_expired") return answer;
+      return renewSession().then(function () {
+        return call(url, options, true);
+      }, function () {
+        message(screen.getAttribute("data-msg-expired"));
+        throw new Error("expired");
+      });
     });
   }
 
@@ -77,21 +82,87 @@
     schedulePoll();
   }
 
+  function announce(text) {
+    var region = document.getElementById("announcer");
+    if (!region || !text) return;
+    region.textContent = "";
+    setTimeout(function () { region.textContent = text; }, 50);
+  }
+
+  function fragment(html) {
+    var holder = document.createElement("template");
+    holder.innerHTML = html.trim();
+    return holder.content.firstElementChild;
+  }
+
+  /* Lay a change's new state over the item it belongs to, in the list the person has. */
+  function showChange(item, changeHtml, change) {
+    var badge = changeHtml ? fragment(changeHtml) : null;
+    var old = item.querySelector(".change");
+    if (badge) {
+      if (old) old.replaceWith(badge);
+      else item.querySelector(".text").insertAdjacentElement("afterend", badge);
+    }
+    if (change) {
+      item.setAttribute("data-change-id", change.id);
+      item.setAttribute("data-change-state", change.state);
+    }
+  }
+
+  function itemByChange(changeId) {
+    return document.querySelector('#results li.result[data-change-id="' + changeId + '"]');
+  }
+
+  /* The answer to an add, edit, delete or retry: only what changed, laid over the list. */
+  function applyChange(form, data) {
+    var list = document.querySelector("#results .result-list");
+    var item = itemOf(form) || (data.change && itemByChange(data.change.id));
+    if (data.item_html && list) {
+      var fresh = fragment(data.item_html);
+      var empty = list.querySelector("li.empty");
+      if (empty) empty.remove();
+      if (item && item.getAttribute("data-change-id") === String(data.change.id)) item.replaceWith(fresh);
+      else list.insertBefore(fresh, list.firstChild);
+      item = fresh;
+    }
+    if (!item) return;
+    showChange(item, data.change_html, data.change);
+    if (data.action === "update" && typeof data.text === "string") {
+      item.querySelector(".text").innerText = data.text;
+      item.setAttribute("data-text", data.text);
+      var box = item.querySelector("form.editor");
+      if (box) box.remove();  // made again from the new text on the next Edit
+    }
+    if (data.action === "delete" && data.change.state !== "failed") {
+      item.classList.add("is-deleting");
+      item.querySelectorAll(".item-actions, form.editor, form.confirm-delete").forEach(function (el) { el.remove(); });
+    } else {
+      hideForms(item);
+      var opener = item.querySelector('[data-action="edit"]');
+      if (data.action === "update" && opener) opener.focus();
+    }
+    announce(data.notice);
+  }
+
   function send(form) {
     var body = new FormData(form);
     body.delete("frame_token");
     var buttons = form.querySelectorAll("button");
     buttons.forEach(function (b) { b.disabled = true; });
-    return call(form.action, {method: "POST", body: body}).then(function (response) {
-      return response.json().then(function (data) {
-        if (data.html) swap(data.html);
-        else if (data.message) message(data.message);
-        var focus = document.querySelector("#results .message") ;
-        if (focus && form.classList.contains("add") && !data.error) {
-          var box = document.querySelector("#new-result-text");
-          if (box) box.focus();
-        }
-      });
+    return call(form.action, {method: "POST", body: body}).then(function (answer) {
+      var data = answer.data;
+      if (!answer.ok) {
+        message(data.error || data.message || screen.getAttribute("data-msg-failed"));
+        return;
+      }
+      applyChange(form, data);
+      if (form.classList.contains("add")) {
+        form.reset();
+        var box = document.querySelector("#new-result-text");
+        if (box) box.focus();
+      }
+      if (data.change && data.change.state === "saved") refreshList(false);
+      schedulePoll();
     }).catch(function (error) {
       if (String(error && error.message) !== "expired") message(screen.getAttribute("data-msg-failed"));
     }).finally(function () {
@@ -99,13 +170,19 @@
     });
   }
 
-  function refreshList() {
+  /* Read the list again and show it. A list Bitrix24 would not give (busy, down) never
+     replaces the one on the screen: the person keeps what they see, told why when they asked. */
+  function refreshList(asked) {
     var results = document.querySelector("#results");
     if (!results) return Promise.resolve();
     var url = screen.getAttribute("data-task-url") + "?task=" + encodeURIComponent(results.getAttribute("data-task"));
-    return call(url).then(function (response) {
-      return response.json();
-    }).then(function (data) { if (data.html) swap(data.html); });
+    return call(url).then(function (answer) {
+      var data = answer.data;
+      if (answer.ok && data.html) { swap(data.html); return; }
+      if (asked) message(data.unavailable || data.message || screen.getAttribute("data-msg-failed"));
+    }).catch(function () {
+      if (asked) message(screen.getAttribute("data-msg-failed"));
+    });
   }
 
   function pendingIds() {
@@ -124,9 +201,18 @@
     var ids = pendingIds();
     if (!ids.length) return;
     var url = screen.getAttribute("data-changes-url") + "?ids=" + ids.join(",");
-    call(url).then(function (response) { return response.json(); }).then(function (data) {
-      var settled = (data.changes || []).some(function (change) { return change.state !== "queued"; });
-      if (settled) return refreshList();
+    call(url).then(function (answer) {
+      var settled = false;
+      (answer.data.changes || []).forEach(function (change) {
+        if (change.state === "queued") return;
+        var item = itemByChange(change.id);
+        if (!item) return;
+        settled = true;
+        showChange(item, change.html, change);
+        if (change.action === "add" && change.result_id) item.setAttribute("data-result-id", change.result_id);
+        announce(change.label);
+      });
+      if (settled) refreshList(false);
       schedulePoll();
     }).catch(function () { schedulePoll(); });
   }
@@ -206,13 +292,19 @@
       text.focus();
       return;
     }
+    if (form.classList.contains("reload")) {
+      refreshList(true);
+      return;
+    }
     if (form.classList.contains("picker")) {
       var task = form.querySelector("input[name=task]").value.trim();
       call(screen.getAttribute("data-task-url") + "?task=" + encodeURIComponent(task))
-        .then(function (response) { return response.json(); })
-        .then(function (data) {
+        .then(function (answer) {
+          var data = answer.data;
           if (data.html) swap(data.html);
-          else if (data.message) message(data.message);
+          else message(data.message || data.error || screen.getAttribute("data-msg-failed"));
+        }, function (error) {
+          if (String(error && error.message) !== "expired") message(screen.getAttribute("data-msg-failed"));
         });
       return;
     }
