@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from django.db import transaction
 from django.db.models import F, Max, Q
@@ -20,6 +20,7 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from b24app.portals.bitrix import (
+    IDEMPOTENCY_KEY_REUSED,
     BitrixAccessDenied,
     BitrixAuthError,
     BitrixError,
@@ -50,6 +51,8 @@ BACKOFF_BASE_S = 2.0
 BACKOFF_CAP_S = 300.0
 MAX_DELAY_S = 600.0
 """Never schedule further ahead than this (below the broker's visibility timeout)."""
+CLOCK_SKEW = timedelta(seconds=60)
+"""How far Bitrix24's clock may be behind ours when a change is read back by its time."""
 GIVE_UP_AFTER = timedelta(hours=20)
 """Bitrix24 keeps an idempotent answer for 24 h; after that a resend could apply twice."""
 PORTAL_LIMIT_CODES = ("QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT", DEFERRED)
@@ -112,9 +115,10 @@ def _parse_time(value) -> datetime | None:
     if not value:
         return None
     try:
-        return datetime.fromisoformat(str(value))
+        moment = datetime.fromisoformat(str(value))
     except ValueError:
         return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _item(raw: dict, names: dict[int, str]) -> ResultItem | None:
@@ -325,8 +329,31 @@ def _claim(change_id: int) -> bool:
 
 
 def _send(change: ResultChange, limiter_max_wait: float | None) -> int | None:
+    """Send the change under its key; returns the result id it applies to.
+
+    A portal that compares whole request bodies answers a resend whose `auth` was refreshed
+    (the first answer was lost, the token expired meanwhile) with 422 "key reused", though it
+    holds the change. That is not a refusal: the portal is read back, and a change already
+    there is saved; one that is not is sent once more under a new key."""
     client = account_client(change.account, limiter_max_wait=limiter_max_wait)
-    key = change.idempotency_key
+    try:
+        return _write(client, change, change.idempotency_key)
+    except BitrixValidationError as exc:
+        if exc.code != IDEMPOTENCY_KEY_REUSED:
+            raise
+    found = _read_back(client, change)
+    if found is not None:
+        logger.info("change %s was already applied (read back after a reused key)", change.pk)
+        return found
+    change.idempotency_key = ResultChange._meta.get_field("idempotency_key").default()
+    ResultChange.objects.filter(pk=change.pk).update(
+        idempotency_key=change.idempotency_key, updated_at=timezone.now()
+    )
+    logger.info("change %s was not applied; sending it under a new key", change.pk)
+    return _write(client, change, change.idempotency_key)
+
+
+def _write(client, change: ResultChange, key: str) -> int | None:
     if change.action == ResultChange.Action.ADD:
         result = client.call_v3(
             "tasks.task.result.add",
@@ -344,6 +371,51 @@ def _send(change: ResultChange, limiter_max_wait: float | None) -> int | None:
     else:
         client.call_v3("tasks.task.result.delete", {"id": change.result_id}, idempotency_key=key)
     return change.result_id
+
+
+def _read_back(client, change: ResultChange) -> int | None:
+    """Whether Bitrix24 already holds the change, read as its author: the result id it applied
+    to, or None. An edit is there when the result has its text; a delete when the result is
+    gone; an add when a result of this author on this task has its text, was created after the
+    change (give or take the clocks' skew) and is not another change's result."""
+    task_filter = ["taskId", change.task_id]
+    if change.action != ResultChange.Action.ADD:
+        items = client.list_v3(
+            "tasks.task.result.list",
+            {"filter": [task_filter, ["id", change.result_id]], "select": ["id", "text"]},
+        ).items
+        if change.action == ResultChange.Action.DELETE:
+            return change.result_id if not items else None
+        texts = [item.get("text") for item in items if isinstance(item, dict)]
+        return change.result_id if change.text_after in texts else None
+    items = client.list_v3(
+        "tasks.task.result.list",
+        {
+            "filter": [task_filter, ["authorId", change.account.user_id]],
+            "select": ["id", "text", "createdAt"],
+            "order": {"id": "ASC"},
+        },
+    ).items
+    claimed = set(
+        ResultChange.objects.filter(
+            portal_id=change.portal_id, task_id=change.task_id, action=ResultChange.Action.ADD
+        )
+        .exclude(pk=change.pk)
+        .exclude(result_id=None)
+        .values_list("result_id", flat=True)
+    )
+    since = change.created_at - CLOCK_SKEW
+    for item in items:
+        if not isinstance(item, dict) or item.get("text") != change.text_after:
+            continue
+        created = _parse_time(item.get("createdAt"))
+        try:
+            result_id = int(item["id"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if created is not None and created >= since and result_id not in claimed:
+            return result_id
+    return None
 
 
 def _refusal_reason(exc: BitrixError):

@@ -52,6 +52,7 @@ __all__ = [
     "ACCESS_DENIED_CODES",
     "AUTH_ERROR_CODES",
     "DEFAULT_OAUTH_SERVERS",
+    "IDEMPOTENCY_KEY_REUSED",
     "TOKEN_EXPIRED_CODES",
     "UNAVAILABLE_CODES",
     "VALIDATION_CODES",
@@ -77,6 +78,8 @@ logger = logging.getLogger("b24app.bitrix")
 
 DEFAULT_OAUTH_SERVERS = ("https://oauth.bitrix.info", "https://oauth.bitrix24.tech")
 V3_PREFIX = "BITRIX_REST_V3_EXCEPTION_"
+IDEMPOTENCY_KEY_REUSED = V3_PREFIX + "IDEMPOTENCYKEYREUSEDEXCEPTION"
+"""422: the key was used with another body (§5.2) — which may be ours with a refreshed `auth`."""
 
 # --- errors ------------------------------------------------------------------------------------
 
@@ -196,7 +199,7 @@ VALIDATION_CODES = frozenset(
         V3_PREFIX + "UNKNOWNDTOPROPERTYEXCEPTION",
         V3_PREFIX + "UNKNOWNFILTEROPERATOREXCEPTION",
         V3_PREFIX + "ENTITYNOTFOUNDEXCEPTION",
-        V3_PREFIX + "IDEMPOTENCYKEYREUSEDEXCEPTION",
+        IDEMPOTENCY_KEY_REUSED,
     }
 )
 """Plus every v3 ``…_VALIDATION_…`` and ``…_INVALID…EXCEPTION`` code (see ``_error_class``)."""

@@ -62,6 +62,9 @@ class FakePortal:
         # (None: 1000). Real portals cap tasks.task.list pages at 50 (§5.2); this one's cap is
         # undocumented, so tests try the plausible ones.
         self.result_page_cap: int | None = None
+        # True: an Idempotency-Key replay must repeat the whole body, `auth` included, so a
+        # resend with a refreshed token is 422 IDEMPOTENCYKEYREUSEDEXCEPTION (§5.2 is silent).
+        self.idempotency_whole_body = False
         self.created_at = fake.now()
 
         self.users: dict[int, User] = {}
@@ -601,14 +604,18 @@ class FakePortal:
         status=None,
         operating_reset_at=None,
         delay_s=None,
+        expire_tokens=False,
     ) -> None:
         """Queue errors for the next ``count`` REST calls (of ``method`` if given).
 
         ``error``: any code of §6 (classic shape, its HTTP status) or a
         ``BITRIX_REST_V3_EXCEPTION_*`` code (v3 shape); ``"timeout"``: sleep
         ``delay_s`` (default ``fake.timeout_delay_s``) then answer 503;
-        ``"drop"``: close the connection without answering; ``"500"``/``"502"``...:
-        that status with an HTML body (a gateway error)."""
+        ``"drop"``: close the connection without answering; ``"lost_response"``: carry
+        the call out, then close the connection without answering (the change is
+        applied, its answer lost); ``"500"``/``"502"``...: that status with an HTML body
+        (a gateway error). ``expire_tokens``: the caller's access tokens expire as the
+        fault happens (the retry has to refresh first, and carries a new ``auth``)."""
         with self.lock:
             for _ in range(count):
                 self._failures.append(
@@ -618,6 +625,7 @@ class FakePortal:
                         "status": status,
                         "operating_reset_at": operating_reset_at,
                         "delay_s": delay_s,
+                        "expire_tokens": expire_tokens,
                     }
                 )
 
@@ -697,7 +705,9 @@ class FakePortal:
             "injected": None,
         }
         resp = self._route(req, listener, record)
-        record["status"] = None if resp is DROP else resp.status
+        # A lost_response was carried out: its status is what the portal did, not what the
+        # client got (nothing; `injected` says so).
+        record["status"] = record.pop("done_status", None) if resp is DROP else resp.status
         with self.lock:
             self.requests.append(record)
         return resp
@@ -740,7 +750,10 @@ class FakePortal:
         failure = self._pop_failure(method)
         if failure is not None:
             record["injected"] = failure["error"]
-            return self._injected(failure, method, echo)
+            if failure["error"] != "lost_response":
+                if failure["expire_tokens"]:
+                    self._expire_caller_tokens(req)
+                return self._injected(failure, method, echo)
         if self.latency_s:
             time.sleep(self.latency_s)
         with self.lock:
@@ -748,8 +761,24 @@ class FakePortal:
                 self.limit_hits += 1
                 return ClassicError("QUERY_LIMIT_EXCEEDED").response(headers=echo)
         if api == "v3":
-            return rest3.handle(self, req, method, webhook, record)
-        return rest.handle(self, req, method, webhook, record)
+            resp = rest3.handle(self, req, method, webhook, record)
+        else:
+            resp = rest.handle(self, req, method, webhook, record)
+        if failure is None:
+            return resp
+        if failure["expire_tokens"]:  # a lost_response: carried out, then the answer is lost
+            self._expire_caller_tokens(req)
+        record["done_status"] = resp.status
+        return DROP
+
+    def _expire_caller_tokens(self, req: Request) -> None:
+        """Expire every access token of the user whose token the request carries."""
+        body = req.parsed_body()
+        token = body.get("auth") if isinstance(body, dict) else None
+        with self.lock:
+            record = self.fake.access_tokens.get(token) if isinstance(token, str) else None
+        if record is not None:
+            self.expire_access_tokens(record.user_id)
 
     def _injected(self, failure: dict, method: str, echo: list):
         error = failure["error"]

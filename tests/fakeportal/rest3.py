@@ -521,11 +521,12 @@ def valid_idempotency_key(key: str) -> bool:
     return 1 <= len(key) <= 255 and all(0x20 <= ord(c) <= 0x7E for c in key)
 
 
-def _fingerprint(body: dict) -> str:
-    # The token changes when a client refreshes and retries, so `auth` is not
-    # part of "the same body".
+def _fingerprint(body: dict, whole_body: bool = False) -> str:
+    # [UNCONFIRMED] whether `auth` is part of "the same body": the token changes when a
+    # client refreshes and retries. By default it is not; `portal.idempotency_whole_body`
+    # makes a refreshed token a different body (422), as a portal comparing raw bodies would.
     return json.dumps(
-        {k: val for k, val in body.items() if k != "auth"},
+        {k: val for k, val in body.items() if whole_body or k != "auth"},
         sort_keys=True,
         separators=(",", ":"),
         ensure_ascii=False,
@@ -577,7 +578,7 @@ def handle(portal, req: Request, method: str, webhook, record: dict) -> Response
             if not valid_idempotency_key(key):
                 return v3_error(V3Error(INVALID_IDEMPOTENCY_KEY))
             idem_scope = (ctx.identity, ctx.user.id, method, key)
-            fingerprint = _fingerprint(body)
+            fingerprint = _fingerprint(body, portal.idempotency_whole_body)
             stored = portal.idempotency.get(idem_scope)
             if stored is not None and stored.stored_at + IDEMPOTENCY_TTL_S <= fake.now():
                 del portal.idempotency[idem_scope]

@@ -50,6 +50,30 @@ def test_idempotency_replays_after_a_token_refresh(fake, portal, anna):
     assert len(portal.results(1)) == 1
 
 
+def test_idempotency_whole_body_makes_a_refreshed_token_a_reused_key(fake, portal, anna):
+    portal.idempotency_whole_body = True
+    add(portal, anna["access_token"], "key-4")
+    assert add(portal, anna["access_token"], "key-4").headers["Idempotent-Replayed"] == "true"
+    new_token = refresh(fake, anna["refresh_token"]).json()["access_token"]
+    resp = add(portal, new_token, "key-4")
+    assert resp.status_code == 422
+    assert resp.json()["error"]["code"] == P + "IDEMPOTENCYKEYREUSEDEXCEPTION"
+    assert len(portal.results(1)) == 1
+
+
+def test_lost_response_is_carried_out_and_its_answer_lost(portal, anna):
+    import requests
+
+    portal.fail_next(error="lost_response", method=ADD, expire_tokens=True)
+    with pytest.raises(requests.ConnectionError):
+        add(portal, anna["access_token"], "key-5")
+    assert [r["text"] for r in portal.results(1)] == ["Done"]
+    [call] = portal.calls(ADD)
+    assert (call["status"], call["injected"]) == (200, "lost_response")
+    again = add(portal, anna["access_token"], "key-5")
+    assert again.status_code == 401 and again.json()["error"] == "expired_token"
+
+
 @pytest.mark.parametrize("key", ["x" * 256, "ключ", "tab\there"])
 def test_idempotency_invalid_key_is_400(portal, anna, key):
     resp = v3(

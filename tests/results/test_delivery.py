@@ -628,3 +628,102 @@ def test_result_delete_resent_after_the_portal_applied_it_is_saved_not_refused(
     assert resent["replayed"] is True and resent["status"] == 200
     assert len(applied(portal, change.idempotency_key)) == 1
     assert _change(pk=change.pk).last_error_message == ""
+
+
+# --- a reused Idempotency-Key is not a refusal (portals that compare whole bodies) -------------
+
+METHOD_OF = {"add": ADD, "edit": UPDATE, "delete": DELETE}
+
+
+def _lost_then_refreshed(client, portal, task, action, result_id):
+    """Boris's change reaches a portal that compares whole bodies; it is carried out, its
+    answer is lost, and his access token expires meanwhile: the resend carries another `auth`."""
+    portal.idempotency_whole_body = True
+    _, token = open_screen(client, portal, BORIS, task)
+    portal.fail_next(error="lost_response", method=METHOD_OF[action], expire_tokens=True)
+    if action == "add":
+        add(client, token, task, "Counted twice, kept once")
+    elif action == "edit":
+        edit(client, token, task, result_id, "Counted twice, kept once")
+    else:
+        delete(client, token, task, result_id)
+    change = ResultChange.objects.filter(task_id=task).order_by("-pk").first()
+    assert change.state == ResultChange.State.QUEUED
+    assert change.last_error == "CONNECTION_ERROR"
+    _time_passes(portal, change)
+    return change
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("action", ["add", "edit", "delete"])
+def test_result_change_refused_as_a_reused_key_is_read_back_and_saved_once(
+    client, fake, portal, task, celery_eager, action
+):
+    result_id = portal.add_result(task, author_id=BORIS, text="Before")
+    change = _lost_then_refreshed(client, portal, task, action, result_id)
+
+    assert result_change_deliver_task.delay(change.pk).get() == "saved"
+
+    first, resent = writes(portal, METHOD_OF[action])
+    assert (first["status"], first["injected"]) == (200, "lost_response")
+    assert resent["status"] == 422  # same key, another auth: "a different body"
+    assert first["body"]["auth"] != resent["body"]["auth"]
+    assert first["idempotency_key"] == resent["idempotency_key"] == change.idempotency_key
+    saved = _change(pk=change.pk)
+    assert saved.idempotency_key == change.idempotency_key  # nothing sent under a new key
+    items = portal.results(task)
+    if action == "add":
+        [_, new] = items
+        assert new["text"] == "Counted twice, kept once" and new["authorId"] == BORIS
+        assert saved.result_id == new["id"]
+    elif action == "edit":
+        assert [(i["id"], i["text"]) for i in items] == [(result_id, "Counted twice, kept once")]
+    else:
+        assert items == []
+    assert saved.last_error_message == ""
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("action", ["add", "edit"])
+def test_result_change_refused_as_a_reused_key_and_not_there_is_sent_under_a_new_key(
+    client, fake, portal, task, celery_eager, action
+):
+    """Read back, the change is not in Bitrix24 (the added result was deleted, the text was
+    changed again elsewhere): it is sent once more under a new key, and applied once."""
+    result_id = portal.add_result(task, author_id=BORIS, text="Before")
+    change = _lost_then_refreshed(client, portal, task, action, result_id)
+    with portal.lock:
+        if action == "add":
+            [added] = [i for i in portal.results(task) if i["id"] != result_id]
+            portal.delete_result(added["id"])
+        else:
+            portal.results_by_id[result_id].text = "Changed in Bitrix24 meanwhile"
+
+    assert result_change_deliver_task.delay(change.pk).get() == "saved"
+
+    calls = writes(portal, METHOD_OF[action])
+    assert [c["status"] for c in calls] == [200, 422, 200]
+    saved = _change(pk=change.pk)
+    assert calls[2]["idempotency_key"] == saved.idempotency_key != change.idempotency_key
+    assert len(applied(portal, saved.idempotency_key)) == 1
+    texts_now = [i["text"] for i in portal.results(task) if i["id"] != result_id or action != "add"]
+    assert texts_now.count("Counted twice, kept once") == 1
+
+
+@pytest.mark.django_db
+def test_result_add_read_back_never_takes_a_result_another_change_made(
+    client, fake, portal, task, celery_eager
+):
+    """Boris adds the same text twice: the read-back of the second add finds its own result,
+    not the first one (which another change made, seconds earlier)."""
+    _, token = open_screen(client, portal, BORIS, task)
+    add(client, token, task, "Counted twice, kept once")
+    first = _change(task_id=task)
+    assert first.state == ResultChange.State.SAVED
+    change = _lost_then_refreshed(client, portal, task, "add", None)
+
+    assert result_change_deliver_task.delay(change.pk).get() == "saved"
+
+    items = [i for i in portal.results(task) if i["text"] == "Counted twice, kept once"]
+    assert len(items) == 2
+    assert {first.result_id, _change(pk=change.pk).result_id} == {i["id"] for i in items}

@@ -247,6 +247,45 @@ def test_result_changes_queued_while_the_portal_is_down_are_delivered_once(
     assert all(change.attempts >= 2 for change in changes)
 
 
+def test_result_changes_whose_answers_were_lost_are_read_back_by_the_worker_applied_once(
+    client, fake, portal, task, celery_worker_process
+):
+    """A portal that compares whole bodies: each change is carried out, its answer is lost, and
+    the editor's token expires meanwhile, so the worker's retry carries another `auth` and gets
+    422 "key reused". The worker reads each change back: all end Saved, none applied twice."""
+    worker = celery_worker_process
+    portal.idempotency_whole_body = True
+    edited = portal.add_result(task, author_id=BORIS, text="Draft")
+    deleted = portal.add_result(task, author_id=ANNA, text="Obsolete")
+    tokens = {user: open_screen(client, portal, user, task)[1] for user in (ANNA, BORIS)}
+    for method in ("tasks.task.result.add", "tasks.task.result.update", "tasks.task.result.delete"):
+        portal.fail_next(error="lost_response", method=method, expire_tokens=True)
+
+    add(client, tokens[ANNA], task, "Added once")
+    edit(client, tokens[BORIS], task, edited, "Edited once")
+    delete(client, tokens[ANNA], task, deleted)
+    assert {(c.state, c.last_error) for c in ResultChange.objects.all()} == {
+        ("queued", "CONNECTION_ERROR")
+    }
+
+    _wait_for(
+        lambda: _states() == {"saved": 3}, "every change to be saved", interval=0.2, logs=[worker]
+    )
+    assert sorted((i["text"], i["authorId"]) for i in portal.results(task)) == [
+        ("Added once", ANNA),
+        ("Edited once", BORIS),
+    ]
+    for change in ResultChange.objects.select_related("account"):
+        sent = [r for r in writes(portal) if r["idempotency_key"] == change.idempotency_key]
+        assert [r["status"] for r in sent] == [200, 422], change  # carried out, then read back
+        assert sent[0]["body"]["auth"] != sent[1]["body"]["auth"]
+        assert acting_user(fake, sent[1]) == change.account.user_id
+    added = ResultChange.objects.get(action=ResultChange.Action.ADD)
+    assert added.result_id == next(
+        i["id"] for i in portal.results(task) if i["text"] == "Added once"
+    )
+
+
 OUTAGE_S = 30
 
 
