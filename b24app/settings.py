@@ -219,6 +219,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "b24app.portals.tasks.accounts_keepalive_task",
         "schedule": crontab(hour=3, minute=17),
     },
+    "portals-bindings-check": {
+        "task": "b24app.portals.tasks.portals_bindings_check_task",
+        "schedule": crontab(hour=3, minute=29),
+    },
     "event-receipts-purge": {
         "task": "b24app.portals.tasks.event_receipts_purge_task",
         "schedule": crontab(hour=3, minute=41),

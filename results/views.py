@@ -27,12 +27,12 @@ from b24app.logs import claimed_id
 from b24app.portals import frame
 from b24app.portals.bitrix import BitrixError
 from b24app.portals.models import Account, Portal
+from b24app.portals.selectors import portal_last_refreshed_at
 from b24app.portals.services import (
     FrameRefused,
-    account_client,
     frame_account_open,
     frame_session_renew,
-    portal_bindings_ensure,
+    portal_bindings_check,
 )
 from b24app.portals.views import app_url
 from results import selectors, services
@@ -221,22 +221,18 @@ def _render_screen(
 
 
 def _connection_panel(fr: Frame) -> dict:
+    """What a portal admin sees of the app's connection: read from what the app recorded, so
+    the page costs no call to Bitrix24 (the bindings are read by their own check)."""
     portal = fr.portal
-    panel = {"state": portal.get_state_display(), "reason": portal.state_reason, "tab_bound": None}
-    panel["last_refreshed_at"] = (
-        portal.accounts.exclude(last_refreshed_at=None)
-        .order_by("-last_refreshed_at")
-        .values_list("last_refreshed_at", flat=True)
-        .first()
-    )
-    try:
-        bindings = account_client(fr.account, limiter_max_wait=2.0).call("placement.get") or []
-        panel["tab_bound"] = any(
-            isinstance(b, dict) and b.get("placement") == "TASK_VIEW_TAB" for b in bindings
-        )
-    except BitrixError:
-        panel["tab_bound"] = None
-    return panel
+    return {
+        "state": portal.get_state_display(),
+        "reason": portal.state_reason,
+        "last_refreshed_at": portal_last_refreshed_at(portal),
+        "bindings": portal.bindings,
+        "bindings_label": portal.get_bindings_display(),
+        "bindings_detail": portal.bindings_detail,
+        "bindings_checked_at": portal.bindings_checked_at,
+    }
 
 
 @csrf_exempt  # a cross-site form POST from the Bitrix24 frame, verified below instead
@@ -430,15 +426,26 @@ def session_renew(request):
 @frame_view
 @require_POST
 def rebind(request, fr: Frame):
-    """A portal admin puts the Results tab back (DEFAULT placement's connection panel)."""
+    """A portal admin checks the app's bindings and binds again what is missing (the DEFAULT
+    placement's connection panel)."""
     if not fr.account.is_admin:
         return _render_screen(
             request, fr, None, error=_("Only a Bitrix24 administrator can do this."), status=403
         )
     try:
-        portal_bindings_ensure(client=account_client(fr.account), app_url=app_url(request))
+        portal = portal_bindings_check(
+            portal_id=fr.portal.pk, account_id=fr.account.pk, app_url=app_url(request)
+        )
     except BitrixError:
         return _render_screen(
-            request, fr, None, error=_("Bitrix24 refused; try again later."), status=502
+            request, fr, None, error=_("Bitrix24 did not answer; try again later."), status=502
         )
-    return _render_screen(request, fr, None, notice=_("The Results tab is bound."))
+    fr.account.portal = portal
+    if portal.bindings == Portal.Bindings.MISSING:
+        error = _("Bitrix24 did not bind everything: %(detail)s") % {
+            "detail": portal.bindings_detail
+        }
+        return _render_screen(request, fr, None, error=error, status=502)
+    return _render_screen(
+        request, fr, None, notice=_("The Results tab and the app's events are bound.")
+    )

@@ -14,6 +14,7 @@ from django.utils.http import urlencode
 
 from b24app.adminlists import PortalRowsAdmin
 from b24app.portals import crypto, selectors, services
+from b24app.portals.bitrix import BitrixError
 from b24app.portals.models import Account, Portal
 
 
@@ -70,9 +71,10 @@ class PortalAdmin(admin.ModelAdmin):
         "installed_at",
         "last_seen_at",
         "accounts_count",
+        "bindings",
         "last_refresh_error",
     )
-    list_filter = ("state", "app_status")
+    list_filter = ("state", "app_status", "bindings")
     search_fields = ("domain", "member_id")
     readonly_fields = (
         "member_id",
@@ -83,6 +85,9 @@ class PortalAdmin(admin.ModelAdmin):
         "state",
         "state_reason",
         "state_changed_at",
+        "bindings",
+        "bindings_detail",
+        "bindings_checked_at",
         "installed_at",
         "last_seen_at",
         "created_at",
@@ -90,7 +95,13 @@ class PortalAdmin(admin.ModelAdmin):
     )
     fields = readonly_fields[:8] + ("rate_limit",) + readonly_fields[8:]
     inlines = [AccountInline]
-    actions = ["verify_connection", "refresh_tokens_now", "block", "reconnect_via_oauth"]
+    actions = [
+        "verify_connection",
+        "check_bindings",
+        "refresh_tokens_now",
+        "block",
+        "reconnect_via_oauth",
+    ]
 
     def get_queryset(self, request):
         return selectors.portals_overview()
@@ -118,6 +129,21 @@ class PortalAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{portal.domain}: {exc.message}", messages.ERROR)
             else:
                 self.message_user(request, f"{portal.domain}: connected, app {outcome}.")
+
+    @admin.action(description="Check bindings (bind again what is missing)")
+    def check_bindings(self, request, queryset):
+        for portal in queryset:
+            try:
+                portal = services.portal_bindings_check(portal_id=portal.pk)
+            except BitrixError as exc:
+                text = f"{portal.domain}: Bitrix24 did not answer ({exc.code})."
+                self.message_user(request, text, messages.ERROR)
+                continue
+            text = portal.get_bindings_display() + (
+                f": {portal.bindings_detail}" if portal.bindings_detail else ""
+            )
+            level = messages.SUCCESS if portal.bindings in ("ok", "repaired") else messages.ERROR
+            self.message_user(request, f"{portal.domain}: {text}", level)
 
     @admin.action(description="Refresh tokens now")
     def refresh_tokens_now(self, request, queryset):

@@ -56,6 +56,23 @@ class Portal(models.Model):
         validators=[validate_rate_limit],
         help_text="burst/per second, e.g. 250/5; empty: B24_RATE_LIMIT",
     )
+
+    class Bindings(models.TextChoices):
+        UNKNOWN = "", "Not checked yet"
+        OK = "ok", "Bound"
+        REPAIRED = "repaired", "Bound again"
+        MISSING = "missing", "Missing"
+
+    bindings = models.CharField(
+        max_length=8,
+        choices=Bindings.choices,
+        blank=True,
+        help_text="The Results tab and the lifecycle events, as Bitrix24 last listed them",
+    )
+    bindings_detail = models.CharField(max_length=300, blank=True)
+    bindings_checked_at = models.DateTimeField(
+        null=True, blank=True, help_text="Checked again a day later, or after an app update"
+    )
     result_page_seen = models.PositiveIntegerField(
         default=0,
         help_text="The most results tasks.task.result.list returned in one page here (0: not "

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from django.db.models import Count, OuterRef, QuerySet, Subquery, Value
+from django.db.models import Count, F, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from b24app.portals import bindings
 from b24app.portals.models import Account, Portal
 
 KEEPALIVE_AFTER_DAYS = 150
@@ -48,6 +49,42 @@ def portal_connection_account(portal: Portal) -> Account | None:
         .exclude(refresh_token_encrypted="")
         .order_by("-is_installer", "-is_admin", "-last_seen_at")
         .first()
+    )
+
+
+def portal_admin_account(portal: Portal) -> Account | None:
+    """A portal admin's account with working tokens: the installer's first, else the admin seen
+    most recently. Reading a portal's event bindings needs an admin (others see only their own)."""
+    return (
+        portal.accounts.filter(state=Account.State.ACTIVE, is_admin=True)
+        .exclude(refresh_token_encrypted="")
+        .order_by("-is_installer", "-last_seen_at")
+        .first()
+    )
+
+
+def portal_last_refreshed_at(portal: Portal):
+    """When any of the portal's tokens were last renewed (None: never)."""
+    return (
+        portal.accounts.exclude(last_refreshed_at=None)
+        .order_by("-last_refreshed_at")
+        .values_list("last_refreshed_at", flat=True)
+        .first()
+    )
+
+
+BINDINGS_BATCH = 10_000
+"""Bindings checks one daily run queues at most, the longest unchecked first."""
+
+
+def portals_bindings_due() -> list[int]:
+    """Active portals whose bindings were never read, or not for a day: ids, oldest first."""
+    cutoff = timezone.now() - bindings.CHECK_EVERY
+    return list(
+        Portal.objects.filter(state=Portal.State.ACTIVE)
+        .filter(Q(bindings_checked_at__isnull=True) | Q(bindings_checked_at__lte=cutoff))
+        .order_by(F("bindings_checked_at").asc(nulls_first=True), "pk")
+        .values_list("pk", flat=True)[:BINDINGS_BATCH]
     )
 
 

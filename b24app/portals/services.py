@@ -19,7 +19,8 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from b24app.portals import crypto
+from b24app.portals import bindings, crypto
+from b24app.portals.bindings import binding_add, bindings_ensure, bindings_read
 from b24app.portals.bitrix import (
     BitrixAuthError,
     BitrixClient,
@@ -46,9 +47,9 @@ LOCK_TIMEOUT = "15s"
 APP_CREDENTIAL_ERRORS = frozenset({"invalid_client", "wrong_client"})
 """OAuth-server answers about the app's own credentials, never about one user's token."""
 
-TASK_TAB = "TASK_VIEW_TAB"
-TASK_TAB_TITLES = {"en": "Results", "ru": "Результаты"}
-LIFECYCLE_EVENTS = ("ONAPPUNINSTALL", "ONAPPUPDATE")
+BINDINGS_SETTLE_S = 120.0
+"""After an app update, its bindings are checked again this long after its event: Bitrix24 may
+drop them after the event was delivered as well as before."""
 EVENT_RECEIPT_DAYS = 7
 """How long an applied event is remembered against copies of it (retrying proxies, replays)."""
 AWAITING_SIGN_IN_RETRY_S = 300.0
@@ -624,13 +625,14 @@ def portal_install(*, auth: dict[str, str], app_url: str) -> Portal:
             display_name=_profile_name(profile),
         )
     try:
-        portal_bindings_ensure(client=client, app_url=app_url)
+        bindings_ensure(client, app_url)
     except BitrixError as exc:
         logger.warning("install bindings failed portal=%s error=%s", portal.member_id, exc.code)
         raise PortalError(
             "Bitrix24 refused to add the Results tab or the app's event handlers "
             f"({exc.code}). Nothing is finished yet; open the installer again."
         ) from exc
+    portal = _bindings_record(portal, Portal.Bindings.OK, "", settled=True)
     logger.info("installed portal=%s domain=%s user=%s", portal.member_id, portal.domain, user_id)
     return portal
 
@@ -639,30 +641,122 @@ def _profile_name(profile: dict) -> str:
     return " ".join(part for part in (profile.get("NAME"), profile.get("LAST_NAME")) if part)
 
 
-def portal_bindings_ensure(*, client: BitrixClient, app_url: str) -> None:
-    """Bind the task tab and the lifecycle events to this app, unless already bound."""
-    handler = f"{app_url}/b24/app/"
-    placements = client.call("placement.get") or []
-    if not any(
-        item.get("placement") == TASK_TAB and item.get("handler") == handler for item in placements
-    ):
-        client.call(
-            "placement.bind",
-            {
-                "PLACEMENT": TASK_TAB,
-                "HANDLER": handler,
-                "TITLE": TASK_TAB_TITLES["en"],
-                "LANG_ALL": {lang: {"TITLE": title} for lang, title in TASK_TAB_TITLES.items()},
-            },
+# --- bindings ----------------------------------------------------------------------------------
+
+
+def portal_bindings_due(portal: Portal) -> bool:
+    """Whether an active portal's bindings should be read again: never read, or a day ago."""
+    checked = portal.bindings_checked_at
+    return portal.state == Portal.State.ACTIVE and (
+        checked is None or timezone.now() - checked >= bindings.CHECK_EVERY
+    )
+
+
+def portal_bindings_check(
+    *, portal_id: int, account_id: int | None = None, app_url: str = "", settled: bool = True
+) -> Portal:
+    """Read the portal's bindings with a portal admin's token, bind again whatever is missing,
+    and record what was found (`Portal.bindings`, `bindings_detail`, `bindings_checked_at`).
+
+    `account_id` names the admin to act as (the sender of `ONAPPUPDATE`, the admin who pressed
+    "Bind again"); otherwise an admin with working tokens is chosen. `settled=False` (right
+    after an update, when Bitrix24 may still drop bindings) leaves the check due, so the next
+    chance reads them again. `BitrixUnavailable` is raised for a retry; other refusals are
+    recorded."""
+    from b24app.portals.selectors import portal_admin_account
+
+    portal = Portal.objects.get(pk=portal_id)
+    account = (
+        Account.objects.select_related("portal").filter(pk=account_id, portal_id=portal_id).first()
+        if account_id
+        else portal_admin_account(portal)
+    )
+    if account is None or not account.is_admin:
+        return _bindings_record(
+            portal,
+            portal.bindings,
+            "No administrator of this portal has working tokens to check them with.",
+            settled=False,
         )
-    events_handler = f"{app_url}/b24/events/"
-    bound = {
-        (str(item.get("event", "")).upper(), item.get("handler"))
-        for item in client.call("event.get") or []
-    }
-    for event in LIFECYCLE_EVENTS:
-        if (event, events_handler) not in bound:
-            client.call("event.bind", {"event": event, "handler": events_handler})
+    try:
+        client = account_client(account)
+        bound = bindings_read(client)
+    except BitrixUnavailable:
+        raise
+    except BitrixError as exc:
+        return _bindings_record(
+            portal, portal.bindings, f"Bitrix24 did not list them ({exc.code}).", settled=False
+        )
+    base = (app_url or settings.B24_APP_URL or bound.app_url() or "").rstrip("/")
+    if not base:
+        return _bindings_record(
+            portal,
+            Portal.Bindings.MISSING,
+            "None of the app's bindings is left and B24_APP_URL is not set: "
+            "the app does not know its own address to bind them again.",
+            settled=settled,
+        )
+    missing = bound.missing(base)
+    failed = []
+    for name in missing:
+        try:
+            binding_add(client, name, base)
+        except BitrixUnavailable:
+            raise
+        except BitrixError as exc:
+            failed.append(f"{name} ({exc.code})")
+    if failed:
+        state, detail = Portal.Bindings.MISSING, "Bitrix24 refused to bind " + ", ".join(failed)
+    elif missing:
+        state, detail = Portal.Bindings.REPAIRED, "Bound again: " + ", ".join(missing)
+    else:
+        state, detail = Portal.Bindings.OK, ""
+    if missing:
+        logger.warning(
+            "bindings portal=%s missing=%s failed=%s",
+            portal.member_id,
+            ",".join(missing),
+            ",".join(failed) or "-",
+        )
+    return _bindings_record(portal, state, detail, settled=settled)
+
+
+def _bindings_record(portal: Portal, state: str, detail: str, *, settled: bool) -> Portal:
+    portal.bindings = state
+    portal.bindings_detail = detail[:300]
+    portal.bindings_checked_at = timezone.now() if settled else None
+    Portal.objects.filter(pk=portal.pk).update(
+        bindings=portal.bindings,
+        bindings_detail=portal.bindings_detail,
+        bindings_checked_at=portal.bindings_checked_at,
+    )
+    return portal
+
+
+def portal_bindings_check_later(
+    *, portal_id: int, account_id: int | None = None, app_url: str = "", after_update=False
+) -> None:
+    """Queue a bindings check once the current transaction commits. After an app update: one
+    right away, with the update's admin token (the bindings may be gone already), and one
+    `BINDINGS_SETTLE_S` later (they may go only after the event); without a broker the later
+    one is left to the next chance (the check stays due)."""
+    from celery import current_app
+
+    from b24app.portals.tasks import portal_bindings_check_task
+
+    def queue() -> None:
+        try:
+            portal_bindings_check_task.delay(
+                portal_id, account_id, app_url, settled=not after_update
+            )
+            if after_update and not current_app.conf.task_always_eager:
+                portal_bindings_check_task.apply_async(
+                    (portal_id, account_id, app_url), countdown=BINDINGS_SETTLE_S
+                )
+        except Exception as exc:  # noqa: BLE001 - broker down: the check stays due; the daily job does it
+            logger.warning("could not queue a bindings check (%s)", type(exc).__name__)
+
+    transaction.on_commit(queue)
 
 
 # --- lifecycle events (`POST /b24/events/`) ----------------------------------------------------
@@ -769,7 +863,7 @@ def event_receipts_purge(*, older_than_days: int = EVENT_RECEIPT_DAYS) -> int:
     return deleted
 
 
-def event_handle(*, event: str, data: dict, auth: dict) -> EventOutcome:
+def event_handle(*, event: str, data: dict, auth: dict, app_url: str = "") -> EventOutcome:
     """Apply an app lifecycle event once, after checking it came from Bitrix24.
 
     `ONAPPINSTALL`/`ONAPPUPDATE` carry a live access token: the OAuth server must vouch for it
@@ -825,13 +919,23 @@ def event_handle(*, event: str, data: dict, auth: dict) -> EventOutcome:
             logger.info("%s copy portal=%s: already applied", event, member_id)
             return EventOutcome(200, "duplicate")
         portal = portal_upsert(verified=verified, application_token=application_token)
+        account = None
         if tokens is not None:
-            account_tokens_store(
+            account = account_tokens_store(
                 portal=portal,
                 user_id=sender,
                 tokens=tokens,
                 is_installer=True if event == "ONAPPINSTALL" else None,
                 is_admin=True,
+            )
+        if event == "ONAPPUPDATE":
+            # Bitrix24 removes an app's event bindings when it is updated (event.bind docs):
+            # bind them again with the update's admin token, now and once more a little later.
+            portal_bindings_check_later(
+                portal_id=portal.pk,
+                account_id=account.pk if account is not None else None,
+                app_url=app_url,
+                after_update=True,
             )
     logger.info("%s applied portal=%s", event, member_id)
     return EventOutcome(200, event.lower())
@@ -1026,6 +1130,10 @@ def frame_account_open(*, post, domain: str | None) -> Account:
             portal.set_state(Portal.State.ACTIVE, "connection repaired by the app being opened")
         portal.last_seen_at = timezone.now()
         portal.save()
+        if account.is_admin and portal_bindings_due(portal):
+            # An admin is here with a fresh token: the day's check of the bindings (an app
+            # update may have dropped them) goes with their visit.
+            portal_bindings_check_later(portal_id=portal.pk, account_id=account.pk)
     account.portal = portal
     return account
 

@@ -8,6 +8,7 @@ from celery import shared_task
 
 from b24app.portals import selectors, services
 from b24app.portals.bitrix import BitrixError, BitrixUnavailable
+from b24app.portals.models import Portal
 
 logger = logging.getLogger("b24app.portals")
 
@@ -45,3 +46,35 @@ def event_receipts_purge_task() -> int:
     deleted = services.event_receipts_purge()
     logger.info("event receipts purged count=%s", deleted)
     return deleted
+
+
+@shared_task(
+    autoretry_for=(BitrixUnavailable,),
+    retry_backoff=60,
+    retry_backoff_max=3600,
+    retry_jitter=True,
+    max_retries=6,
+)
+def portal_bindings_check_task(
+    portal_id: int, account_id: int | None = None, app_url: str = "", settled: bool = True
+) -> str:
+    """Read a portal's bindings and bind again what is missing; safe to run twice (it reads
+    before it binds)."""
+    try:
+        portal = services.portal_bindings_check(
+            portal_id=portal_id, account_id=account_id, app_url=app_url, settled=settled
+        )
+    except Portal.DoesNotExist:
+        return "gone"
+    return portal.bindings
+
+
+@shared_task
+def portals_bindings_check_task() -> int:
+    """Daily: check the bindings of portals not checked for a day (an app update may have
+    dropped the uninstall event, and nobody opened the app since)."""
+    due = selectors.portals_bindings_due()
+    for portal_id in due:
+        portal_bindings_check_task.delay(portal_id)
+    logger.info("bindings checks queued count=%s", len(due))
+    return len(due)

@@ -83,7 +83,10 @@ def events(request):
         logger.warning("event refused: malformed body")
         return JsonResponse({"status": "error", "error": "malformed_event"}, status=400)
     outcome = services.event_handle(
-        event=event, data=data if isinstance(data, dict) else {}, auth=auth
+        event=event,
+        data=data if isinstance(data, dict) else {},
+        auth=auth,
+        app_url=app_url(request),
     )
     if not outcome.accepted:
         logger.warning(

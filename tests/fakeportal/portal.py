@@ -65,6 +65,10 @@ class FakePortal:
         # True: an Idempotency-Key replay must repeat the whole body, `auth` included, so a
         # resend with a refreshed token is 422 IDEMPOTENCYKEYREUSEDEXCEPTION (§5.2 is silent).
         self.idempotency_whole_body = False
+        # What an app update does to the app's bindings (§4.3: event bindings are removed; when,
+        # and whether placements go too, is not documented): "events_after" (after the
+        # ONAPPUPDATE answer), "events_before", "all_after", "all_before" or "kept".
+        self.bindings_on_update = "events_after"
         self.created_at = fake.now()
 
         self.users: dict[int, User] = {}
@@ -535,6 +539,8 @@ class FakePortal:
                 self.previous_version = self.app_version
                 self.app_version += 1
                 self.application_token = issued(new_hex(16))
+                if self.bindings_on_update.endswith("_before"):
+                    self._drop_bindings_for_update()
             if event not in events.LIFECYCLE_EVENTS and not self.installed:
                 self.sent_events.append(
                     {
@@ -553,10 +559,18 @@ class FakePortal:
             self.sent_events.append(
                 {"event": event, "url": target, "pairs": pairs, "status": status, "body": body}
             )
-            if event == "ONAPPUPDATE":
+            if event == "ONAPPUPDATE" and self.bindings_on_update.endswith("_after"):
                 # "when an app is deleted or updated its event bindings are removed" (§4.3)
-                self.event_bindings.clear()
+                self._drop_bindings_for_update()
         return status, body
+
+    def _drop_bindings_for_update(self) -> None:
+        with self.lock:
+            if self.bindings_on_update == "kept":
+                return
+            self.event_bindings.clear()
+            if self.bindings_on_update.startswith("all_"):
+                self.placements.clear()
 
     def update_app(self, url=None) -> tuple[int | None, str]:
         """A new app version: rotate application_token, send ONAPPUPDATE."""

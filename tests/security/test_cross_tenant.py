@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from b24app.portals.models import Portal
 from results.models import ResultChange
 from tests.portals.support import post_event, post_frame
 from tests.results.support import (
@@ -78,6 +79,14 @@ class Watch:
         )
 
 
+def _row(member_id: str) -> dict:
+    return Portal.objects.filter(member_id=member_id).values().get()
+
+
+def _row_in(snapshot: dict, member_id: str) -> dict:
+    return next(row for row in snapshot["Portal"] if row["member_id"] == member_id)
+
+
 def test_cross_tenant_frame_token_of_a_on_every_frame_endpoint_with_bs_ids(client, fake, tenants):
     a, b = tenants
     a_writes_before = len(writes(a.fake_portal))
@@ -105,6 +114,22 @@ def test_cross_tenant_frame_token_of_a_on_every_frame_endpoint_with_bs_ids(clien
             # A change is made, but for A: B's ids mean only A's own task and result there.
             stored = ResultChange.objects.order_by("-pk").first()
             assert (stored.portal.member_id, stored.account.user_id) == (a.fake_portal.member_id, 1)
+            continue
+        if "/rebind/" in path:
+            # A's admin checked A's bindings (a member_id in the form means nothing): only A's
+            # row records it; B's stays as it was, and B is never asked.
+            a_before, a_after = (
+                _row_in(watch.rows, a.fake_portal.member_id),
+                _row(a.fake_portal.member_id),
+            )
+            changed = {key for key, value in a_after.items() if a_before[key] != value}
+            assert changed <= {"bindings", "bindings_detail", "bindings_checked_at"}
+            assert _row(b.fake_portal.member_id) == _row_in(watch.rows, b.fake_portal.member_id)
+            rows = db_snapshot()
+            assert {k: rows[k] for k in rows if k != "Portal"} == {
+                k: watch.rows[k] for k in watch.rows if k != "Portal"
+            }
+            assert len(b.fake_portal.requests) == watch.b_requests
             continue
         watch.assert_nothing_changed(f"{method.upper()} {path}")
     assert [w["status"] for w in writes(b.fake_portal)] == [403]  # only B's own refused edit
