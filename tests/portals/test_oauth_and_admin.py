@@ -123,6 +123,27 @@ def test_admin_actions_verify_refresh_and_block(admin_client, fake, client, port
     assert reconnect["Location"] == f"/b24/oauth/start/?portal={stored.member_id}"
 
 
+def test_admin_check_bindings_action_binds_again_and_the_list_shows_the_state(
+    admin_client, client, portal
+):
+    assert install(client, portal).status_code == 200
+    stored = Portal.objects.get()
+    with portal.lock:
+        portal.event_bindings.clear()
+    url = "/admin/portals/portal/"
+
+    page = admin_client.post(
+        url, {"action": "check_bindings", "_selected_action": [stored.pk]}, follow=True
+    ).content.decode()
+
+    assert "Bound again: ONAPPUNINSTALL, ONAPPUPDATE" in page
+    assert {b.event for b in portal.event_bindings} == {"ONAPPUNINSTALL", "ONAPPUPDATE"}
+    listing = admin_client.get(url).content.decode()
+    assert '<td class="field-bindings">Bound again</td>' in listing
+    missing = admin_client.get(url + "?bindings__exact=missing").content.decode()
+    assert stored.domain not in missing
+
+
 def test_command_portals_lists_connections(client, fake, portal, blocked):
     out = StringIO()
     call_command("b24", "portals", stdout=out)
