@@ -58,6 +58,8 @@ class FakePortal:
         self.previous_version: int | None = None
         self.payment_required = False
         self.strict_handlers = False  # True: refuse loopback handler URLs like real Bitrix24
+        # Frame commands the page JS records but never answers (a parent that does not answer).
+        self.unanswered_commands: set[str] = set()
         self.created_at = fake.now()
 
         self.users: dict[int, User] = {}
