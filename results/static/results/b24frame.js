@@ -58,6 +58,18 @@
     send: send,
     fitWindow: function () { return send("resizeWindow", { width: "100%", height: contentHeight() }); },
     refreshAuth: function () { return send("refreshAuth"); },
+    /*
+     * Whether the portal opened us to install the app: getInitData's INSTALL, which b24jssdk keeps
+     * as isInstallMode (packages/jssdk/src/frame/b24.ts). Rejects when the portal does not answer
+     * or answers with something that is not init data.
+     */
+    installMode: function () {
+      return send("getInitData").then(function (data) {
+        if (!data || typeof data !== "object") throw new Error("Bitrix24 sent no init data");
+        return !!data.INSTALL;
+      });
+    },
+    /* Call only in install mode: b24jssdk refuses to otherwise, and BX24.installFinish does nothing. */
     installFinish: function () { return send("setInstallFinish"); },
     /* Keep the frame as tall as the page: on load and whenever the content changes size. */
     autoFit: function () {
