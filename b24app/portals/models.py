@@ -111,9 +111,10 @@ class Account(models.Model):
 
     class State(models.TextChoices):
         ACTIVE = "active", "Active"
-        # The refresh token was probably spent by a renewal whose answer never reached us; only
-        # the user's next visit (fresh frame tokens) gives access back. Not their fault, nor the
-        # portal's: nothing is blocked, and their changes wait instead of failing.
+        # The refresh token was probably spent by a renewal whose answer never reached us, or
+        # there is none (Bitrix24 opened the frame without REFRESH_ID) and the access token has
+        # expired; only the user's next visit (fresh frame tokens) gives access back. Not their
+        # fault, nor the portal's: nothing is blocked, and their changes wait instead of failing.
         WAITING = "waiting", "Waiting for the user"
         BLOCKED = "blocked", "Blocked"
 
@@ -165,6 +166,14 @@ class Account(models.Model):
 
     @property
     def has_tokens(self) -> bool:
+        """Whether the account can act as its user at all. An access token alone counts: Bitrix24
+        may open the frame without `REFRESH_ID` (the docs mark it optional), and the account then
+        acts until that token expires."""
+        return bool(self.access_token_encrypted or self.refresh_token_encrypted)
+
+    @property
+    def can_refresh(self) -> bool:
+        """Whether the account holds a refresh token to renew its access token with."""
         return bool(self.refresh_token_encrypted)
 
 

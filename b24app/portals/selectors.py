@@ -43,7 +43,8 @@ def portals_overview() -> QuerySet[Portal]:
 
 
 def portal_connection_account(portal: Portal) -> Account | None:
-    """The account the app acts through for the portal itself: the installer's, else an admin's."""
+    """The account the app acts through for the portal itself: the installer's, else an admin's,
+    and always one with a refresh token (an access token alone dies within the hour)."""
     return (
         portal.accounts.filter(state=Account.State.ACTIVE)
         .exclude(refresh_token_encrypted="")

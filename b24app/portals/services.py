@@ -58,6 +58,10 @@ WAITING_REASON = (
     "A token renewal's answer was lost on its way from Bitrix24; access returns when this user "
     "next opens the app"
 )
+NO_REFRESH_REASON = (
+    "Bitrix24 opened the app for this user without a refresh token and the access token has "
+    "expired; access returns when this user next opens the app"
+)
 
 
 _MEMBER_ID_CHARS = frozenset("0123456789abcdefABCDEF")
@@ -294,18 +298,31 @@ def account_tokens_store(
 
 
 def _tokens_apply(account: Account, tokens: TokenSet) -> None:
-    now = timezone.now()
+    """Put fresh tokens on the account and make it active again.
+
+    Without a refresh token (a frame opened without `REFRESH_ID`) only the access token is new:
+    the refresh token the account already holds is kept, with what is known about it (when it
+    was issued, whether a renewal with it may have been lost), because it is still the one that
+    lets the app act after the frame closes. Unless Bitrix24 already refused it (the account
+    waits or is blocked for that reason): then it is dropped, so that no token call is made with
+    it again, and the account waits for its user once the access token expires.
+    """
     account.access_token_encrypted = crypto.encrypt(tokens.access_token)
-    account.refresh_token_encrypted = crypto.encrypt(tokens.refresh_token)
+    if tokens.refresh_token:
+        account.refresh_token_encrypted = crypto.encrypt(tokens.refresh_token)
+        account.tokens_issued_at = timezone.now()
+        account.refresh_unconfirmed_at = None
+    elif account.state != Account.State.ACTIVE:
+        account.refresh_token_encrypted = ""
+        account.tokens_issued_at = None
+        account.refresh_unconfirmed_at = None
     account.expires_at = tokens.expires_at
     if tokens.scope:
         account.scope = tokens.scope.replace("\x00", "")[:500]
     account.token_version += 1
-    account.tokens_issued_at = now
     account.state = Account.State.ACTIVE
     account.state_reason = ""
     account.last_refresh_error = ""
-    account.refresh_unconfirmed_at = None
 
 
 def _lock_timeout() -> None:
@@ -349,60 +366,24 @@ def account_tokens_refresh(*, account_id: int, seen_version: int | None = None) 
     that rotation, not a revocation: the account waits for its user's next visit, and nothing
     is blocked. Otherwise `invalid_grant` (with nobody else having refreshed, which the lock
     guarantees) blocks the account, and its portal when it is the installer's.
+
+    An account without a refresh token (its user's frame came without `REFRESH_ID`) makes no
+    token call: it waits for its user (`AccountAwaitingSignIn`), like one whose renewal was lost.
     """
-    failure: BitrixError | None = None
     with transaction.atomic():
         _lock_timeout()
         account = Account.objects.select_for_update().select_related("portal").get(pk=account_id)
         if seen_version is not None and account.token_version != seen_version:
             return account
         _refusable(account)
-        now = timezone.now()
-        try:
-            tokens = oauth_server().refresh(account.portal.oauth_server, account.refresh_token)
-        except BitrixAuthError as exc:
-            failure = exc
-            if exc.code in APP_CREDENTIAL_ERRORS:
-                # Our client id/secret are wrong: a deployment fault, not this user's. Block
-                # nobody; the operator fixes the variables and the next call refreshes.
-                account.last_refresh_error = (
-                    f"{exc.code}: check B24_CLIENT_ID and B24_CLIENT_SECRET"
-                )[:500]
-                account.save(update_fields=["last_refresh_error", "updated_at"])
-                logger.error("token refresh refused our app credentials error=%s", exc.code)
-            elif account.refresh_unconfirmed_at is not None:
-                failure = AccountAwaitingSignIn(WAITING_REASON)
-                _account_wait(account, f"{WAITING_REASON} ({exc.code})")
-            else:
-                reason = (
-                    f"Refresh token rejected by Bitrix24 ({exc.code}); "
-                    "the user must open the app again"
-                )
-                _account_block(account, reason, at=now)
-        except BitrixError as exc:
-            failure = exc
-            account.last_refresh_error = f"{exc.code}: temporary, will retry"[:500]
-            if not isinstance(exc, UnsafeURL):  # refused before sending: nothing was spent
-                account.refresh_unconfirmed_at = now
-            account.save(
-                update_fields=["last_refresh_error", "refresh_unconfirmed_at", "updated_at"]
-            )
+        if account.can_refresh:
+            failure = _refresh_token_spend(account)
         else:
-            if (tokens.member_id and tokens.member_id != account.portal.member_id) or (
-                tokens.user_id and tokens.user_id != account.user_id
-            ):
-                failure = BitrixAuthError("TOKEN_MISMATCH", "refreshed tokens name someone else")
-                _account_block(account, "Refreshed tokens belonged to someone else", at=now)
-            else:
-                _tokens_apply(account, tokens)
-                account.last_refreshed_at = now
-                account.save()
-            logger.info(
-                "tokens refreshed portal=%s user=%s version=%s",
-                account.portal.member_id,
-                account.user_id,
-                account.token_version,
-            )
+            # Bitrix24 opened the frame without REFRESH_ID: nothing to spend, so no token call.
+            # Like a lost renewal, only the user's next visit (or the open frame's refreshAuth)
+            # brings access back; meanwhile their work waits instead of failing.
+            failure = AccountAwaitingSignIn(NO_REFRESH_REASON)
+            _account_wait(account, NO_REFRESH_REASON)
     if failure is not None:
         logger.warning(
             "token refresh failed portal=%s user=%s error=%s",
@@ -412,6 +393,54 @@ def account_tokens_refresh(*, account_id: int, seen_version: int | None = None) 
         )
         raise failure
     return account
+
+
+def _refresh_token_spend(account: Account) -> BitrixError | None:
+    """Spend the locked account's refresh token: store the new pair, or record the failure (see
+    `account_tokens_refresh`) and return it for the caller to raise after the transaction."""
+    failure: BitrixError | None = None
+    now = timezone.now()
+    try:
+        tokens = oauth_server().refresh(account.portal.oauth_server, account.refresh_token)
+    except BitrixAuthError as exc:
+        failure = exc
+        if exc.code in APP_CREDENTIAL_ERRORS:
+            # Our client id/secret are wrong: a deployment fault, not this user's. Block
+            # nobody; the operator fixes the variables and the next call refreshes.
+            account.last_refresh_error = f"{exc.code}: check B24_CLIENT_ID and B24_CLIENT_SECRET"
+            account.save(update_fields=["last_refresh_error", "updated_at"])
+            logger.error("token refresh refused our app credentials error=%s", exc.code)
+        elif account.refresh_unconfirmed_at is not None:
+            failure = AccountAwaitingSignIn(WAITING_REASON)
+            _account_wait(account, f"{WAITING_REASON} ({exc.code})")
+        else:
+            reason = (
+                f"Refresh token rejected by Bitrix24 ({exc.code}); the user must open the app again"
+            )
+            _account_block(account, reason, at=now)
+    except BitrixError as exc:
+        failure = exc
+        account.last_refresh_error = f"{exc.code}: temporary, will retry"[:500]
+        if not isinstance(exc, UnsafeURL):  # refused before sending: nothing was spent
+            account.refresh_unconfirmed_at = now
+        account.save(update_fields=["last_refresh_error", "refresh_unconfirmed_at", "updated_at"])
+    else:
+        if (tokens.member_id and tokens.member_id != account.portal.member_id) or (
+            tokens.user_id and tokens.user_id != account.user_id
+        ):
+            failure = BitrixAuthError("TOKEN_MISMATCH", "refreshed tokens name someone else")
+            _account_block(account, "Refreshed tokens belonged to someone else", at=now)
+        else:
+            _tokens_apply(account, tokens)
+            account.last_refreshed_at = now
+            account.save()
+        logger.info(
+            "tokens refreshed portal=%s user=%s version=%s",
+            account.portal.member_id,
+            account.user_id,
+            account.token_version,
+        )
+    return failure
 
 
 def _account_wait(account: Account, reason: str) -> None:
@@ -1023,7 +1052,7 @@ def _portal_for_frame(post, domain: str | None) -> Portal:
         raise FrameRefused(
             _("This page must be opened from Bitrix24."), status=400, code="malformed"
         )
-    if not access_token or not post.get("REFRESH_ID"):
+    if not access_token:  # REFRESH_ID is optional (§3.2): the access token is what is checked
         raise FrameRefused(_("Bitrix24 sent no authorization; reopen the app."), status=400)
     portal = Portal.objects.filter(member_id=member_id).first()
     if portal is not None:
@@ -1108,9 +1137,13 @@ def frame_account_open(*, post, domain: str | None) -> Account:
     server's `app.info` when that is absent, different or the portal is new. Who the person is
     comes from `profile` with their own `AUTH_ID`; their tokens are stored on their account,
     which also repairs it (and, for the installer, a portal blocked by a dead token).
+
+    `REFRESH_ID` is optional: without it the person works with the access token, and their
+    account keeps the refresh token it had (`_tokens_apply`). Such a visit does not repair a
+    blocked portal: the portal needs a refresh token to act after the frame closes.
     """
     portal = _portal_for_frame(post, domain)
-    access, refresh = str(post["AUTH_ID"]), str(post["REFRESH_ID"])
+    access, refresh = str(post["AUTH_ID"]), str(post.get("REFRESH_ID", ""))
     profile = _frame_profile(portal, access)
     user_id = int(profile["ID"])
     with transaction.atomic():
@@ -1125,7 +1158,7 @@ def frame_account_open(*, post, domain: str | None) -> Account:
         if (
             portal.state in (Portal.State.BLOCKED, Portal.State.NEW)
             and not portal.blocked_by_operator
-            and (account.is_installer or portal.state == Portal.State.NEW)
+            and ((account.is_installer and account.can_refresh) or portal.state == Portal.State.NEW)
         ):
             portal.set_state(Portal.State.ACTIVE, "connection repaired by the app being opened")
         portal.last_seen_at = timezone.now()
@@ -1141,14 +1174,17 @@ def frame_account_open(*, post, domain: str | None) -> Account:
 def frame_session_renew(
     *, portal_id: int, account_id: int, access_token: str, refresh_token: str, expires_in: str
 ) -> Account:
-    """Trade fresh frame auth (from BX24 `refreshAuth`) for the same account's new session."""
+    """Trade fresh frame auth (from BX24 `refreshAuth`) for the same account's new session.
+
+    Only the access token is required and checked (`profile`); a renewal without a refresh
+    token keeps the one the account has, as a placement POST without `REFRESH_ID` does."""
     account = (
         Account.objects.select_related("portal").filter(pk=account_id, portal_id=portal_id).first()
     )
     if account is None:
         raise FrameRefused(_("This session is no longer valid; reopen the app."), code="unknown")
     _refuse_unusable(account.portal)
-    if not access_token or not refresh_token:
+    if not access_token:
         raise FrameRefused(_("Bitrix24 sent no authorization; reopen the app."), status=400)
     profile = _frame_profile(account.portal, access_token)
     if int(profile["ID"]) != account.user_id:

@@ -7,8 +7,9 @@ import pytest
 
 
 @pytest.fixture
-def sandbox(live_server, fake, settings):
-    """The fake portal set up like `make run`'s sandbox, with the app served by `live_server`."""
+def new_sandbox(live_server, fake, settings):
+    """The sandbox's portal before the app is installed: no tab bound, and its admins get the
+    installer (`/b24/install/`) when they open the app. The app is served by `live_server`."""
     # live_server serves /static/ through Django's finders, which know no hashed names.
     settings.STORAGES = {
         **settings.STORAGES,
@@ -20,6 +21,12 @@ def sandbox(live_server, fake, settings):
     portal.add_user(name="Anna", last_name="Smirnova", admin=True)
     portal.add_user(name="Boris", last_name="Petrov", admin=False)
     portal.add_task(title="Prepare the quarterly report")
-    portal.bind_placement("TASK_VIEW_TAB", f"{live_server.url}/b24/app/", title="Results")
-    portal.mark_installed()
     return portal
+
+
+@pytest.fixture
+def sandbox(new_sandbox, live_server):
+    """The fake portal set up like `make run`'s sandbox: installed, the Results tab bound."""
+    new_sandbox.bind_placement("TASK_VIEW_TAB", f"{live_server.url}/b24/app/", title="Results")
+    new_sandbox.mark_installed()
+    return new_sandbox

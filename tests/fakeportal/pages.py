@@ -64,7 +64,9 @@ table.b24-list td, table.b24-list th { text-align: left; padding: 6px 10px;
 
 # The parent side of the frame protocol (§8.3). Config comes from the JSON
 # block #b24-fake-config. Messages are accepted only from the app's origin and
-# from our iframe, and only with our APP_SID.
+# from our iframe, and only with our APP_SID. Commands the page ignores on
+# purpose (setInstallFinish outside the install phase) are also listed in
+# window.__fakeB24Ignored; those in cfg.unanswered get no answer at all.
 PARENT_JS = r"""
 (function () {
   "use strict";
@@ -72,6 +74,7 @@ PARENT_JS = r"""
   var frame = document.getElementById("b24-app-frame");
   window.__fakeB24Messages = [];
   window.__fakeB24Rejected = [];
+  window.__fakeB24Ignored = [];
   window.__fakeB24Config = {appOrigin: cfg.appOrigin, appSid: cfg.appSid, placement: cfg.placement};
 
   function parseMessage(data) {
@@ -127,7 +130,11 @@ PARENT_JS = r"""
       reply(msg, {});
     },
     setInstallFinish: function (msg) {
-      if (!cfg.installMode) { reply(msg, {}); return; }  // does nothing outside the install phase
+      if (!cfg.installMode) {  // BX24.installFinish does nothing outside the install phase (§1.3)
+        window.__fakeB24Ignored.push({command: msg.command, reason: "not_install_mode"});
+        reply(msg, {});
+        return;
+      }
       post("/_fake/install_finish").then(function () {
         reply(msg, {});
         window.location.reload();
@@ -161,9 +168,11 @@ PARENT_JS = r"""
       return;
     }
     var handler = handlers[msg.command];
+    var unanswered = cfg.unanswered.indexOf(msg.command) >= 0;
     window.__fakeB24Messages.push({command: msg.command, params: msg.params,
-                                   callback: msg.callback, appSid: msg.appSid, handled: !!handler});
-    if (handler) { handler(msg); }
+                                   callback: msg.callback, appSid: msg.appSid,
+                                   handled: !!handler && !unanswered});
+    if (handler && !unanswered) { handler(msg); }
   });
 
   document.getElementById("b24-app-form").submit();
@@ -231,6 +240,7 @@ def _frame_html(
         "appSid": session.app_sid,
         "placement": placement,
         "installMode": not portal.installed,
+        "unanswered": sorted(portal.unanswered_commands),
     }
     return f"""
 <iframe class="b24-app-frame" id="b24-app-frame" name="{escape(frame_name)}"

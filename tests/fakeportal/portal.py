@@ -69,6 +69,8 @@ class FakePortal:
         # and whether placements go too, is not documented): "events_after" (after the
         # ONAPPUPDATE answer), "events_before", "all_after", "all_before" or "kept".
         self.bindings_on_update = "events_after"
+        # Frame commands the page JS records but never answers (a parent that does not answer).
+        self.unanswered_commands: set[str] = set()
         self.created_at = fake.now()
 
         self.users: dict[int, User] = {}

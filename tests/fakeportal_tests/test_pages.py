@@ -128,6 +128,7 @@ def test_task_page_embeds_the_app_with_the_frame_post(fake, portal, catcher):
         "appSid": app_sid,
         "placement": "TASK_VIEW_TAB",
         "installMode": False,
+        "unanswered": [],
     }
     assert any('addEventListener("message"' in s for s in page.scripts)
     assert "?as=1" in resp.text and "?as=2" in resp.text  # the user switcher
@@ -289,3 +290,54 @@ def test_install_finish_from_the_installer_frame(portal, catcher, browser_page):
     page.frame_locator("#b24-app-frame").locator("text=the app").wait_for(timeout=5000)
     assert portal.installed is True
     assert len(catcher.posts("/b24/install/")) == 1 and len(catcher.posts("/b24/app/")) == 1
+
+
+@pytest.mark.browser
+def test_install_finish_outside_the_install_phase_is_recorded_and_ignored(
+    portal, catcher, browser_page
+):
+    catcher.routes["/b24/install/"] = (200, INSTALLER_PAGE, "text/html")
+    portal.mark_installed()
+    page = browser_page
+    page.goto(portal.url + "/marketplace/install/?as=1")
+    page.frame_locator("#b24-app-frame").locator("text=installer").wait_for(timeout=5000)
+    page.wait_for_function("window.__fakeB24Ignored.length >= 1", timeout=5000)
+    assert page.evaluate("window.__fakeB24Ignored") == [
+        {"command": "setInstallFinish", "reason": "not_install_mode"}
+    ]
+    assert [m["command"] for m in page.evaluate("window.__fakeB24Messages")] == ["setInstallFinish"]
+    # Nothing happened: no install_finish call, no reload (the installer was posted once).
+    assert [r for r in portal.requests if r["path"].startswith("/_fake/install_finish")] == []
+    assert len(catcher.posts("/b24/install/")) == 1 and portal.installed is True
+
+
+APP_ASKING_PAGE = """<!DOCTYPE html><html><body><p>asking app</p><script>
+var parts = window.name.split("|");
+var origin = "http://" + parts[0];
+window.__replies = [];
+window.addEventListener("message", function (e) {
+  if (e.origin === origin) { window.__replies.push(e.data); }
+});
+parent.postMessage("getInitData:cb1:" + parts[2], origin);
+parent.postMessage('resizeWindow:{"height":200}:cb2:' + parts[2], origin);
+</script></body></html>"""
+
+
+@pytest.mark.browser
+def test_unanswered_commands_are_recorded_but_never_answered(portal, catcher, browser_page):
+    catcher.routes["/b24/app/"] = (200, APP_ASKING_PAGE, "text/html")
+    portal.mark_installed()
+    portal.unanswered_commands = {"getInitData"}
+    page = browser_page
+    page.goto(portal.url + "/company/personal/user/1/tasks/task/view/1/?as=2")
+    page.frame_locator("#b24-app-frame").locator("text=asking app").wait_for(timeout=5000)
+    app_frame = next(f for f in page.frames if f.url.startswith(catcher.url))
+    app_frame.wait_for_function("window.__replies.length >= 1", timeout=5000)
+    page.wait_for_function("window.__fakeB24Messages.length >= 2", timeout=5000)
+    messages = page.evaluate("window.__fakeB24Messages")
+    assert [(m["command"], m["handled"]) for m in messages] == [
+        ("getInitData", False),
+        ("resizeWindow", True),
+    ]
+    assert [r.split(":", 1)[0] for r in app_frame.evaluate("window.__replies")] == ["cb2"]
+    assert [r for r in portal.requests if r["path"].startswith("/_fake/init_data")] == []

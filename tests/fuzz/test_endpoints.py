@@ -957,6 +957,12 @@ def _check_scope(world, before, after, scope: Scope, where: str) -> None:
             assert owner in (None, stored_for), (
                 f"{where}: the access token of {owner} stored on the account of {stored_for}"
             )
+        # A refresh token is replaced, never dropped from a working account (a frame POST or
+        # renewal without REFRESH_ID keeps it); only one Bitrix24 refused, or an uninstall, ends it.
+        if old and old["refresh_token_encrypted"] and not new["refresh_token_encrypted"]:
+            assert old["state"] != Account.State.ACTIVE or new["state"] == Account.State.BLOCKED, (
+                f"{where}: the refresh token of account {pk} was dropped"
+            )
     for pk in before[ResultChange].keys() | after[ResultChange].keys():
         old, new = before[ResultChange].get(pk), after[ResultChange].get(pk)
         if old != new:
@@ -1006,14 +1012,15 @@ def install_scope(world, sent: Sent) -> Scope | None:
 
 
 def screen_scope(world, sent: Sent) -> Scope | None:
-    """A live AUTH_ID of a person of the posted member_id, a refresh token, a matching DOMAIN."""
+    """A live AUTH_ID of a person of the posted member_id and a matching DOMAIN. REFRESH_ID is
+    optional (§3.2) and no credential: it cannot be checked without spending it."""
     if sent.method != "POST":
         return None
     owner = world.access_owner(sent.last("AUTH_ID"))
     member_id = sent.last("member_id")
     domain = sent.last("DOMAIN", in_query=True)
     portal_pk = world.portal_pk_of(member_id)
-    if owner is None or owner[0] != member_id or portal_pk is None or not sent.last("REFRESH_ID"):
+    if owner is None or owner[0] != member_id or portal_pk is None:
         return None
     if domain and domain.lower() != world.fake.portal(member_id).domain.lower():
         return None
@@ -1062,7 +1069,8 @@ def frame_scope(world, sent: Sent) -> Scope | None:
 
 
 def renew_scope(world, sent: Sent) -> Scope | None:
-    """A genuine frame token (even expired) plus a live AUTH_ID of the same person."""
+    """A genuine frame token (even expired) plus a live AUTH_ID of the same person (REFRESH_ID
+    optional, as in placement POSTs)."""
     if sent.method != "POST":
         return None
     for token in _presented_frame_token(sent):
@@ -1071,7 +1079,7 @@ def renew_scope(world, sent: Sent) -> Scope | None:
             continue
         owner = world.access_owner(sent.last("AUTH_ID"))
         member_id = Portal.objects.get(pk=scope.portal_pk).member_id
-        if owner == (member_id, scope.user_id) and sent.last("REFRESH_ID"):
+        if owner == (member_id, scope.user_id):
             return scope
     return None
 

@@ -75,3 +75,19 @@ def test_keepalive_batch_is_the_oldest_idle_accounts_ids_and_versions(monkeypatc
     monkeypatch.setattr(selectors, "KEEPALIVE_BATCH", 2)
 
     assert selectors.accounts_keepalive_batch() == [(oldest.pk, 4), (older.pk, 2)]
+
+
+def test_connection_account_is_one_that_can_refresh():
+    """The portal's own work (verify, uninstall check) outlives any frame: an account holding
+    only an access token (Bitrix24 opened the app without REFRESH_ID) is never the connection,
+    even the installer's."""
+    portal = _portal(1)
+    Account.objects.create(
+        portal=portal, user_id=1, is_installer=True, is_admin=True, access_token_encrypted="x"
+    )
+    admin = _account(portal, 2, is_admin=True)
+    _account(portal, 3, state=Account.State.WAITING, is_admin=True)
+
+    assert selectors.portal_connection_account(portal) == admin
+    Account.objects.filter(pk=admin.pk).update(refresh_token_encrypted="")
+    assert selectors.portal_connection_account(portal) is None
