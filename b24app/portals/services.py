@@ -405,11 +405,7 @@ def _refresh_token_spend(account: Account) -> BitrixError | None:
     except BitrixAuthError as exc:
         failure = exc
         if exc.code in APP_CREDENTIAL_ERRORS:
-            # Our client id/secret are wrong: a deployment fault, not this user's. Block
-            # nobody; the operator fixes the variables and the next call refreshes.
-            account.last_refresh_error = f"{exc.code}: check B24_CLIENT_ID and B24_CLIENT_SECRET"
-            account.save(update_fields=["last_refresh_error", "updated_at"])
-            logger.error("token refresh refused our app credentials error=%s", exc.code)
+            failure = _credentials_refused(account, exc, at=now)
         elif account.refresh_unconfirmed_at is not None:
             failure = AccountAwaitingSignIn(WAITING_REASON)
             _account_wait(account, f"{WAITING_REASON} ({exc.code})")
@@ -441,6 +437,80 @@ def _refresh_token_spend(account: Account) -> BitrixError | None:
             account.token_version,
         )
     return failure
+
+
+def _credentials_refused(account: Account, exc: BitrixAuthError, *, at) -> BitrixError:
+    """The OAuth server refused the app's own credentials (`invalid_client`, `wrong_client`).
+
+    That is a deployment fault (wrong B24_CLIENT_ID/B24_CLIENT_SECRET) unless the same
+    credentials keep working for other portals: the OAuth docs also list `invalid_client` for
+    an app that is not installed on the portal. Then it is a removal to confirm with `app.info`:
+    confirmed, the account (and, for the installer's, the portal) is blocked with that reason,
+    and its data kept, until the app is installed or opened again; unconfirmed, the account
+    waits for its user. A credentials fault blocks nobody: the operator fixes the variables and
+    the next call refreshes."""
+    if exc.code == "invalid_client" and _credentials_work_elsewhere(account.portal):
+        removed = _app_removed_says_oauth(account)
+        if removed is True:
+            reason = (
+                "The app appears to have been removed from this Bitrix24: its OAuth server "
+                "refused the app (invalid_client) and does not know its tokens, while the same "
+                "credentials work for other portals. Installing or opening the app again "
+                "restores it; nothing was deleted"
+            )
+            _account_block(account, reason, at=at)
+            logger.warning("app looks removed portal=%s (invalid_client)", account.portal.member_id)
+            return exc
+        if removed is None:
+            reason = (
+                "Bitrix24 refused the app for this portal (invalid_client) while the same "
+                "credentials work for other portals: the app may have been removed from it; "
+                "access returns when this user opens the app again"
+            )
+            _account_wait(account, reason)
+            return AccountAwaitingSignIn(reason)
+        detail = "installed there, says app.info, though the OAuth server refused the app"
+    else:
+        detail = "check B24_CLIENT_ID and B24_CLIENT_SECRET"
+    account.last_refresh_error = f"{exc.code}: {detail}"[:500]
+    account.save(update_fields=["last_refresh_error", "updated_at"])
+    logger.error("token refresh refused our app credentials error=%s", exc.code)
+    return exc
+
+
+CREDENTIALS_EVIDENCE = timedelta(days=7)
+"""A refresh that worked for another portal this recently proves the app's credentials."""
+REMOVED_CODES = frozenset(
+    {"invalid_token", "invalid_client", "NOT_INSTALLED", "APPLICATION_NOT_FOUND", "ERROR_OAUTH"}
+)
+"""`app.info` answers meaning the OAuth server does not know the token's app on the portal."""
+
+
+def _credentials_work_elsewhere(portal: Portal) -> bool:
+    return (
+        Account.objects.filter(
+            portal__oauth_server=portal.oauth_server,
+            last_refreshed_at__gte=timezone.now() - CREDENTIALS_EVIDENCE,
+        )
+        .exclude(portal=portal)
+        .exists()
+    )
+
+
+def _app_removed_says_oauth(account: Account) -> bool | None:
+    """`app.info` with the account's access token: True when the OAuth server does not know
+    the app there, False when it vouches for the install, None when it cannot tell (an expired
+    token, the server unreachable)."""
+    try:
+        info = oauth_server().app_info(account.portal.oauth_server, account.access_token)
+    except BitrixUnavailable:
+        return None
+    except BitrixError as exc:
+        return True if exc.code in REMOVED_CODES else None
+    install = info.get("install") if isinstance(info.get("install"), dict) else {}
+    if str(install.get("member_id", "")) == account.portal.member_id and install.get("installed"):
+        return False
+    return None
 
 
 def _account_wait(account: Account, reason: str) -> None:

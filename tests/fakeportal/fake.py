@@ -49,6 +49,9 @@ class FakeBitrix:
         # default read timeout (20 s). Tests set it (or delay_s=) just above theirs.
         self.timeout_delay_s = 30.0
         self.event_timeout_s = 10.0  # read timeout when POSTing events to the app
+        # What a refresh of a token of a portal the app was removed from answers: its token
+        # was revoked ("invalid_grant"), or, as the OAuth docs also list it, "invalid_client".
+        self.not_installed_error = "invalid_grant"
         self._clock_offset = 0.0
         self._token_failures: list[dict] = []
         self._listener: Listener | None = None

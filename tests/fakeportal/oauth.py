@@ -112,6 +112,12 @@ def _grant(fake, params: dict, call: dict) -> Response:
         record = fake.refresh_tokens.get(token)
         if record is not None:
             call["member_id"], call["user_id"] = record.member_id, record.user_id
+            if (
+                fake.not_installed_error != "invalid_grant"
+                and fake.portal(record.member_id).uninstalled
+            ):
+                # §2.5: invalid_client is also "app not installed on that portal".
+                return _error(fake.not_installed_error, "Application not installed")
         if record is None or record.used or record.revoked or record.expires_at <= now:
             return _error("invalid_grant", "Invalid refresh token")
         portal = fake.portal(record.member_id)

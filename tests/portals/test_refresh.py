@@ -387,3 +387,111 @@ def test_refresh_with_wrong_app_credentials_blocks_nobody(fake, portal, installe
     assert Portal.objects.get().state == Portal.State.ACTIVE
     settings.B24_CLIENT_SECRET = fake.client_secret
     assert services.account_client(account).call("profile")["ID"] == "1"
+
+
+# --- invalid_client can mean "not installed on this portal" (OAuth docs, §2.5) -----------------
+
+
+@pytest.fixture
+def other_portal_refreshed(client, fake):
+    """A second portal whose token was refreshed moments ago: the app's credentials work."""
+    other = fake.add_portal()
+    other.add_user(name="Olga", admin=True)
+    assert install(client, other).status_code == 200
+    account = Account.objects.select_related("portal").get(portal__member_id=other.member_id)
+    services.account_tokens_refresh(account_id=account.pk)
+    return other
+
+
+def _removed_without_its_event(portal) -> None:
+    """The app is removed from the portal and the ONAPPUNINSTALL never reaches it."""
+    portal._revoke_all_tokens()
+    with portal.lock:
+        portal.installed, portal.uninstalled = False, True
+
+
+@pytest.mark.django_db
+def test_refresh_invalid_client_where_the_app_was_removed_is_a_removal_not_wrong_credentials(
+    fake, portal, installed, other_portal_refreshed
+):
+    fake.not_installed_error = "invalid_client"
+    _removed_without_its_event(portal)
+    Account.objects.filter(pk=installed.pk).update(expires_at=timezone.now())
+
+    with pytest.raises(BitrixAuthError):
+        services.account_client(Account.objects.get(pk=installed.pk)).call("profile")
+
+    account = Account.objects.get(pk=installed.pk)
+    stored = Portal.objects.get(member_id=portal.member_id)
+    assert account.state == Account.State.BLOCKED
+    assert "removed from this Bitrix24" in account.state_reason
+    assert "B24_CLIENT" not in account.last_refresh_error  # not a credentials fault
+    assert stored.state == Portal.State.BLOCKED and "removed" in stored.state_reason
+    assert account.access_token_encrypted  # nothing was deleted
+    # app.info confirmed it with the account's token, on the portal's OAuth server.
+    assert [r["method_name"] for r in fake.requests[-2:]] == ["oauth.token", "app.info"]
+    other = Portal.objects.get(member_id=other_portal_refreshed.member_id)
+    assert other.state == Portal.State.ACTIVE
+
+
+@pytest.mark.django_db
+def test_refresh_invalid_client_removed_portal_comes_back_when_installed_again(
+    client, fake, portal, installed, other_portal_refreshed
+):
+    fake.not_installed_error = "invalid_client"
+    _removed_without_its_event(portal)
+    with pytest.raises(BitrixAuthError):
+        services.account_tokens_refresh(account_id=installed.pk)
+    assert Portal.objects.get(member_id=portal.member_id).state == Portal.State.BLOCKED
+
+    with portal.lock:
+        portal.uninstalled = False
+    assert install(client, portal).status_code == 200
+
+    assert Portal.objects.get(member_id=portal.member_id).state == Portal.State.ACTIVE
+    assert Account.objects.get(pk=installed.pk).state == Account.State.ACTIVE
+
+
+@pytest.mark.django_db
+def test_refresh_invalid_client_with_no_other_portal_working_is_a_credentials_fault(
+    fake, portal, installed
+):
+    """No proof the credentials work anywhere: as before, the operator is told to check them,
+    and nobody is blocked."""
+    fake.not_installed_error = "invalid_client"
+    _removed_without_its_event(portal)
+    with pytest.raises(BitrixAuthError):
+        services.account_tokens_refresh(account_id=installed.pk)
+    account = Account.objects.get(pk=installed.pk)
+    assert account.state == Account.State.ACTIVE
+    assert "check B24_CLIENT_ID and B24_CLIENT_SECRET" in account.last_refresh_error
+    assert Portal.objects.get(member_id=portal.member_id).state == Portal.State.ACTIVE
+
+
+@pytest.mark.django_db
+def test_refresh_invalid_client_where_app_info_vouches_for_the_install_blocks_nobody(
+    fake, portal, installed, other_portal_refreshed
+):
+    fake.fail_token_next(error="invalid_client")
+    with pytest.raises(BitrixAuthError):
+        services.account_tokens_refresh(account_id=installed.pk)
+    account = Account.objects.get(pk=installed.pk)
+    assert account.state == Account.State.ACTIVE
+    assert "installed there, says app.info" in account.last_refresh_error
+    assert Portal.objects.get(member_id=portal.member_id).state == Portal.State.ACTIVE
+
+
+@pytest.mark.django_db
+def test_refresh_invalid_client_that_app_info_cannot_confirm_waits_for_the_user(
+    fake, portal, installed, other_portal_refreshed
+):
+    """The access token expired too, so app.info cannot tell: the account waits for its user's
+    next visit (their work is kept and retried), and the portal is not blocked."""
+    portal.expire_access_tokens()
+    fake.fail_token_next(error="invalid_client")
+    with pytest.raises(services.AccountAwaitingSignIn):
+        services.account_tokens_refresh(account_id=installed.pk)
+    account = Account.objects.get(pk=installed.pk)
+    assert account.state == Account.State.WAITING
+    assert "may have been removed" in account.state_reason
+    assert Portal.objects.get(member_id=portal.member_id).state == Portal.State.ACTIVE
