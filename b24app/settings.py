@@ -1,7 +1,7 @@
 """The only settings module. Production differs from development by environment variables only.
 
-Names and defaults follow ../shared/docs/contract.md. A `.env` file next to manage.py is read when
-present (or the file DJANGO_ENV_FILE names); the real environment wins over it.
+Names and defaults are listed in .env.example and docs/OPERATIONS.md. A `.env` file next to
+manage.py is read when present (or the file DJANGO_ENV_FILE names); the real environment wins.
 """
 
 import base64
