@@ -397,10 +397,11 @@ def account_tokens_refresh(*, account_id: int, seen_version: int | None = None) 
                 account.last_refreshed_at = now
                 account.save()
             logger.info(
-                "tokens refreshed portal=%s user=%s version=%s",
+                "tokens refreshed portal=%s user=%s version=%s via=%s",
                 account.portal.member_id,
                 account.user_id,
                 account.token_version,
+                tokens.request_method,
             )
     if failure is not None:
         logger.warning(
