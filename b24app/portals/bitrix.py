@@ -17,8 +17,8 @@ update are passed in by the services layer, which owns storage and locking::
 Errors are all :class:`BitrixError` subclasses chosen by error code and HTTP status (never by
 message text, which is localised). Tokens and the client secret never appear in log records,
 error messages or reprs, nor in URLs, save one case: a token request to an OAuth server that
-reads no POST body goes by GET with a query string (see :class:`OAuthServer`). Protocol
-references (§) point to ``bitrix24-protocol.md``.
+reads no POST body goes by GET with a query string (see :class:`OAuthServer`); it is masked in
+every log record. Protocol references (§) point to ``bitrix24-protocol.md``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from oauthlib.oauth2 import InsecureTransportError, OAuth2Error
 from requests.adapters import HTTPAdapter
 from requests_oauthlib import OAuth2Session
 
+from b24app.logs import SecretMaskingFilter
 from b24app.portals.netguard import (
     BitrixError,
     GuardedAdapter,
@@ -601,6 +602,22 @@ class _DropDebugRecords(logging.Filter):
 _oauthlib_logger = logging.getLogger("requests_oauthlib.oauth2_session")
 if not any(isinstance(f, _DropDebugRecords) for f in _oauthlib_logger.filters):
     _oauthlib_logger.addFilter(_DropDebugRecords())
+
+# urllib3 puts request URLs in its records (the request line at DEBUG, retries and redirects at
+# WARNING/INFO), and a token request sent by GET carries client_secret, refresh_token or code in
+# its query. Mask them on these loggers themselves, before any handler sees the record: the
+# stdout handler masks too, but not for handlers that run before it or without it (one on a
+# urllib3 logger, an error tracker's logging hook).
+_URL_LOGGERS = (
+    "urllib3.connectionpool",
+    "urllib3.connection",
+    "urllib3.poolmanager",
+    "urllib3.util.retry",
+)
+for _name in _URL_LOGGERS:
+    _url_logger = logging.getLogger(_name)
+    if not any(isinstance(f, SecretMaskingFilter) for f in _url_logger.filters):
+        _url_logger.addFilter(SecretMaskingFilter())
 
 
 class _TokenMethods:

@@ -1,6 +1,7 @@
 """Lazy, race-free token refresh against the fake OAuth server (single-use refresh tokens)."""
 
 import json
+import logging
 import os
 import socket
 import statistics
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -456,3 +458,50 @@ def test_refresh_is_not_sent_by_get_after_an_answer_that_proves_nothing(
     account = Account.objects.select_related("portal").get(pk=installed.pk)
     assert services.account_client(account).call("profile")["ID"] == "1"
     assert _token_http_methods(fake, since) == ["POST", "POST", "GET"]
+
+
+class _Collect(logging.Handler):
+    """The messages of the records it sees, rendered as they arrive (a masking filter further
+    on rewrites the record objects themselves)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.django_db
+def test_refresh_by_get_leaves_no_secret_in_log_records_or_errors(fake, portal, installed, caplog):
+    """With DEBUG on for urllib3, its request line carries the GET's query, and requests'
+    exceptions carry the URL. Records are masked at their loggers, before any handler: `early`
+    sits on the `urllib3` logger, ahead of the root's stdout handler, whose masking filter
+    rewrites records in place for the handlers after it (caplog's among them)."""
+    early = _Collect()
+    logging.getLogger("urllib3").addHandler(early)
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="urllib3")
+    try:
+        fake.token_params = "query"
+        portal.expire_access_tokens()
+        assert services.account_client(installed).call("profile")["ID"] == "1"
+        assert _token_http_methods(fake) == ["POST", "GET"]
+        # The OAuth server goes away: the next refresh (straight to GET) cannot connect.
+        endpoint = fake.server_endpoint
+        refresh_token = Account.objects.get(pk=installed.pk).refresh_token
+        fake.stop()
+        with pytest.raises(services.BitrixUnavailable) as caught:
+            services.oauth_server().refresh(endpoint, refresh_token)
+    finally:
+        logging.getLogger("urllib3").removeHandler(early)
+
+    request_lines = [text for text in early.messages if "GET /oauth/token/?" in text]
+    assert len(request_lines) == 1  # urllib3 logged the GET's request line, query included...
+    assert "client_secret=" in request_lines[0] and "refresh_token=" in request_lines[0]
+    texts = [*early.messages, *(record.getMessage() for record in caplog.records)]
+    texts.append("".join(traceback.format_exception(caught.value)))
+    with fake.lock:
+        secrets = {fake.client_secret, *fake.refresh_tokens, *fake.access_tokens}
+    assert refresh_token in secrets
+    assert not [text for text in texts for secret in secrets if secret in text]  # ...masked
