@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 
 import pytest
 
@@ -70,6 +71,17 @@ def pytest_report_header(config) -> list[str]:
         f"database: {engine} {database.get('HOST') or database['NAME']}",
         f"redis: {redis_url}; celery broker: {broker}",
     ]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_token_methods():
+    """Each test starts with a process that has learnt nothing about how OAuth servers take
+    token requests (`OAuthServer.token_method`): the unit tests share one origin, and a fake's
+    port may be one an earlier test's fake had."""
+    bitrix = sys.modules.get("b24app.portals.bitrix")
+    if bitrix is not None:
+        bitrix.OAuthServer.forget_token_methods()
+    yield
 
 
 @pytest.fixture

@@ -15,8 +15,10 @@ update are passed in by the services layer, which owns storage and locking::
                           idempotency_key=change.key)["item"]
 
 Errors are all :class:`BitrixError` subclasses chosen by error code and HTTP status (never by
-message text, which is localised). Tokens and the client secret never appear in URLs, log
-records, error messages or reprs. Protocol references (§) point to ``bitrix24-protocol.md``.
+message text, which is localised). Tokens and the client secret never appear in log records,
+error messages or reprs, nor in URLs, save one case: a token request to an OAuth server that
+reads no POST body goes by GET with a query string (see :class:`OAuthServer`); it is masked in
+every log record. Protocol references (§) point to ``bitrix24-protocol.md``.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
@@ -38,6 +41,7 @@ from oauthlib.oauth2 import InsecureTransportError, OAuth2Error
 from requests.adapters import HTTPAdapter
 from requests_oauthlib import OAuth2Session
 
+from b24app.logs import SecretMaskingFilter
 from b24app.portals.netguard import (
     BitrixError,
     GuardedAdapter,
@@ -66,6 +70,7 @@ __all__ = [
     "BitrixUnavailable",
     "BitrixValidationError",
     "OAuthServer",
+    "TokenMethod",
     "TokenSet",
     "UnsafeURL",
     "V3Listing",
@@ -391,9 +396,11 @@ def _log_exchange(
     started: float,
     error: str | None,
     waited: float = 0.0,
+    http: str = "POST",
 ) -> None:
     logger.info(
-        "bitrix24 call method=%s api=%s host=%s status=%s duration_ms=%d wait_ms=%d error=%s",
+        "bitrix24 call method=%s api=%s host=%s status=%s duration_ms=%d wait_ms=%d error=%s"
+        " http=%s",
         method,
         api,
         host,
@@ -401,6 +408,7 @@ def _log_exchange(
         (time.monotonic() - started) * 1000,
         waited * 1000,
         error or "-",
+        http,
     )
 
 
@@ -448,6 +456,12 @@ class BitrixConfig:
         )
 
 
+TokenMethod = Literal["post", "get"]
+"""How a request to the OAuth server's ``/oauth/token/`` travels: ``"post"``, the parameters in
+an ``application/x-www-form-urlencoded`` body (tried first: no secret in a URL), or ``"get"``,
+the parameters in the query string (as the docs' examples and two official SDKs send it)."""
+
+
 @dataclass(frozen=True, repr=False)
 class TokenSet:
     """Tokens and portal facts from a token response (§2.2) or an install payload (§1.4)."""
@@ -463,6 +477,10 @@ class TokenSet:
     client_endpoint: str
     server_endpoint: str
     status: str
+    request_method: TokenMethod | None = None
+    """How the token request that returned these tokens travelled: ``"post"`` (form body) or
+    ``"get"`` (query string); ``None`` for tokens that did not come from the token endpoint
+    (install payloads, frame POSTs). See :meth:`OAuthServer.token_method`."""
 
     @classmethod
     def from_response(cls, data: Mapping[str, Any]) -> TokenSet:
@@ -501,7 +519,8 @@ class TokenSet:
             f"expires_at={self.expires_at.isoformat()!r}, scope={self.scope!r}, "
             f"member_id={self.member_id!r}, user_id={self.user_id!r}, "
             f"client_endpoint={self.client_endpoint!r}, "
-            f"server_endpoint={self.server_endpoint!r}, status={self.status!r})"
+            f"server_endpoint={self.server_endpoint!r}, status={self.status!r}, "
+            f"request_method={self.request_method!r})"
         )
 
 
@@ -571,6 +590,7 @@ def _check_oauth_answer(
         status=response.status_code,
         started=started,
         error=error.code if error else None,
+        http=response.request.method or "POST",
     )
     if error is not None:
         raise error.exception()
@@ -587,34 +607,105 @@ _oauthlib_logger = logging.getLogger("requests_oauthlib.oauth2_session")
 if not any(isinstance(f, _DropDebugRecords) for f in _oauthlib_logger.filters):
     _oauthlib_logger.addFilter(_DropDebugRecords())
 
+# urllib3 puts request URLs in its records (the request line at DEBUG, retries and redirects at
+# WARNING/INFO), and a token request sent by GET carries client_secret, refresh_token or code in
+# its query. Mask them on these loggers themselves, before any handler sees the record: the
+# stdout handler masks too, but not for handlers that run before it or without it (one on a
+# urllib3 logger, an error tracker's logging hook).
+_URL_LOGGERS = (
+    "urllib3.connectionpool",
+    "urllib3.connection",
+    "urllib3.poolmanager",
+    "urllib3.util.retry",
+)
+for _name in _URL_LOGGERS:
+    _url_logger = logging.getLogger(_name)
+    if not any(isinstance(f, SecretMaskingFilter) for f in _url_logger.filters):
+        _url_logger.addFilter(SecretMaskingFilter())
+
+
+class _TokenMethods:
+    """Which way of sending a token request (:data:`TokenMethod`) each OAuth server origin was
+    seen to read, for this process; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._working: dict[str, TokenMethod] = {}
+        self._wrong_client_tried: set[str] = set()
+
+    def get(self, origin: str) -> TokenMethod | None:
+        with self._lock:
+            return self._working.get(origin)
+
+    def learn(self, origin: str, method: TokenMethod) -> None:
+        with self._lock:
+            self._working[origin] = method
+
+    def try_after_wrong_client(self, origin: str) -> bool:
+        """True the first time only, per origin: see :meth:`OAuthServer._unread`."""
+        with self._lock:
+            if origin in self._wrong_client_tried:
+                return False
+            self._wrong_client_tried.add(origin)
+            return True
+
+    def clear(self) -> None:
+        with self._lock:
+            self._working.clear()
+            self._wrong_client_tried.clear()
+
+
+_token_methods = _TokenMethods()
+_OTHER_METHOD: dict[TokenMethod, TokenMethod] = {"post": "get", "get": "post"}
+
 
 class OAuthServer:
     """The Bitrix24 authorization server (§2): token exchange, refresh, trusted ``app.info``.
 
     Every method takes the OAuth server as stored for the portal (``server_endpoint`` or its
-    origin) and talks only to it when it is allow-listed (:func:`oauth_origin_for`).
-    ``client_secret`` travels only in POST bodies to that server. Redirects are never followed.
+    origin) and talks only to it when it is allow-listed (:func:`oauth_origin_for`). Redirects
+    are never followed.
+
+    Token requests (:meth:`refresh`, :meth:`exchange_code`) go as a POST form first, so that no
+    secret is in a URL. The docs and two official SDKs send them by GET with a query string, and
+    whether every OAuth server reads a POST body is not known, so a request is sent once more the
+    other way (the query string, or back to the body), only when the answer proves the server
+    read none of its parameters (:meth:`_unread`): then it never saw the refresh token or code
+    either, and sending it again cannot spend it twice. Any other answer, a timeout or a lost
+    answer is raised as it is. The way that worked is remembered per origin for the process
+    (:meth:`token_method`) and used first from then on; each returned :class:`TokenSet` says
+    how it was fetched (``request_method``).
     """
 
     def __init__(self, config: BitrixConfig, session: requests.Session | None = None) -> None:
         self._config = config
         self._session = session if session is not None else build_session(config)
 
+    def token_method(self, server_origin: str) -> TokenMethod | None:
+        """How this process sends token requests to this OAuth server: the way of the last one
+        that succeeded, ``None`` before any has (the first goes by POST)."""
+        return _token_methods.get(oauth_origin_for(server_origin, self._config))
+
+    @staticmethod
+    def forget_token_methods() -> None:
+        """Forget what :meth:`token_method` learnt, for every server (tests; a server change)."""
+        _token_methods.clear()
+
     def refresh(self, server_origin: str, refresh_token: str) -> TokenSet:
         """Trade a refresh token for a new pair (§2.3). The old refresh token is spent."""
         origin = oauth_origin_for(server_origin, self._config)
-        body = self._post_form(
-            f"{origin}/oauth/token/",
-            "oauth.token",
-            {
-                "grant_type": "refresh_token",
-                "client_id": self._config.client_id,
-                "client_secret": self._config.client_secret,
-                "refresh_token": refresh_token,
-            },
-            secrets=(refresh_token,),
+        params = {
+            "grant_type": "refresh_token",
+            "client_id": self._config.client_id,
+            "client_secret": self._config.client_secret,
+            "refresh_token": refresh_token,
+        }
+        return self._token_request(
+            origin,
+            lambda how: self._send_form(
+                f"{origin}/oauth/token/", "oauth.token", params, secrets=(refresh_token,), how=how
+            ),
         )
-        return TokenSet.from_response(body)
 
     def exchange_code(self, server_origin: str, code: str) -> TokenSet:
         """Trade an authorization code (valid 30 s) for tokens (§2.2), via requests-oauthlib.
@@ -623,6 +714,84 @@ class OAuthServer:
         ``OAUTHLIB_INSECURE_TRANSPORT=1`` in the environment.
         """
         origin = oauth_origin_for(server_origin, self._config)
+        return self._token_request(origin, lambda how: self._fetch_token(origin, code, how))
+
+    def app_info(self, server_origin: str, access_token: str) -> dict[str, Any]:
+        """Trusted ``app.info`` on the OAuth server (§2.7): ``client_id``, ``install{…}``, …"""
+        origin = oauth_origin_for(server_origin, self._config)
+        body = self._send_form(
+            f"{origin}/rest/app.info", "app.info", {"auth": access_token}, secrets=(access_token,)
+        )
+        result = body.get("result")
+        if not isinstance(result, dict):
+            raise BitrixError("INVALID_RESPONSE", "app.info returned no result object")
+        return result
+
+    def authorize_url(self, portal_base_url: str, state: str) -> str:
+        """Where to send the browser to start the code flow (§2.2, no ``redirect_uri``)."""
+        origin = check_base_url(portal_base_url, allow_private=self._config.allow_private)
+        query = urlencode({"client_id": self._config.client_id, "state": state})
+        return f"{origin}/oauth/authorize/?{query}"
+
+    # -- internals --
+
+    def _token_request(
+        self, origin: str, send: Callable[[TokenMethod], Mapping[str, Any]]
+    ) -> TokenSet:
+        """``send`` the token request the way that works for ``origin`` (POST until one is
+        known), the other way once more if the answer proves it was not read."""
+        known = _token_methods.get(origin)
+        how: TokenMethod = known or "post"
+        try:
+            answer = send(how)
+        except BitrixError as exc:
+            if not self._unread(exc, origin, known):
+                raise
+            tried, how = how, _OTHER_METHOD[how]
+            logger.warning(
+                "bitrix24 oauth.token host=%s read no parameter of the %s request (error=%s); "
+                "sending it by %s",
+                urlsplit(origin).netloc,
+                tried.upper(),
+                exc.code,
+                how.upper(),
+            )
+            answer = send(how)
+        tokens = TokenSet.from_response(answer)
+        _token_methods.learn(origin, how)
+        return replace(tokens, request_method=how)
+
+    @staticmethod
+    def _unread(exc: BitrixError, origin: str, known: TokenMethod | None) -> bool:
+        """Does this answer prove the server read none of the request's parameters?
+
+        * HTTP 405: the server refused the HTTP method before reading anything.
+        * ``invalid_request``: "a required parameter is missing" (``No "client_id" parameter
+          found``). Every token request carries all of them, so the server did not read where
+          they were. It is decided by the code, not the localised text; an ``invalid_request``
+          for any other reason is a refusal before any grant, so nothing was spent either.
+        * ``wrong_client``, while no way is known for this server: a server that read no
+          ``client_id`` may call the empty one unknown. It identified no app, so it spent
+          nothing; but a really wrong ``B24_CLIENT_ID`` answers the same, so this is tried once
+          per server and process, which keeps such a deployment from sending the secret in a
+          URL on every refresh. Once a way is known, ``wrong_client`` is about the client id.
+
+        Anything else (``invalid_grant``, ``invalid_client``, 5xx, timeouts, a lost answer) may
+        come from a server that read the request, and the refresh token may be spent: never
+        sent again.
+        """
+        if isinstance(exc, UnsafeURL) or exc.status is None:
+            return False
+        if exc.status == 405 or exc.code == "invalid_request":
+            return True
+        return (
+            exc.code == "wrong_client"
+            and known is None
+            and _token_methods.try_after_wrong_client(origin)
+        )
+
+    def _fetch_token(self, origin: str, code: str, how: TokenMethod) -> Mapping[str, Any]:
+        """The authorization-code request through requests-oauthlib's ``fetch_token``."""
         host = urlsplit(origin).netloc
         secrets = (code, self._config.client_secret)
         oauth = OAuth2Session(self._config.client_id)
@@ -639,25 +808,33 @@ class OAuthServer:
             return response
 
         oauth.register_compliance_hook("access_token_response", check_response)
+        headers = {"Accept": "application/json", "User-Agent": self._config.user_agent}
+        if how == "post":
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        failure: BitrixError
         try:
-            token = oauth.fetch_token(
+            return oauth.fetch_token(
                 f"{origin}/oauth/token/",
                 code=code,
                 client_secret=self._config.client_secret,
                 include_client_id=True,
+                method=how.upper(),
                 timeout=self._config.timeout,
-                headers={
-                    "Accept": "application/json",
-                    "Content-Type": "application/x-www-form-urlencoded",
-                    "User-Agent": self._config.user_agent,
-                },
+                headers=headers,
             )
         except requests.RequestException as exc:
-            error = _transport_error(exc, host)
+            failure = _transport_error(exc, host)
             _log_exchange(
-                "oauth.token", "oauth", host, status=None, started=started, error=error.code
+                "oauth.token",
+                "oauth",
+                host,
+                status=None,
+                started=started,
+                error=failure.code,
+                http=how.upper(),
             )
-            raise error from exc
+            if how == "post":
+                raise failure from exc
         except InsecureTransportError as exc:
             raise UnsafeURL(
                 "INSECURE_TRANSPORT",
@@ -667,47 +844,62 @@ class OAuthServer:
             raise BitrixError(
                 "INVALID_TOKEN_RESPONSE", _redact(str(exc.description or exc.error), secrets)
             ) from exc
-        return TokenSet.from_response(token)
+        # A GET's URL carries the secrets and requests' exceptions carry the URL: raise outside
+        # the except block, so the error is not chained to it (not even as __context__).
+        raise failure
 
-    def app_info(self, server_origin: str, access_token: str) -> dict[str, Any]:
-        """Trusted ``app.info`` on the OAuth server (§2.7): ``client_id``, ``install{…}``, …"""
-        origin = oauth_origin_for(server_origin, self._config)
-        body = self._post_form(
-            f"{origin}/rest/app.info", "app.info", {"auth": access_token}, secrets=(access_token,)
-        )
-        result = body.get("result")
-        if not isinstance(result, dict):
-            raise BitrixError("INVALID_RESPONSE", "app.info returned no result object")
-        return result
-
-    def authorize_url(self, portal_base_url: str, state: str) -> str:
-        """Where to send the browser to start the code flow (§2.2, no ``redirect_uri``)."""
-        origin = check_base_url(portal_base_url, allow_private=self._config.allow_private)
-        query = urlencode({"client_id": self._config.client_id, "state": state})
-        return f"{origin}/oauth/authorize/?{query}"
-
-    def _post_form(
-        self, url: str, method: str, data: Mapping[str, str], *, secrets: Iterable[str]
+    def _send_form(
+        self,
+        url: str,
+        method: str,
+        data: Mapping[str, str],
+        *,
+        secrets: Iterable[str],
+        how: TokenMethod = "post",
     ) -> dict[str, Any]:
-        """POST a form to the OAuth server; returns the JSON object or raises the typed error."""
+        """Send a form to the OAuth server, as a POST body or (``how="get"``) a query string;
+        returns the JSON object or raises the typed error."""
         host = urlsplit(url).netloc
         secrets = (*secrets, self._config.client_secret)
+        headers = {"Accept": "application/json", "User-Agent": self._config.user_agent}
         started = time.monotonic()
+        failure: BitrixError
         try:
-            response = self._session.post(
-                url,
-                data=dict(data),
-                headers={"Accept": "application/json", "User-Agent": self._config.user_agent},
-                timeout=self._config.timeout,
-                allow_redirects=False,
-            )
+            if how == "get":
+                response = self._session.get(
+                    url,
+                    params=dict(data),
+                    headers=headers,
+                    timeout=self._config.timeout,
+                    allow_redirects=False,
+                )
+            else:
+                response = self._session.post(
+                    url,
+                    data=dict(data),
+                    headers=headers,
+                    timeout=self._config.timeout,
+                    allow_redirects=False,
+                )
         except requests.RequestException as exc:
-            error = _transport_error(exc, host)
-            _log_exchange(method, "oauth", host, status=None, started=started, error=error.code)
-            raise error from exc
-        body = _json_body(response)
-        _check_oauth_answer(method, host, response, body, secrets, started)
-        return body
+            failure = _transport_error(exc, host)
+            _log_exchange(
+                method,
+                "oauth",
+                host,
+                status=None,
+                started=started,
+                error=failure.code,
+                http=how.upper(),
+            )
+            if how == "post":
+                raise failure from exc
+        else:
+            body = _json_body(response)
+            _check_oauth_answer(method, host, response, body, secrets, started)
+            return body
+        # As in _fetch_token: a GET's URL (in requests' exception) must not ride along.
+        raise failure
 
 
 # --- REST client -------------------------------------------------------------------------------

@@ -431,10 +431,11 @@ def _refresh_token_spend(account: Account) -> BitrixError | None:
             account.last_refreshed_at = now
             account.save()
         logger.info(
-            "tokens refreshed portal=%s user=%s version=%s",
+            "tokens refreshed portal=%s user=%s version=%s via=%s",
             account.portal.member_id,
             account.user_id,
             account.token_version,
+            tokens.request_method,
         )
     return failure
 

@@ -107,3 +107,53 @@ def test_mask_secrets_hides_the_oauth_code_in_a_logged_callback_url():
     line = '"GET /b24/oauth/callback/?code=0a1b2c3d4e5f60718293a4b5c6d7e8f9&state=x HTTP/1.1" 302'
     assert "0a1b2c3d4e5f60718293a4b5c6d7e8f9" not in mask_secrets(line)
     assert "error=QUERY_LIMIT_EXCEEDED" in mask_secrets("call error=QUERY_LIMIT_EXCEEDED")
+
+
+CLIENT_SECRET = "LJSl0lNB76B5YY6u0YVQ3AW0DrVADcRTwVr4y99PXU1BWQybWK"
+REFRESH = "4s386p3q0tr8dy89xvmt96234v3dljg8"
+CODE = "avmocpghblyi01m3h42bljvqtyd19sw1"
+TOKEN_QUERY = f"client_id=app.573ad8a0346747.09223434&client_secret={CLIENT_SECRET}"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # urllib3.connectionpool's DEBUG request line of a refresh and of a code exchange by GET
+        f'https://oauth.bitrix.info:443 "GET /oauth/token/?grant_type=refresh_token&{TOKEN_QUERY}'
+        f'&refresh_token={REFRESH} HTTP/1.1" 200 None',
+        f'https://oauth.bitrix.info:443 "GET /oauth/token/?grant_type=authorization_code'
+        f'&code={CODE}&{TOKEN_QUERY} HTTP/1.1" 400 87',
+        # requests' ConnectionError text (urllib3's MaxRetryError), which embeds the URL
+        "HTTPSConnectionPool(host='oauth.bitrix.info', port=443): Max retries exceeded with url: "
+        f"/oauth/token/?grant_type=refresh_token&{TOKEN_QUERY}&refresh_token={REFRESH} "
+        "(Caused by NewConnectionError('Failed to establish a new connection'))",
+        # urllib3.util.retry's record, the URL quoted
+        f"Incremented Retry for (url='/oauth/token/?refresh_token={REFRESH}&code={CODE}"
+        f"&client_secret={CLIENT_SECRET}'): Retry(total=0)",
+    ],
+)
+def test_mask_secrets_hides_the_secrets_of_a_token_request_by_get(text):
+    masked = mask_secrets(text)
+    for secret in (CLIENT_SECRET, REFRESH, CODE):
+        assert secret not in masked
+    for readable in ("client_secret=", "refresh_token=", "code=", "client_id=app.", "oauth.bi"):
+        if readable in text:
+            assert readable in masked  # keys, the client id and the host stay readable
+    assert masked.count("***") == sum(text.count(key) for key in ("secret=", "token=", "code="))
+
+
+def test_mask_secrets_hides_percent_encoded_query_values():
+    masked = mask_secrets("/oauth/token/?client_secret=Ab%2Bcd%2F3efG%3D%3D&code=zz-z_y.y~1")
+    assert "cd%2F3efG" not in masked and "z_y.y~1" not in masked
+    assert "client_secret=Ab%2***" in masked
+
+
+def test_mask_secrets_hides_token_request_values_by_their_key_whatever_their_shape():
+    """Not every value looks like a token (these are no hex run, no 32-char token): the key
+    alone must be enough."""
+    text = "GET /oauth/token/?refresh_token=Rt.Unusual-Shape_01&code=Cd.Unusual-Shape_02"
+    text += "&client_secret=Cs.Unusual-Shape_03 HTTP/1.1"
+    masked = mask_secrets(text)
+    assert "Unusual-Shape" not in masked
+    assert "refresh_token=Rt.U***" in masked and "code=Cd.U***" in masked
+    assert "client_secret=Cs.U***" in masked

@@ -43,6 +43,8 @@ class FakeBitrix:
         self.token_calls: list[dict] = []
         self.requests: list[dict] = []  # requests to the OAuth server listener
 
+        self._token_params = "both"
+        self._missing_client_id_error = "invalid_request"
         self.authorize_as_user: int | None = None
         self._redirect_uri: str | None = None
         # How long a "timeout" fault sleeps before answering 503: longer than the app's
@@ -153,6 +155,36 @@ class FakeBitrix:
                 if portal.member_id == member_id:
                     return portal
         raise KeyError(member_id)
+
+    # ---- how the token endpoint reads a request
+
+    @property
+    def token_params(self) -> str:
+        """Where ``/oauth/token/`` reads its parameters: ``"both"`` (default: the query string
+        and a POST body), ``"query"`` (a body is ignored), ``"body"`` (the query string is
+        ignored) or ``"get_only"`` (the query string; anything but GET gets 405)."""
+        return self._token_params
+
+    @token_params.setter
+    def token_params(self, mode: str) -> None:
+        if mode not in oauth.TOKEN_PARAMS_MODES:
+            raise ValueError(f"token_params must be one of {oauth.TOKEN_PARAMS_MODES}")
+        self._token_params = mode
+
+    @property
+    def missing_client_id_error(self) -> str:
+        """The answer to a token request in which no ``client_id`` was read: the documented
+        ``"invalid_request"`` (400, ``No "client_id" parameter found``; default) or
+        ``"wrong_client"`` (200, as for an unknown client id)."""
+        return self._missing_client_id_error
+
+    @missing_client_id_error.setter
+    def missing_client_id_error(self, code: str) -> None:
+        if code not in oauth.MISSING_CLIENT_ID_ERRORS:
+            raise ValueError(
+                f"missing_client_id_error must be one of {oauth.MISSING_CLIENT_ID_ERRORS}"
+            )
+        self._missing_client_id_error = code
 
     # ---- faults on the token endpoint
 

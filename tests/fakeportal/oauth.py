@@ -62,19 +62,51 @@ def _gateway_error(status: int) -> Response:
     )
 
 
-def _params(req: Request) -> dict:
-    params = dict(req.query)
-    if req.body:
-        if "json" in req.content_type:
-            try:
-                data = req.json()
-            except ValueError:
-                data = None
-            if isinstance(data, dict):
-                params.update(data)
-        else:
-            params.update(req.form())
+TOKEN_PARAMS_MODES = ("both", "query", "body", "get_only")
+"""``fake.token_params``: where ``/oauth/token/`` reads its parameters (see ``_token_params``)."""
+MISSING_CLIENT_ID_ERRORS = ("invalid_request", "wrong_client")
+"""``fake.missing_client_id_error``: the answer to a token request without ``client_id``."""
+
+
+def _token_params(fake, req: Request) -> dict | None:
+    """The token request's parameters as this server reads them; ``None``: 405 to this method.
+
+    [UNCONFIRMED] whether oauth.bitrix.info reads a POST body: the docs and two SDKs send GET
+    with a query string, b24jssdk a POST form (verified on oauth.bitrix24.tech only). Each
+    plausible answer is a mode: "both" (default) reads the query and a POST body, "query"
+    ignores any body, "body" ignores the query string, "get_only" answers 405 to anything but
+    GET. A request whose parameters are not read finds none: invalid_request
+    ``No "client_id" parameter found`` (or ``fake.missing_client_id_error``).
+    """
+    mode = fake.token_params
+    if mode == "get_only" and req.method != "GET":
+        return None
+    if mode == "query" or mode == "get_only":
+        return _strings(dict(req.query))
+    if mode == "body":
+        return _strings(_body_params(req))
+    return _params(req)
+
+
+def _strings(params: dict) -> dict:
     return {k: v for k, v in params.items() if isinstance(v, str)}
+
+
+def _body_params(req: Request) -> dict:
+    if not req.body:
+        return {}
+    if "json" in req.content_type:
+        try:
+            data = req.json()
+        except ValueError:
+            data = None
+        return data if isinstance(data, dict) else {}
+    return req.form()
+
+
+def _params(req: Request) -> dict:
+    """The query string and a POST body (form or JSON) together, the body winning."""
+    return _strings({**req.query, **_body_params(req)})
 
 
 # ---- /oauth/token/
@@ -87,6 +119,9 @@ def _grant(fake, params: dict, call: dict) -> Response:
     grant_type = params.get("grant_type") or ""
     call["grant_type"] = grant_type
     if not client_id:
+        if fake.missing_client_id_error == "wrong_client":
+            # A server that looks the empty client_id up like any other (200, §2.5).
+            return _error("wrong_client")
         return _error("invalid_request", 'No "client_id" parameter found')
     if client_id != fake.client_id:
         return _error("wrong_client")
@@ -137,16 +172,28 @@ def _grant(fake, params: dict, call: dict) -> Response:
 
 
 def token_endpoint(fake, req: Request) -> Response:
-    params = _params(req)
+    params = _token_params(fake, req)
     call = {
-        "grant_type": params.get("grant_type"),
-        "client_id": params.get("client_id"),
+        "grant_type": (params or {}).get("grant_type"),
+        "client_id": (params or {}).get("client_id"),
+        "http_method": req.method,
         "ok": False,
         "error": None,
         "user_id": None,
         "member_id": None,
         "time": fake.now(),
     }
+    if params is None:
+        # [UNCONFIRMED] what a GET-only server says to a POST: a plain 405 page with Allow.
+        # Refused before the token logic: a queued fault waits for the next call.
+        call["error"] = "method_not_allowed"
+        fake._record_token_call(call)
+        return Response.html(
+            "<html><head><title>405 Not Allowed</title></head>"
+            "<body><h1>405 Not Allowed</h1></body></html>",
+            405,
+            headers=[("Allow", "GET")],
+        )
     failure = fake._pop_token_failure()
     if failure is not None:
         kind = failure["error"]

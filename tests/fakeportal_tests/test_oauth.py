@@ -198,6 +198,95 @@ def test_token_fault_timeout_and_500_do_not_consume(fake, anna):
     assert refresh(fake, anna["refresh_token"]).status_code == 200
 
 
+# ---- where /oauth/token/ reads its parameters (fake.token_params)
+
+NO_CLIENT_ID = {"error": "invalid_request", "error_description": 'No "client_id" parameter found'}
+
+
+@pytest.mark.parametrize("http_method", ["GET", "POST"])
+def test_token_params_both_reads_the_query_and_a_post_body(fake, anna, http_method):
+    assert fake.token_params == "both"
+    resp = token_request(
+        fake, method=http_method, grant_type="refresh_token", refresh_token=anna["refresh_token"]
+    )
+    assert resp.status_code == 200 and "access_token" in resp.json()
+    assert fake.token_calls[0]["http_method"] == http_method
+
+
+def test_token_params_query_ignores_a_post_body_and_spends_nothing(fake, anna):
+    fake.token_params = "query"
+    resp = refresh(fake, anna["refresh_token"])  # a POST form
+    assert resp.status_code == 400 and resp.json() == NO_CLIENT_ID
+    resp = token_request(
+        fake, method="GET", grant_type="refresh_token", refresh_token=anna["refresh_token"]
+    )
+    assert resp.status_code == 200  # the POST did not spend the refresh token
+    failed, ok = fake.token_calls
+    assert failed["http_method"] == "POST" and failed["error"] == "invalid_request"
+    assert not failed["client_id"] and not failed["grant_type"]
+    assert ok["http_method"] == "GET" and ok["ok"] is True
+
+
+def test_token_params_query_ignores_a_post_body_for_a_code_too(fake, portal):
+    portal.mark_installed()
+    fake.token_params = "query"
+    code = authorize_code(fake, portal)
+    resp = token_request(fake, grant_type="authorization_code", code=code)
+    assert resp.status_code == 400 and resp.json() == NO_CLIENT_ID
+    resp = token_request(fake, method="GET", grant_type="authorization_code", code=code)
+    assert resp.status_code == 200 and resp.json()["user_id"] == 1
+
+
+def test_token_params_body_ignores_the_query_string(fake, anna):
+    fake.token_params = "body"
+    resp = token_request(
+        fake, method="GET", grant_type="refresh_token", refresh_token=anna["refresh_token"]
+    )
+    assert resp.status_code == 400 and resp.json() == NO_CLIENT_ID
+    # A POST with the parameters only in its query string is not read either.
+    resp = requests.post(
+        fake.oauth_url + "/oauth/token/",
+        params={
+            "grant_type": "refresh_token",
+            "client_id": CLIENT_ID,
+            "client_secret": fake.client_secret,
+            "refresh_token": anna["refresh_token"],
+        },
+        timeout=TIMEOUT,
+    )
+    assert resp.status_code == 400 and resp.json() == NO_CLIENT_ID
+    assert refresh(fake, anna["refresh_token"]).status_code == 200
+
+
+def test_token_params_get_only_answers_405_to_a_post_and_spends_nothing(fake, anna):
+    fake.token_params = "get_only"
+    fake.fail_token_next(error="500")
+    resp = refresh(fake, anna["refresh_token"])
+    assert resp.status_code == 405 and resp.headers["Allow"] == "GET"
+    assert fake.token_calls[-1]["error"] == "method_not_allowed"
+    # The 405 comes before the token logic: the queued fault is still there for the next call.
+    get = {"method": "GET", "grant_type": "refresh_token", "refresh_token": anna["refresh_token"]}
+    assert token_request(fake, **get).status_code == 500
+    assert token_request(fake, **get).status_code == 200
+    assert [call["http_method"] for call in fake.token_calls] == ["POST", "GET", "GET"]
+
+
+def test_token_missing_client_id_error_can_be_wrong_client(fake, anna):
+    fake.token_params = "query"
+    fake.missing_client_id_error = "wrong_client"
+    resp = refresh(fake, anna["refresh_token"])
+    assert resp.status_code == 200 and resp.json() == {"error": "wrong_client"}
+    assert fake.token_calls[0]["error"] == "wrong_client"
+
+
+def test_token_params_switches_refuse_unknown_values(fake):
+    with pytest.raises(ValueError):
+        fake.token_params = "post"
+    with pytest.raises(ValueError):
+        fake.missing_client_id_error = "invalid_client"
+    assert (fake.token_params, fake.missing_client_id_error) == ("both", "invalid_request")
+
+
 def test_token_payment_required(fake, portal, anna):
     portal.payment_required = True
     resp = refresh(fake, anna["refresh_token"])

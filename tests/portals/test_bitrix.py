@@ -8,6 +8,7 @@ import logging
 import pickle
 import socket
 import time
+import traceback
 from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
 
@@ -861,7 +862,9 @@ def test_oauth_refresh_posts_form_with_secrets_in_body(rsps, config) -> None:
         client_endpoint="https://portal.bitrix24.com/rest/",
         server_endpoint="https://oauth.bitrix.info/rest/",
         status="F",
+        request_method="post",
     )
+    assert OAuthServer(config).token_method(OAUTH) == "post"
 
 
 @pytest.mark.parametrize(
@@ -869,12 +872,10 @@ def test_oauth_refresh_posts_form_with_secrets_in_body(rsps, config) -> None:
     [
         (400, {"error": "invalid_grant"}, BitrixAuthError, "invalid_grant"),
         (400, {"error": "invalid_client"}, BitrixAuthError, "invalid_client"),
-        (200, {"error": "wrong_client"}, BitrixAuthError, "wrong_client"),
         (401, {"error": "NOT_INSTALLED"}, BitrixAuthError, "NOT_INSTALLED"),
         (400, {"error": "PAYMENT_REQUIRED", "error_description": "Payment required"},
          BitrixAuthError, "PAYMENT_REQUIRED"),
         (400, {"error": "bad_verification_code"}, BitrixAuthError, "bad_verification_code"),
-        (400, {"error": "invalid_request"}, BitrixError, "invalid_request"),
         (403, {"error": "invalid_scope"}, BitrixAccessDenied, "invalid_scope"),
         (502, "<html>Bad Gateway</html>", BitrixUnavailable, "HTTP_502"),
     ],
@@ -939,7 +940,6 @@ def test_oauth_exchange_code_posts_body_via_oauthlib(rsps, config) -> None:
 @pytest.mark.parametrize(
     ("status", "body", "expected", "code"),
     [
-        (200, {"error": "wrong_client"}, BitrixAuthError, "wrong_client"),
         (400, {"error": "invalid_grant", "error_description": "code expired"}, BitrixAuthError,
          "invalid_grant"),
         (400, {"error": "invalid_client"}, BitrixAuthError, "invalid_client"),
@@ -971,6 +971,238 @@ def test_oauth_exchange_code_connection_error_is_unavailable(rsps, config) -> No
     with pytest.raises(BitrixUnavailable) as caught:
         OAuthServer(config).exchange_code(OAUTH, CODE)
     assert caught.value.code == "CONNECTION_ERROR"
+
+
+# --- the token request: POST body first, GET query only when the body was provably not read ---
+
+TOKEN_URL = f"{OAUTH}/oauth/token/"
+NO_CLIENT_ID = {"error": "invalid_request", "error_description": 'No "client_id" parameter found'}
+REFRESH_PARAMS = {
+    "grant_type": ["refresh_token"],
+    "client_id": [CLIENT_ID],
+    "client_secret": [SECRET],
+    "refresh_token": [REFRESH],
+}
+CODE_PARAMS = {
+    "grant_type": ["authorization_code"],
+    "code": [CODE],
+    "client_id": [CLIENT_ID],
+    "client_secret": [SECRET],
+}
+BODY_NOT_READ = [
+    pytest.param({"json": NO_CLIENT_ID, "status": 400}, id="invalid_request-no-client_id"),
+    pytest.param({"json": {"error": "invalid_request"}, "status": 400}, id="invalid_request"),
+    pytest.param({"body": "<html>405 Not Allowed</html>", "status": 405}, id="405"),
+    pytest.param({"json": {"error": "METHOD_NOT_ALLOWED"}, "status": 405}, id="405-json"),
+]
+NOT_A_PROOF = [
+    pytest.param({"json": {"error": "invalid_grant"}, "status": 400}, id="invalid_grant"),
+    pytest.param({"json": {"error": "invalid_client"}, "status": 400}, id="invalid_client"),
+    pytest.param({"json": {"error": "PAYMENT_REQUIRED"}, "status": 401}, id="PAYMENT_REQUIRED"),
+    pytest.param({"json": {"error": "NOT_INSTALLED"}, "status": 401}, id="NOT_INSTALLED"),
+    pytest.param({"body": "<html>Internal Server Error</html>", "status": 500}, id="500"),
+    pytest.param({"body": "<html>Bad Gateway</html>", "status": 502}, id="502"),
+    pytest.param({"body": "", "status": 400}, id="400-without-a-body"),
+    pytest.param({"status": 302, "headers": {"Location": "https://evil.example/"}}, id="302"),
+    pytest.param({"json": {"refresh_token": NEW_REFRESH}}, id="200-without-access_token"),
+    pytest.param({"body": requests.exceptions.ReadTimeout()}, id="timeout"),
+    pytest.param({"body": requests.exceptions.ConnectionError()}, id="connection-lost"),
+]
+
+
+def _query(request) -> dict:
+    return parse_qs(urlsplit(request.url).query)
+
+
+def _methods(rsps) -> list[str]:
+    return [call.request.method for call in rsps.calls]
+
+
+@pytest.mark.parametrize("refusal", BODY_NOT_READ)
+def test_oauth_refresh_sends_by_get_when_the_post_body_was_not_read(
+    rsps, config, caplog, refusal
+) -> None:
+    rsps.post(TOKEN_URL, **refusal)
+    rsps.get(TOKEN_URL, json=TOKEN_RESPONSE)
+    server = OAuthServer(config)
+
+    tokens = server.refresh(OAUTH, REFRESH)
+
+    post, get = (call.request for call in rsps.calls)
+    assert post.method == "POST" and parse_qs(post.body) == REFRESH_PARAMS
+    assert get.method == "GET" and not get.body and _query(get) == REFRESH_PARAMS
+    assert tokens.refresh_token == NEW_REFRESH and tokens.request_method == "get"
+    # Remembered per process (any OAuthServer) and per OAuth server origin.
+    assert server.token_method(OAUTH) == "get"
+    assert OAuthServer(config).token_method("https://oauth.bitrix.info/rest/") == "get"
+    assert OAuthServer(config).token_method("https://oauth.bitrix24.tech/rest/") is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "oauth.bitrix.info" in warnings[0]
+    assert "POST" in warnings[0] and "sending it by GET" in warnings[0]
+
+
+def test_oauth_token_requests_go_straight_to_get_once_it_worked(rsps, config) -> None:
+    rsps.post(TOKEN_URL, json=NO_CLIENT_ID, status=400)
+    rsps.get(TOKEN_URL, json=TOKEN_RESPONSE)
+    server = OAuthServer(config)
+    server.refresh(OAUTH, REFRESH)
+    assert server.refresh(OAUTH, NEW_REFRESH).request_method == "get"
+    # The code exchange goes to the same endpoint, so it is sent the same way.
+    assert OAuthServer(config).exchange_code(OAUTH, CODE).request_method == "get"
+    assert _methods(rsps) == ["POST", "GET", "GET", "GET"]
+    assert _query(rsps.calls[3].request) == CODE_PARAMS
+
+
+def test_oauth_refresh_by_post_is_remembered_too(rsps, config) -> None:
+    rsps.post(TOKEN_URL, json=TOKEN_RESPONSE)
+    server = OAuthServer(config)
+    assert server.token_method(OAUTH) is None
+    assert server.refresh(OAUTH, REFRESH).request_method == "post"
+    assert server.token_method(OAUTH) == "post"
+    OAuthServer.forget_token_methods()
+    assert server.token_method(OAUTH) is None
+
+
+def test_oauth_refresh_goes_back_to_post_when_a_known_get_is_not_read(rsps, config) -> None:
+    """A server that changed (now reads only a body) is followed the other way, too."""
+    rsps.post(TOKEN_URL, json=NO_CLIENT_ID, status=400)
+    rsps.post(TOKEN_URL, json=TOKEN_RESPONSE)
+    rsps.get(TOKEN_URL, json=TOKEN_RESPONSE)
+    rsps.get(TOKEN_URL, json=NO_CLIENT_ID, status=400)
+    server = OAuthServer(config)
+    assert server.refresh(OAUTH, REFRESH).request_method == "get"
+    assert server.refresh(OAUTH, NEW_REFRESH).request_method == "post"
+    assert _methods(rsps) == ["POST", "GET", "GET", "POST"]
+    assert server.token_method(OAUTH) == "post"
+
+
+def test_oauth_refresh_not_read_either_way_raises_and_learns_nothing(rsps, config) -> None:
+    rsps.post(TOKEN_URL, json=NO_CLIENT_ID, status=400)
+    rsps.get(TOKEN_URL, json=NO_CLIENT_ID, status=400)
+    server = OAuthServer(config)
+    with pytest.raises(BitrixError) as caught:
+        server.refresh(OAUTH, REFRESH)
+    assert type(caught.value) is BitrixError and caught.value.code == "invalid_request"
+    assert _methods(rsps) == ["POST", "GET"]
+    assert server.token_method(OAUTH) is None
+
+
+@pytest.mark.parametrize("answer", NOT_A_PROOF)
+def test_oauth_refresh_is_never_sent_again_after_any_other_answer(rsps, config, answer) -> None:
+    """The server may have read the request and spent the refresh token (a timeout or a lost
+    connection may hide a rotation): it is never sent a second time."""
+    rsps.post(TOKEN_URL, **answer)
+    server = OAuthServer(config)
+    with pytest.raises(BitrixError):
+        server.refresh(OAUTH, REFRESH)
+    assert _methods(rsps) == ["POST"]
+    assert server.token_method(OAUTH) is None
+
+
+@pytest.mark.parametrize("answer", NOT_A_PROOF)
+def test_oauth_exchange_code_is_never_sent_again_after_any_other_answer(
+    rsps, config, answer
+) -> None:
+    rsps.post(TOKEN_URL, **answer)
+    server = OAuthServer(config)
+    with pytest.raises(BitrixError):
+        server.exchange_code(OAUTH, CODE)
+    assert _methods(rsps) == ["POST"]
+    assert server.token_method(OAUTH) is None
+
+
+def test_oauth_refresh_wrong_client_is_tried_by_get_once_per_server(rsps, config) -> None:
+    """A server that read no client_id may call it unknown (wrong_client): tried by GET while
+    no way is known, once per server and process, since a really wrong B24_CLIENT_ID answers
+    the same and must not send the secret in a URL on every refresh."""
+    rsps.post(TOKEN_URL, json={"error": "wrong_client"})
+    rsps.get(TOKEN_URL, json={"error": "wrong_client"})
+    server = OAuthServer(config)
+    for _ in range(2):
+        with pytest.raises(BitrixAuthError) as caught:
+            server.refresh(OAUTH, REFRESH)
+        assert caught.value.code == "wrong_client"
+    assert _methods(rsps) == ["POST", "GET", "POST"]
+    assert server.token_method(OAUTH) is None
+
+
+def test_oauth_refresh_wrong_client_then_get_works_learns_get(rsps, config) -> None:
+    rsps.post(TOKEN_URL, json={"error": "wrong_client"})
+    rsps.get(TOKEN_URL, json=TOKEN_RESPONSE)
+    server = OAuthServer(config)
+    assert server.refresh(OAUTH, REFRESH).request_method == "get"
+    assert _methods(rsps) == ["POST", "GET"] and _query(rsps.calls[1].request) == REFRESH_PARAMS
+
+
+def test_oauth_refresh_wrong_client_once_post_is_known_is_about_the_client_id(rsps, config) -> None:
+    rsps.post(TOKEN_URL, json=TOKEN_RESPONSE)
+    rsps.post(TOKEN_URL, json={"error": "wrong_client"})
+    server = OAuthServer(config)
+    server.refresh(OAUTH, REFRESH)
+    with pytest.raises(BitrixAuthError) as caught:
+        server.refresh(OAUTH, NEW_REFRESH)
+    assert caught.value.code == "wrong_client"
+    assert _methods(rsps) == ["POST", "POST"]
+
+
+@pytest.mark.parametrize("refusal", BODY_NOT_READ)
+def test_oauth_exchange_code_sends_by_get_via_oauthlib_when_the_body_was_not_read(
+    rsps, config, refusal
+) -> None:
+    rsps.post(TOKEN_URL, **refusal)
+    rsps.get(TOKEN_URL, json=TOKEN_RESPONSE)
+    server = OAuthServer(config)
+
+    tokens = server.exchange_code(OAUTH, CODE)
+
+    post, get = (call.request for call in rsps.calls)
+    assert post.method == "POST" and parse_qs(post.body) == CODE_PARAMS
+    assert get.method == "GET" and not get.body and _query(get) == CODE_PARAMS
+    assert "Content-Type" not in get.headers and "Authorization" not in get.headers
+    assert tokens.access_token == NEW_TOKEN and tokens.request_method == "get"
+    assert server.token_method(OAUTH) == "get"
+    server.exchange_code(OAUTH, CODE)
+    assert _methods(rsps) == ["POST", "GET", "GET"]
+
+
+def test_oauth_exchange_code_wrong_client_is_tried_by_get_once(rsps, config) -> None:
+    rsps.post(TOKEN_URL, json={"error": "wrong_client"})
+    rsps.get(TOKEN_URL, json={"error": "wrong_client"})
+    server = OAuthServer(config)
+    for _ in range(2):
+        with pytest.raises(BitrixAuthError):
+            server.exchange_code(OAUTH, CODE)
+    assert _methods(rsps) == ["POST", "GET", "POST"]
+
+
+LEAKY_TRANSPORT_ERROR = (
+    "HTTPSConnectionPool(host='oauth.bitrix.info', port=443): Max retries exceeded with url: "
+    f"/oauth/token/?grant_type=refresh_token&client_secret={SECRET}&refresh_token={REFRESH}"
+    f"&code={CODE}"
+)
+
+
+@pytest.mark.parametrize("call", ["refresh", "exchange_code"])
+@pytest.mark.parametrize("exception", [requests.exceptions.ConnectionError, requests.ReadTimeout])
+def test_oauth_get_transport_error_carries_no_url(rsps, config, call, exception) -> None:
+    """requests' exceptions embed the URL, and a GET's URL holds the secrets: the typed error
+    is not chained to them, so no traceback or error tracker shows them."""
+    rsps.post(TOKEN_URL, json=NO_CLIENT_ID, status=400)
+    rsps.get(TOKEN_URL, body=exception(LEAKY_TRANSPORT_ERROR))
+    server = OAuthServer(config)
+    with pytest.raises(BitrixUnavailable) as caught:
+        getattr(server, call)(OAUTH, CODE if call == "exchange_code" else REFRESH)
+    error = caught.value
+    chain, link = [], error
+    while link is not None:
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    assert not [link for link in chain if isinstance(link, requests.RequestException)]
+    assert chain[0].code in ("CONNECTION_ERROR", "TIMEOUT")
+    assert [link.code for link in chain[1:]] == ["invalid_request"]  # the unread POST's answer
+    text = "".join(traceback.format_exception(error)) + repr(error) + str(error.__dict__)
+    assert not any(secret in text for secret in SECRETS), text
+    assert _methods(rsps) == ["POST", "GET"]
 
 
 def test_oauth_app_info_posts_auth_form_and_returns_result(rsps, config) -> None:

@@ -49,6 +49,62 @@ def test_oauth_reconnect_restores_a_blocked_portal(admin_client, fake, portal, b
     assert [c for c in fake.token_calls if c["grant_type"] == "authorization_code"][0]["ok"]
 
 
+def _reconnect(admin_client, member_id):
+    """The operator's reconnect, start to callback; returns the callback's response."""
+    start = admin_client.get(f"/b24/oauth/start/?portal={member_id}")
+    answer = requests.get(start["Location"], allow_redirects=False, timeout=5)
+    callback = urlsplit(answer.headers["Location"])
+    return admin_client.get(f"{callback.path}?{callback.query}")
+
+
+def _code_calls(fake, since):
+    return [
+        (call["http_method"], call["grant_type"], call["ok"]) for call in fake.token_calls[since:]
+    ]
+
+
+@pytest.mark.parametrize(
+    ("params", "missing", "first"),
+    [
+        pytest.param("both", "invalid_request", ["POST"], id="both"),
+        pytest.param("body", "invalid_request", ["POST"], id="body"),
+        pytest.param("query", "invalid_request", ["POST", "GET"], id="query"),
+        pytest.param("get_only", "invalid_request", ["POST", "GET"], id="get_only-405"),
+        pytest.param("query", "wrong_client", ["POST", "GET"], id="query-wrong_client"),
+    ],
+)
+def test_oauth_reconnect_works_however_the_oauth_server_reads_the_code(
+    admin_client, fake, portal, blocked, params, missing, first
+):
+    fake.token_params = params
+    fake.missing_client_id_error = missing
+    since = len(fake.token_calls)
+    assert _reconnect(admin_client, blocked.member_id).status_code == 302
+    assert Portal.objects.get().state == Portal.State.ACTIVE
+    assert [method for method, _, _ in _code_calls(fake, since)] == first
+    assert services.oauth_server().token_method(fake.server_endpoint) == first[-1].lower()
+
+    assert _reconnect(admin_client, blocked.member_id).status_code == 302
+    calls = _code_calls(fake, since)
+    assert [method for method, _, _ in calls] == [*first, first[-1]]  # straight to what worked
+    # Each code was read once, and redeemed: none was presented twice (that is invalid_grant).
+    assert [(grant, ok) for _, grant, ok in calls if grant] == [("authorization_code", True)] * 2
+
+
+@pytest.mark.parametrize("fault", ["invalid_grant", "500", "timeout", "drop"])
+def test_oauth_reconnect_is_not_sent_by_get_after_an_answer_that_proves_nothing(
+    admin_client, fake, portal, blocked, settings, fault
+):
+    settings.B24_HTTP_READ_TIMEOUT = 0.5
+    fake.timeout_delay_s = 2.0
+    fake.token_params = "query"  # a GET would succeed: it must not be sent
+    fake.fail_token_next(error=fault)
+    since = len(fake.token_calls)
+    _reconnect(admin_client, blocked.member_id)
+    assert [method for method, _, _ in _code_calls(fake, since)] == ["POST"]
+    assert Portal.objects.get().state == Portal.State.BLOCKED
+
+
 def test_oauth_callback_with_forged_state_changes_nothing(admin_client, blocked):
     response = admin_client.get("/b24/oauth/callback/?code=abc&state=forged")
     assert response.status_code == 400

@@ -1,6 +1,7 @@
 """Lazy, race-free token refresh against the fake OAuth server (single-use refresh tokens)."""
 
 import json
+import logging
 import os
 import socket
 import statistics
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from django.db import connection
 from django.utils import timezone
 
 from b24app.portals import services
-from b24app.portals.bitrix import BitrixAuthError
+from b24app.portals.bitrix import BitrixAuthError, BitrixError
 from b24app.portals.models import Account, Portal, RateBucket
 from tests.appserver import free_port
 from tests.portals.support import install, post_frame
@@ -495,3 +497,119 @@ def test_refresh_invalid_client_that_app_info_cannot_confirm_waits_for_the_user(
     assert account.state == Account.State.WAITING
     assert "may have been removed" in account.state_reason
     assert Portal.objects.get(member_id=portal.member_id).state == Portal.State.ACTIVE
+
+
+# --- the token request: a POST body first, a GET query only when the body provably went unread -
+
+TOKEN_PARAMS_CASES = [
+    # fake.token_params, fake.missing_client_id_error, HTTP methods of a first and a second refresh
+    pytest.param("both", "invalid_request", ["POST"], ["POST"], id="both"),
+    pytest.param("body", "invalid_request", ["POST"], ["POST"], id="body"),
+    pytest.param("query", "invalid_request", ["POST", "GET"], ["GET"], id="query"),
+    pytest.param("get_only", "invalid_request", ["POST", "GET"], ["GET"], id="get_only-405"),
+    pytest.param("query", "wrong_client", ["POST", "GET"], ["GET"], id="query-wrong_client"),
+]
+
+
+def _token_http_methods(fake, since: int = 0) -> list[str]:
+    return [call["http_method"] for call in fake.token_calls[since:]]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("params", "missing", "first", "second"), TOKEN_PARAMS_CASES)
+def test_refresh_works_however_the_oauth_server_reads_the_request(
+    fake, portal, installed, params, missing, first, second
+):
+    fake.token_params = params
+    fake.missing_client_id_error = missing
+    since = len(fake.token_calls)
+    portal.expire_access_tokens()
+    assert services.account_client(installed).call("profile")["ID"] == "1"
+    assert _token_http_methods(fake, since) == first
+    assert services.oauth_server().token_method(fake.server_endpoint) == first[-1].lower()
+
+    portal.expire_access_tokens()
+    account = Account.objects.select_related("portal").get(pk=installed.pk)
+    assert services.account_client(account).call("profile")["ID"] == "1"
+    assert _token_http_methods(fake, since) == first + second  # straight to the working way
+
+    calls = fake.token_calls[since:]
+    assert [call["ok"] for call in calls if call["grant_type"] == "refresh_token"] == [True, True]
+    assert not [call for call in calls if call["error"] == "invalid_grant"]  # never spent twice
+    account = Account.objects.get(pk=installed.pk)
+    assert account.state == Account.State.ACTIVE
+    assert account.token_version == installed.token_version + 2
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "fault", ["invalid_grant", "500", "502", "timeout", "drop", "lost_response"]
+)
+def test_refresh_is_not_sent_by_get_after_an_answer_that_proves_nothing(
+    fake, portal, installed, short_read_timeout, fault
+):
+    """The fake reads only the query string here, so a GET would succeed: the app must not send
+    one after an answer from which it cannot tell whether the refresh token was spent."""
+    fake.token_params = "query"
+    since = len(fake.token_calls)
+    portal.expire_access_tokens()
+    fake.fail_token_next(error=fault)
+    with pytest.raises(BitrixError):
+        services.account_client(installed).call("profile")
+    assert _token_http_methods(fake, since) == ["POST"]
+    assert services.oauth_server().token_method(fake.server_endpoint) is None
+    if fault == "invalid_grant":
+        assert Account.objects.get(pk=installed.pk).state == Account.State.BLOCKED
+        return
+    # The caller's retry finds the way: the body was not read (the fake did not spend the
+    # token, even for lost_response, having found no parameter), so GET is sent.
+    account = Account.objects.select_related("portal").get(pk=installed.pk)
+    assert services.account_client(account).call("profile")["ID"] == "1"
+    assert _token_http_methods(fake, since) == ["POST", "POST", "GET"]
+
+
+class _Collect(logging.Handler):
+    """The messages of the records it sees, rendered as they arrive (a masking filter further
+    on rewrites the record objects themselves)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.mark.django_db
+def test_refresh_by_get_leaves_no_secret_in_log_records_or_errors(fake, portal, installed, caplog):
+    """With DEBUG on for urllib3, its request line carries the GET's query, and requests'
+    exceptions carry the URL. Records are masked at their loggers, before any handler: `early`
+    sits on the `urllib3` logger, ahead of the root's stdout handler, whose masking filter
+    rewrites records in place for the handlers after it (caplog's among them)."""
+    early = _Collect()
+    logging.getLogger("urllib3").addHandler(early)
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="urllib3")
+    try:
+        fake.token_params = "query"
+        portal.expire_access_tokens()
+        assert services.account_client(installed).call("profile")["ID"] == "1"
+        assert _token_http_methods(fake) == ["POST", "GET"]
+        # The OAuth server goes away: the next refresh (straight to GET) cannot connect.
+        endpoint = fake.server_endpoint
+        refresh_token = Account.objects.get(pk=installed.pk).refresh_token
+        fake.stop()
+        with pytest.raises(services.BitrixUnavailable) as caught:
+            services.oauth_server().refresh(endpoint, refresh_token)
+    finally:
+        logging.getLogger("urllib3").removeHandler(early)
+
+    request_lines = [text for text in early.messages if "GET /oauth/token/?" in text]
+    assert len(request_lines) == 1  # urllib3 logged the GET's request line, query included...
+    assert "client_secret=" in request_lines[0] and "refresh_token=" in request_lines[0]
+    texts = [*early.messages, *(record.getMessage() for record in caplog.records)]
+    texts.append("".join(traceback.format_exception(caught.value)))
+    with fake.lock:
+        secrets = {fake.client_secret, *fake.refresh_tokens, *fake.access_tokens}
+    assert refresh_token in secrets
+    assert not [text for text in texts for secret in secrets if secret in text]  # ...masked
