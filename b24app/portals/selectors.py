@@ -42,6 +42,15 @@ def portals_overview() -> QuerySet[Portal]:
     ).order_by("domain")
 
 
+def portal_by_name(name: str) -> Portal | None:
+    """A portal by its member_id or (current) domain, as an operator names it."""
+    name = name.strip()
+    return (
+        Portal.objects.filter(member_id=name).first()
+        or Portal.objects.filter(domain__iexact=name.removeprefix("https://").rstrip("/")).first()
+    )
+
+
 def portal_connection_account(portal: Portal) -> Account | None:
     """The account the app acts through for the portal itself: the installer's, else an admin's,
     and always one with a refresh token (an access token alone dies within the hour)."""

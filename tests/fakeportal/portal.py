@@ -65,6 +65,9 @@ class FakePortal:
         # True: an Idempotency-Key replay must repeat the whole body, `auth` included, so a
         # resend with a refreshed token is 422 IDEMPOTENCYKEYREUSEDEXCEPTION (§5.2 is silent).
         self.idempotency_whole_body = False
+        # True: Idempotency-Key is ignored (every request is carried out), as no documented
+        # portal does; for tests of what notices it.
+        self.idempotency_ignored = False
         # What an app update does to the app's bindings (§4.3: event bindings are removed; when,
         # and whether placements go too, is not documented): "events_after" (after the
         # ONAPPUPDATE answer), "events_before", "all_after", "all_before" or "kept".

@@ -574,7 +574,7 @@ def handle(portal, req: Request, method: str, webhook, record: dict) -> Response
 
         idem_scope = None
         fingerprint = None
-        if key is not None and method in WRITE_METHODS:
+        if key is not None and method in WRITE_METHODS and not portal.idempotency_ignored:
             if not valid_idempotency_key(key):
                 return v3_error(V3Error(INVALID_IDEMPOTENCY_KEY))
             idem_scope = (ctx.identity, ctx.user.id, method, key)

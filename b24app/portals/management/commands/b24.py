@@ -1,5 +1,6 @@
 """`manage.py b24 portals` lists portal connections; `manage.py b24 rotate-keys` re-encrypts
-every stored token under the first of B24_TOKEN_KEYS."""
+every stored token under the first of B24_TOKEN_KEYS; `manage.py b24 doctor PORTAL [--task ID]`
+checks a live portal for what the app relies on (see `b24app/portals/doctor.py`)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,46 @@ class Command(BaseCommand):
         listing = sub.add_parser("portals", help="list portals with state, reason and errors")
         listing.add_argument("--state", choices=["new", "active", "blocked", "uninstalled"])
         sub.add_parser("rotate-keys", help="re-encrypt all tokens under the first key")
+        doctor = sub.add_parser(
+            "doctor",
+            help="check a live portal for what the app relies on: one line per check, "
+            "ok / differs / unknown; exit status 1 when something differs",
+        )
+        doctor.add_argument("portal", help="the portal's domain or member_id")
+        doctor.add_argument(
+            "--task",
+            type=int,
+            help="a task id to measure the page size on and to write a result to (it is "
+            "added, edited, replayed and deleted again)",
+        )
 
     def handle(self, *args, action, **options):
         if action == "portals":
             self._portals(options.get("state"))
+        elif action == "doctor":
+            self._doctor(options["portal"], options.get("task"))
         else:
             self._rotate_keys()
+
+    def _doctor(self, name: str, task_id: int | None) -> None:
+        from b24app.portals.doctor import doctor_run
+
+        portal = selectors.portal_by_name(name)
+        if portal is None:
+            raise CommandError(
+                f"No portal {name!r}: give the domain or member_id of one installed."
+            )
+        if task_id is not None and task_id <= 0:
+            raise CommandError("--task must be a positive task id.")
+        self.stdout.write(f"{portal.domain} ({portal.member_id}), {portal.get_state_display()}")
+        differs = 0
+        for check in doctor_run(portal=portal, task_id=task_id):
+            self.stdout.write(check.line())
+            differs += check.verdict == "differs"
+        if differs:
+            raise CommandError(
+                f"{differs} check(s) differ from what the app relies on.", returncode=1
+            )
 
     def _portals(self, state: str | None) -> None:
         portals = selectors.portals_overview()
