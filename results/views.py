@@ -299,20 +299,11 @@ def _change_accepted(request, fr: Frame, change: ResultChange):
     Without JavaScript the whole screen is shown, with the list if it can be read."""
     if not _wants_json(request):
         return _render_screen(request, fr, change.task_id, notice=_notice(change), status=200)
-    context = {"frame_token": fr.token, "frame_field": frame.FIELD}
-    payload = {
-        "change": _change_state(change),
-        "action": change.action,
-        "result_id": change.result_id,
-        "notice": str(_notice(change)),
-        "change_html": render_to_string(
-            "results/_change.html", {**context, "change": change}, request=request
-        ),
-    }
+    payload = {"change": _change_state(request, fr, change), "notice": str(_notice(change))}
     if change.action == ResultChange.Action.ADD:
         item = services.result_item_of_change(change=change)
         payload["item_html"] = render_to_string(
-            "results/_item.html", {**context, "item": item}, request=request
+            "results/_item.html", {**_frame_fields(fr), "item": item}, request=request
         )
     elif change.action == ResultChange.Action.UPDATE:
         payload["text"] = change.text_after
@@ -327,12 +318,23 @@ def _notice(change: ResultChange) -> str:
     return _("Not saved")
 
 
-def _change_state(change: ResultChange) -> dict:
+def _frame_fields(fr: Frame) -> dict:
+    """What the list's fragments need to carry the frame session in their forms (Retry)."""
+    return {"frame_token": fr.token, "frame_field": frame.FIELD}
+
+
+def _change_state(request, fr: Frame, change: ResultChange) -> dict:
+    """A change as the screen shows it: its state, and the badge to swap in for it."""
     return {
         "id": change.pk,
         "state": change.state,
         "label": str(change.get_state_display()),
         "reason": change.last_error_message,
+        "action": change.action,
+        "result_id": change.result_id,
+        "html": render_to_string(
+            "results/_change.html", {**_frame_fields(fr), "change": change}, request=request
+        ),
     }
 
 
@@ -382,22 +384,7 @@ def changes_state(request, fr: Frame):
                 change_id=change_id, limiter_max_wait=services.WEB_LIMITER_WAIT_S
             )
     changes = selectors.result_changes_of(account=fr.account, ids=ids)
-    context = {"frame_token": fr.token, "frame_field": frame.FIELD}
-    return JsonResponse(
-        {
-            "changes": [
-                {
-                    **_change_state(change),
-                    "action": change.action,
-                    "result_id": change.result_id,
-                    "html": render_to_string(
-                        "results/_change.html", {**context, "change": change}, request=request
-                    ),
-                }
-                for change in changes
-            ]
-        }
-    )
+    return JsonResponse({"changes": [_change_state(request, fr, change) for change in changes]})
 
 
 @csrf_exempt  # the expired frame token plus fresh Bitrix24 auth is the proof

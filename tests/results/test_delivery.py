@@ -364,7 +364,7 @@ def test_result_add_queued_by_a_busy_portal_stays_on_the_screen_to_be_polled(
     assert data["change"]["id"] == change.pk and data["change"]["state"] == "queued"
     assert f'data-change-id="{change.pk}" data-change-state="queued"' in data["item_html"]
     assert "Waiting for the portal" in data["item_html"]
-    assert "Queued" in data["change_html"]
+    assert "Queued" in data["change"]["html"]
 
 
 @pytest.mark.django_db

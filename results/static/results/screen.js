@@ -96,17 +96,15 @@
   }
 
   /* Lay a change's new state over the item it belongs to, in the list the person has. */
-  function showChange(item, changeHtml, change) {
-    var badge = changeHtml ? fragment(changeHtml) : null;
+  function showChange(item, change) {
+    var badge = change.html ? fragment(change.html) : null;
     var old = item.querySelector(".change");
     if (badge) {
       if (old) old.replaceWith(badge);
       else item.querySelector(".text").insertAdjacentElement("afterend", badge);
     }
-    if (change) {
-      item.setAttribute("data-change-id", change.id);
-      item.setAttribute("data-change-state", change.state);
-    }
+    item.setAttribute("data-change-id", change.id);
+    item.setAttribute("data-change-state", change.state);
   }
 
   function itemByChange(changeId) {
@@ -126,20 +124,21 @@
       item = fresh;
     }
     if (!item) return;
-    showChange(item, data.change_html, data.change);
-    if (data.action === "update" && typeof data.text === "string") {
+    var change = data.change;
+    showChange(item, change);
+    if (change.action === "update" && typeof data.text === "string") {
       item.querySelector(".text").innerText = data.text;
       item.setAttribute("data-text", data.text);
       var box = item.querySelector("form.editor");
       if (box) box.remove();  // made again from the new text on the next Edit
     }
-    if (data.action === "delete" && data.change.state !== "failed") {
+    if (change.action === "delete" && change.state !== "failed") {
       item.classList.add("is-deleting");
       item.querySelectorAll(".item-actions, form.editor, form.confirm-delete").forEach(function (el) { el.remove(); });
     } else {
       hideForms(item);
       var opener = item.querySelector('[data-action="edit"]');
-      if (data.action === "update" && opener) opener.focus();
+      if (change.action === "update" && opener) opener.focus();
     }
     announce(data.notice);
   }
@@ -208,7 +207,7 @@
         var item = itemByChange(change.id);
         if (!item) return;
         settled = true;
-        showChange(item, change.html, change);
+        showChange(item, change);
         if (change.action === "add" && change.result_id) item.setAttribute("data-result-id", change.result_id);
         announce(change.label);
       });
