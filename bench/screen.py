@@ -295,7 +295,8 @@ def _edits(client, fake, portal, task, user, token, stopwatch, http, count) -> t
 
         response = measure(request) if measure else request()
         payload = response.json() if response.status_code == 200 else {}
-        if payload.get("error") or payload.get("pending") or RESULT_ITEM not in payload["html"]:
+        change = payload.get("change") or {}
+        if payload.get("error") or change.get("state") != "saved" or payload.get("text") != text:
             raise RuntimeError(f"the edit answered {response.status_code}: {payload!r:.1500}")
         state["text"] = text
         at_portal = next(item for item in portal.results(task) if int(item["id"]) == result_id)
