@@ -573,6 +573,18 @@ def oauth_origin_for(server_endpoint: str, config: BitrixConfig) -> str:
     return origin
 
 
+def _token_transport_error(
+    method: str, host: str, exc: requests.RequestException, *, started: float, how: str
+) -> BitrixError:
+    """A token request that got no answer, logged. A GET's is raised by the caller outside its
+    `except` block: requests' exception carries the URL, and a GET's URL the secrets."""
+    failure = _transport_error(exc, host)
+    _log_exchange(
+        method, "oauth", host, status=None, started=started, error=failure.code, http=how.upper()
+    )
+    return failure
+
+
 def _check_oauth_answer(
     method: str,
     host: str,
@@ -823,16 +835,7 @@ class OAuthServer:
                 headers=headers,
             )
         except requests.RequestException as exc:
-            failure = _transport_error(exc, host)
-            _log_exchange(
-                "oauth.token",
-                "oauth",
-                host,
-                status=None,
-                started=started,
-                error=failure.code,
-                http=how.upper(),
-            )
+            failure = _token_transport_error("oauth.token", host, exc, started=started, how=how)
             if how == "post":
                 raise failure from exc
         except InsecureTransportError as exc:
@@ -864,34 +867,18 @@ class OAuthServer:
         headers = {"Accept": "application/json", "User-Agent": self._config.user_agent}
         started = time.monotonic()
         failure: BitrixError
+        fields = {"params" if how == "get" else "data": dict(data)}
         try:
-            if how == "get":
-                response = self._session.get(
-                    url,
-                    params=dict(data),
-                    headers=headers,
-                    timeout=self._config.timeout,
-                    allow_redirects=False,
-                )
-            else:
-                response = self._session.post(
-                    url,
-                    data=dict(data),
-                    headers=headers,
-                    timeout=self._config.timeout,
-                    allow_redirects=False,
-                )
-        except requests.RequestException as exc:
-            failure = _transport_error(exc, host)
-            _log_exchange(
-                method,
-                "oauth",
-                host,
-                status=None,
-                started=started,
-                error=failure.code,
-                http=how.upper(),
+            response = self._session.request(
+                how.upper(),
+                url,
+                **fields,
+                headers=headers,
+                timeout=self._config.timeout,
+                allow_redirects=False,
             )
+        except requests.RequestException as exc:
+            failure = _token_transport_error(method, host, exc, started=started, how=how)
             if how == "post":
                 raise failure from exc
         else:
