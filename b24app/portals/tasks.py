@@ -12,14 +12,16 @@ from b24app.portals.models import Portal
 
 logger = logging.getLogger("b24app.portals")
 
+RETRY_WHILE_UNAVAILABLE = {
+    "autoretry_for": (BitrixUnavailable,),
+    "retry_backoff": 60,
+    "retry_backoff_max": 3600,
+    "retry_jitter": True,
+}
+"""Bitrix24 busy or unreachable: try again from a minute up to an hour later, with jitter."""
 
-@shared_task(
-    autoretry_for=(BitrixUnavailable,),
-    retry_backoff=60,
-    retry_backoff_max=3600,
-    retry_jitter=True,
-    max_retries=8,
-)
+
+@shared_task(**RETRY_WHILE_UNAVAILABLE, max_retries=8)
 def account_tokens_refresh_task(account_id: int, seen_version: int) -> None:
     try:
         services.account_tokens_refresh(account_id=account_id, seen_version=seen_version)
@@ -48,13 +50,7 @@ def event_receipts_purge_task() -> int:
     return deleted
 
 
-@shared_task(
-    autoretry_for=(BitrixUnavailable,),
-    retry_backoff=60,
-    retry_backoff_max=3600,
-    retry_jitter=True,
-    max_retries=6,
-)
+@shared_task(**RETRY_WHILE_UNAVAILABLE, max_retries=6)
 def portal_bindings_check_task(
     portal_id: int, account_id: int | None = None, app_url: str = "", settled: bool = True
 ) -> str:
