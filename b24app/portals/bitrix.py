@@ -931,8 +931,11 @@ class BitrixClient:
     * ``on_expired()`` is the caller's locked refresh; it returns the new access token. On
       ``expired_token``/``invalid_token`` the client calls it and repeats the request once,
       unchanged. Without it :class:`BitrixTokenExpired` is raised.
-    * ``on_domain_change(new_client_endpoint)`` is called when the portal answers with a redirect
-      to a new (checked) host; the request is then sent there once more.
+    * A portal that answers with a redirect to a new (checked) host gets the request sent there
+      once more, for that one call: the client stays on its own endpoint, since anyone who runs
+      a portal can answer a redirect to anywhere. ``on_domain_change(new_client_endpoint,
+      access_token)`` is then called, after the call succeeded there, for the caller to confirm
+      the move (with the OAuth server) before it remembers it.
     * ``limiter``/``limiter_key`` (the portal's ``member_id``)/``rate`` (burst, per second) pace
       every request; ``limiter_max_wait`` bounds the wait for a slot (``None``: wait as long as
       it takes), beyond it :class:`BitrixUnavailable` ``RATE_LIMITED`` is raised.
@@ -945,7 +948,7 @@ class BitrixClient:
         *,
         config: BitrixConfig,
         on_expired: Callable[[], str] | None = None,
-        on_domain_change: Callable[[str], None] | None = None,
+        on_domain_change: Callable[[str, str], None] | None = None,
         limiter: RateLimiter | None = None,
         limiter_key: str | None = None,
         rate: tuple[int, float] = (50, 2.0),
@@ -1080,6 +1083,19 @@ class BitrixClient:
     ) -> Any:
         if not _METHOD_NAME.match(method):
             raise ValueError(f"invalid Bitrix24 method name {method!r}")
+        home = self._origin
+        try:
+            result = self._exchange(method, api, params, headers)
+        finally:
+            moved_to, self._origin = self._origin, home
+        if moved_to != home and self._on_domain_change is not None:
+            self._on_domain_change(client_endpoint_for(moved_to), self._access_token)
+        return result
+
+    def _exchange(
+        self, method: str, api: Api, params: dict[str, Any], headers: dict[str, str]
+    ) -> Any:
+        """One call, following one redirect and one token refresh; may move ``_origin``."""
         refreshed = moved = False
         while True:
             response, started, waited = self._send(method, api, params, headers)
@@ -1166,10 +1182,8 @@ class BitrixClient:
             )
         self._origin = new_origin
         logger.warning(
-            "bitrix24 portal moved to %s (§5.1 domain change)", urlsplit(new_origin).netloc
+            "bitrix24 portal redirected to %s (§5.1 domain change?)", urlsplit(new_origin).netloc
         )
-        if self._on_domain_change is not None:
-            self._on_domain_change(self.client_endpoint)
 
     def _success(self, method: str, body: dict[str, Any]) -> Any:
         if "result" not in body:

@@ -79,6 +79,13 @@ class Portal(models.Model):
         "known yet); a shorter page ends a list",
     )
     result_page_seen_at = models.DateTimeField(null=True, blank=True)
+    uninstall_reported_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When an ONAPPUNINSTALL came that no portal admin's token could confirm: the "
+        "portal and its data were kept",
+    )
+    uninstall_report = models.CharField(max_length=300, blank=True)
     installed_at = models.DateTimeField(null=True, blank=True)
     last_seen_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -142,6 +149,11 @@ class Account(models.Model):
         blank=True,
         help_text="When a renewal ended without an answer (timeout, lost connection, 5xx): "
         "Bitrix24 may have rotated the refresh token all the same",
+    )
+    refresh_from_frame = models.BooleanField(
+        default=False,
+        help_text="The refresh token came in a frame POST and has not been spent yet: nobody "
+        "has seen it work, so its refusal proves nothing",
     )
     last_seen_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -52,13 +52,37 @@ def portal_by_name(name: str) -> Portal | None:
 
 
 def portal_connection_account(portal: Portal) -> Account | None:
-    """The account the app acts through for the portal itself: the installer's, else an admin's,
-    and always one with a refresh token (an access token alone dies within the hour)."""
+    """The account the app acts through for the portal itself: the installer's, else a portal
+    admin's, and always one with a refresh token (an access token alone dies within the hour).
+    Never a plain user's: what the app concludes about the portal through this account (that it
+    is still installed, or not) must not rest on a token a plain user handed in."""
     return (
         portal.accounts.filter(state=Account.State.ACTIVE)
+        .filter(Q(is_installer=True) | Q(is_admin=True))
         .exclude(refresh_token_encrypted="")
         .order_by("-is_installer", "-is_admin", "-last_seen_at")
         .first()
+    )
+
+
+def portal_uninstall_witnesses(portal: Portal, *, limit: int = 3) -> list[Account]:
+    """The accounts whose tokens may confirm that Bitrix24 removed the app: the installer's and
+    portal admins' that hold tokens, the installer first, then the admin seen last."""
+    return list(
+        portal.accounts.filter(state=Account.State.ACTIVE)
+        .filter(Q(is_installer=True) | Q(is_admin=True))
+        .exclude(access_token_encrypted="", refresh_token_encrypted="")
+        .order_by("-is_installer", "-last_seen_at")[:limit]
+    )
+
+
+def portal_live_accounts(portal: Portal, *, limit: int = 5) -> list[Account]:
+    """Accounts of any user whose stored access token has not expired yet, the one seen last
+    first: a token of the app that still works proves the app is installed."""
+    return list(
+        portal.accounts.filter(state=Account.State.ACTIVE, expires_at__gt=timezone.now())
+        .exclude(access_token_encrypted="")
+        .order_by("-last_seen_at")[:limit]
     )
 
 

@@ -58,6 +58,10 @@ WAITING_REASON = (
     "A token renewal's answer was lost on its way from Bitrix24; access returns when this user "
     "next opens the app"
 )
+UNPROVEN_REASON = (
+    "Bitrix24 refused the refresh token this user's last frame brought; access returns when "
+    "this user next opens the app"
+)
 NO_REFRESH_REASON = (
     "Bitrix24 opened the app for this user without a refresh token and the access token has "
     "expired; access returns when this user next opens the app"
@@ -282,10 +286,14 @@ def account_tokens_store(
     is_installer: bool | None = None,
     is_admin: bool | None = None,
     display_name: str | None = None,
+    from_frame: bool = False,
 ) -> Account:
-    """Store a fresh token pair for (portal, user): a new `token_version`, active again."""
+    """Store a fresh token pair for (portal, user): a new `token_version`, active again.
+
+    `from_frame`: the tokens came in a frame POST or a frame's renewal, whose `REFRESH_ID` no
+    one has seen work (see `_tokens_apply`)."""
     account, _ = Account.objects.select_for_update().get_or_create(portal=portal, user_id=user_id)
-    _tokens_apply(account, tokens)
+    _tokens_apply(account, tokens, from_frame=from_frame)
     if is_installer is not None:
         account.is_installer = is_installer or account.is_installer
     if is_admin is not None:
@@ -297,8 +305,14 @@ def account_tokens_store(
     return account
 
 
-def _tokens_apply(account: Account, tokens: TokenSet) -> None:
+def _tokens_apply(account: Account, tokens: TokenSet, *, from_frame: bool = False) -> None:
     """Put fresh tokens on the account and make it active again.
+
+    A refresh token from a frame (`from_frame`) is one nobody has seen work: any user can post
+    any `REFRESH_ID` beside their genuine `AUTH_ID`. It never replaces one the OAuth server
+    issued that is not known to be spent or refused (the account is active, no renewal with it
+    was lost); otherwise it is kept, marked `refresh_from_frame` until a renewal with it works,
+    and its refusal then only makes the account wait for its user (`_refresh_token_spend`).
 
     Without a refresh token (a frame opened without `REFRESH_ID`) only the access token is new:
     the refresh token the account already holds is kept, with what is known about it (when it
@@ -308,11 +322,19 @@ def _tokens_apply(account: Account, tokens: TokenSet) -> None:
     it again, and the account waits for its user once the access token expires.
     """
     account.access_token_encrypted = crypto.encrypt(tokens.access_token)
-    if tokens.refresh_token:
+    keeps_proven = (
+        from_frame
+        and account.state == Account.State.ACTIVE
+        and account.can_refresh
+        and not account.refresh_from_frame
+        and account.refresh_unconfirmed_at is None
+    )
+    if tokens.refresh_token and not keeps_proven:
         account.refresh_token_encrypted = crypto.encrypt(tokens.refresh_token)
+        account.refresh_from_frame = from_frame
         account.tokens_issued_at = timezone.now()
         account.refresh_unconfirmed_at = None
-    elif account.state != Account.State.ACTIVE:
+    elif not tokens.refresh_token and account.state != Account.State.ACTIVE:
         account.refresh_token_encrypted = ""
         account.tokens_issued_at = None
         account.refresh_unconfirmed_at = None
@@ -409,6 +431,10 @@ def _refresh_token_spend(account: Account) -> BitrixError | None:
         elif account.refresh_unconfirmed_at is not None:
             failure = AccountAwaitingSignIn(WAITING_REASON)
             _account_wait(account, f"{WAITING_REASON} ({exc.code})")
+        elif account.refresh_from_frame:
+            # Nobody saw this refresh token work: it may be anything the user's browser posted.
+            failure = AccountAwaitingSignIn(UNPROVEN_REASON)
+            _account_wait(account, f"{UNPROVEN_REASON} ({exc.code})")
         else:
             reason = (
                 f"Refresh token rejected by Bitrix24 ({exc.code}); the user must open the app again"
@@ -532,14 +558,53 @@ def _account_block(account: Account, reason: str, *, at) -> None:
         portal.save()
 
 
+def portal_address_confirm(*, portal_id: int, client_endpoint: str, access_token: str) -> bool:
+    """A portal answered from another address (a redirect, §5.1 domain change): remember it
+    only once the OAuth server says the portal is there now (`app.info` with the token the
+    call used), and never an address another portal holds. A self-hosted portal can redirect
+    to any host; until then each call follows the redirect once, and the stored address, the
+    tokens' destination and the frame policy stay as they were."""
+    portal = Portal.objects.filter(pk=portal_id).first()
+    if portal is None:
+        return False
+    try:
+        verified = auth_verify(
+            access_token=access_token,
+            member_id=portal.member_id,
+            domain=None,
+            server_endpoint=portal.oauth_server,
+        )
+    except VerificationFailed as exc:
+        logger.warning(
+            "portal=%s redirected; not remembered: app.info %s", portal.member_id, exc.code
+        )
+        return False
+    if verified.client_endpoint != client_endpoint:
+        logger.warning(
+            "portal=%s redirected to another address than app.info names; not remembered",
+            portal.member_id,
+        )
+        return False
+    return portal_endpoint_update(portal_id=portal.pk, client_endpoint=client_endpoint)
+
+
 @transaction.atomic
-def portal_endpoint_update(*, portal_id: int, client_endpoint: str) -> None:
-    """The portal answered from a new address (domain change, §5.1): remember it."""
+def portal_endpoint_update(*, portal_id: int, client_endpoint: str) -> bool:
+    """The OAuth server vouched for the portal at a new address (domain change, §5.1):
+    remember it, unless another portal holds that domain (then nothing changes: an address
+    never moves from one tenant to another without that one moving first)."""
     portal = Portal.objects.select_for_update().get(pk=portal_id)
+    domain = client_endpoint.split("://", 1)[-1].split("/", 1)[0].lower()
+    if Portal.objects.filter(domain__iexact=domain).exclude(pk=portal.pk).exists():
+        logger.warning(
+            "portal=%s named at a domain another portal holds; not remembered", portal.member_id
+        )
+        return False
     portal.client_endpoint = client_endpoint
-    portal.domain = client_endpoint.split("://", 1)[-1].split("/", 1)[0]
+    portal.domain = domain
     portal.save(update_fields=["client_endpoint", "domain", "updated_at"])
     logger.info("portal moved member_id=%s domain=%s", portal.member_id, portal.domain)
+    return True
 
 
 def account_client(account: Account, *, limiter_max_wait: float | None = 30.0) -> BitrixClient:
@@ -579,8 +644,10 @@ def _client(
     on_domain_change = None
     if portal_id is not None:
 
-        def on_domain_change(endpoint: str) -> None:
-            portal_endpoint_update(portal_id=portal_id, client_endpoint=endpoint)
+        def on_domain_change(endpoint: str, access_token: str) -> None:
+            portal_address_confirm(
+                portal_id=portal_id, client_endpoint=endpoint, access_token=access_token
+            )
 
     return BitrixClient(
         client_endpoint,
@@ -622,6 +689,7 @@ def portal_uninstall(*, portal: Portal, clean: bool) -> None:
         "uninstalled on the portal" + (" (data cleaned)" if clean else ""),
     )
     portal.application_token_hash = ""
+    portal.uninstall_reported_at, portal.uninstall_report = None, ""
     portal.last_seen_at = timezone.now()
     portal.save()
     if clean:
@@ -910,28 +978,119 @@ def _event_sender(auth: dict, verified: VerifiedAuth) -> int:
     return user_id
 
 
-def _app_removed(portal: Portal) -> bool:
-    """Whether Bitrix24 really removed the app: it revokes every token before it sends
-    `ONAPPUNINSTALL`, so a token of ours that still works means the event is not genuine.
-    (`application_token` alone proves little: every user's frame POST carries it.) When the
-    answer cannot be had (the OAuth server unreachable) the event is believed: Bitrix24 never
-    sends it twice, and a genuine uninstall is far likelier than a forged one at that moment."""
-    from b24app.portals.selectors import portal_connection_account
+class Removal:
+    """What the app's own tokens say about an `ONAPPUNINSTALL` (`_uninstall_verdict`)."""
 
-    account = portal_connection_account(portal)
-    if account is None:
-        return True
-    try:
-        oauth_server().app_info(portal.oauth_server, account.access_token)
-    except BitrixTokenExpired:
+    FORGED = "forged"
+    """A token of the app still works: Bitrix24 revokes them all before it sends the event."""
+    CONFIRMED = "confirmed"
+    """A portal admin's token that was known to work is refused now."""
+    UNCONFIRMED = "unconfirmed"
+    """Nobody who may witness it could tell (no admin token, the OAuth server unreachable)."""
+
+
+def _uninstall_verdict(portal: Portal) -> tuple[str, str]:
+    """Whether Bitrix24 really removed the app, from the app's own tokens, with a detail line
+    for the admin.
+
+    `application_token` proves little (every user's frame POST carries it), so the app asks
+    the OAuth server about tokens it holds. Any user's token that still works proves the app
+    installed (forged). Only the installer's or a portal admin's token may confirm a removal
+    (a plain user can hand in any `REFRESH_ID`, and an admin can remove the app anyway), and
+    only a refusal that has no other explanation: an access token refused before its expiry,
+    or a refresh token the OAuth server itself issued (or that came with a verified install)
+    refused though it is not old and no renewal with it was lost. A failed refresh of any other
+    token, no such account, or no answer proves nothing: unconfirmed."""
+    from b24app.portals.selectors import portal_live_accounts, portal_uninstall_witnesses
+
+    witnesses = portal_uninstall_witnesses(portal)
+    witness_ids = {account.pk for account in witnesses}
+    revoked: list[str] = []
+    for account in [*witnesses, *portal_live_accounts(portal)]:
+        if account.pk not in witness_ids and account.expires_at is None:
+            continue
+        said = _token_says(account, refresh=account.pk in witness_ids)
+        if said == "works":
+            return Removal.FORGED, f"user {account.user_id}'s token still works"
+        if said == "refused" and account.pk in witness_ids:
+            revoked.append(str(account.user_id))
+        witness_ids.discard(account.pk)  # asked once, even when also among the live ones
+    if revoked:
+        return Removal.CONFIRMED, "refused the tokens of admin user " + ", ".join(revoked)
+    if not witnesses:
+        return Removal.UNCONFIRMED, "no installer's or portal admin's token to confirm it with"
+    return Removal.UNCONFIRMED, "the OAuth server's answers did not confirm it"
+
+
+REFRESH_TOKEN_DAYS = 180
+"""How long Bitrix24 keeps an unused refresh token."""
+
+
+def _token_says(account: Account, *, refresh: bool) -> str:
+    """Ask the OAuth server about the account's tokens: "works", "refused" (a refusal that
+    means revoked, see `_uninstall_verdict`) or "unknown"."""
+    now = timezone.now()
+    if account.access_token_encrypted and account.expires_at and account.expires_at > now:
         try:
-            account_tokens_refresh(account_id=account.pk, seen_version=account.token_version)
-        except BitrixError:
-            return True  # the refresh token is dead too (or unknowable): removed
-        return False
+            info = oauth_server().app_info(account.portal.oauth_server, account.access_token)
+        except BitrixTokenExpired as exc:
+            if exc.code != "expired_token":
+                return "refused"  # invalid_token an hour early: revoked
+        except BitrixUnavailable:
+            return "unknown"
+        except BitrixError as exc:
+            if exc.code in REMOVED_CODES:
+                return "refused"
+            return "unknown"
+        else:
+            return "works" if _vouches_for(info, account.portal) else "unknown"
+    if not refresh or not account.can_refresh:
+        return "unknown"
+    proven = not account.refresh_from_frame and account.refresh_unconfirmed_at is None
+    if account.tokens_issued_at and account.tokens_issued_at < now - timedelta(
+        days=REFRESH_TOKEN_DAYS - 1
+    ):
+        proven = False
+    try:
+        account_tokens_refresh(account_id=account.pk, seen_version=account.token_version)
+    except (BitrixUnavailable, AccountAwaitingSignIn):
+        return "unknown"
+    except BitrixAuthError as exc:
+        if exc.code in APP_CREDENTIAL_ERRORS:
+            return "refused" if _credentials_work_elsewhere(account.portal) else "unknown"
+        return "refused" if proven else "unknown"
     except BitrixError:
-        return True
-    return False
+        return "unknown"
+    return "works"
+
+
+def _vouches_for(info: dict, portal: Portal) -> bool:
+    """Whether an OAuth server's `app.info` answer vouches for this app installed on `portal`."""
+    install = info.get("install") if isinstance(info.get("install"), dict) else {}
+    return (
+        str(info.get("client_id", "")) == bitrix_config().client_id
+        and str(install.get("member_id", "")) == portal.member_id
+        and bool(install.get("installed"))
+    )
+
+
+@transaction.atomic
+def _uninstall_unconfirmed(portal: Portal, *, clean: bool, detail: str) -> None:
+    """Keep everything and say so in the admin: the event may be forged."""
+    portal = Portal.objects.select_for_update().get(pk=portal.pk)
+    portal.uninstall_reported_at = timezone.now()
+    portal.uninstall_report = (
+        f"Bitrix24 reported the app removed{' (CLEAN requested)' if clean else ''}; "
+        f"not confirmed: {detail}. Nothing was deleted"
+    )[:300]
+    portal.save(update_fields=["uninstall_reported_at", "uninstall_report", "updated_at"])
+
+
+def _uninstall_report_clear(portal: Portal) -> None:
+    """The app works on the portal after all: an unconfirmed uninstall report was not true."""
+    if portal.uninstall_reported_at is not None:
+        Portal.objects.filter(pk=portal.pk).update(uninstall_reported_at=None, uninstall_report="")
+        portal.uninstall_reported_at, portal.uninstall_report = None, ""
 
 
 def _event_digest(event: str, member_id: str, auth: dict) -> str:
@@ -988,9 +1147,17 @@ def event_handle(*, event: str, data: dict, auth: dict, app_url: str = "") -> Ev
             portal, str(auth.get("application_token", ""))
         ):
             return EventOutcome(401, "invalid_application_token")
-        if not _app_removed(portal):
-            return EventOutcome(401, "app_still_installed")
+        verdict, detail = _uninstall_verdict(portal)
         clean = str(data.get("CLEAN", "0")).strip().lower() in ("1", "y", "true")
+        if verdict == Removal.FORGED:
+            logger.warning("ONAPPUNINSTALL refused portal=%s: %s", member_id, detail)
+            return EventOutcome(401, "app_still_installed")
+        if verdict == Removal.UNCONFIRMED:
+            # Keep the data: a plain user knows APPLICATION_TOKEN. A genuine removal leaves the
+            # tokens dead anyway; the operator confirms it in the admin.
+            _uninstall_unconfirmed(portal, clean=clean, detail=detail)
+            logger.warning("ONAPPUNINSTALL not confirmed portal=%s: %s", member_id, detail)
+            return EventOutcome(202, "uninstall_unconfirmed")
         with transaction.atomic():
             if not _event_receipt_take(digest, event, member_id):
                 return EventOutcome(200, "duplicate")
@@ -1115,8 +1282,14 @@ class FrameRefused(PortalError):
         self.status = status
 
 
-def _portal_for_frame(post, domain: str | None) -> Portal:
-    """The portal a placement POST claims to come from, once the claim is checked."""
+def _portal_for_frame(post, domain: str | None) -> tuple[Portal, bool]:
+    """The portal a placement POST claims to come from, once the claim is checked, and whether
+    the OAuth server vouched for the POST's `AUTH_ID` on the way (`app.info`).
+
+    A known portal whose `APPLICATION_TOKEN` and domain match is taken without `app.info`,
+    unless it is marked uninstalled: then only `app.info` can say the app is there after all
+    (a removal wrongly believed, or reinstalled), and a portal it vouches for is active again.
+    """
     member_id = str(post.get("member_id", ""))
     access_token = str(post.get("AUTH_ID", ""))
     if not is_member_id(member_id):
@@ -1127,28 +1300,51 @@ def _portal_for_frame(post, domain: str | None) -> Portal:
         raise FrameRefused(_("Bitrix24 sent no authorization; reopen the app."), status=400)
     portal = Portal.objects.filter(member_id=member_id).first()
     if portal is not None:
-        _refuse_unusable(portal)
-        if application_token_matches(portal, str(post.get("APPLICATION_TOKEN", ""))) and domain in (
-            None,
-            portal.domain,
+        _refuse_blocked(portal)
+        if (
+            portal.state != Portal.State.UNINSTALLED
+            and application_token_matches(portal, str(post.get("APPLICATION_TOKEN", "")))
+            and domain in (None, portal.domain)
         ):
-            return portal
+            return portal, False
     try:
-        verified = auth_verify(
+        verified = _frame_verify(
             access_token=access_token,
             member_id=member_id,
             domain=domain,
             server_endpoint=str(post.get("SERVER_ENDPOINT", "")) or None,
         )
-    except VerificationFailed as exc:
-        status = 503 if exc.code in ("unavailable", "not_configured") else 403
-        raise FrameRefused(exc.message, status=status, code=exc.code) from exc
+    except FrameRefused as exc:
+        if portal is not None and exc.status == 403:
+            _refuse_unusable(portal)
+        raise
     if portal is None:
-        return portal_upsert(verified=verified)
+        return portal_upsert(verified=verified), True
+    if portal.state == Portal.State.UNINSTALLED:
+        if not verified.installed:
+            _refuse_unusable(portal)
+        logger.warning("portal=%s is installed after all, says app.info", portal.member_id)
+        return portal_upsert(verified=verified), True
     if (portal.domain, portal.client_endpoint) != (verified.domain, verified.client_endpoint):
         portal_endpoint_update(portal_id=portal.pk, client_endpoint=verified.client_endpoint)
         portal.refresh_from_db()
-    return portal
+    return portal, True
+
+
+def _frame_verify(**claim) -> VerifiedAuth:
+    """`auth_verify` for a frame: a refusal the frame shows (503 when Bitrix24 cannot answer)."""
+    try:
+        return auth_verify(**claim)
+    except VerificationFailed as exc:
+        status = 503 if exc.code in ("unavailable", "not_configured") else 403
+        raise FrameRefused(exc.message, status=status, code=exc.code) from exc
+
+
+def _refuse_blocked(portal: Portal) -> None:
+    if portal.state == Portal.State.BLOCKED and portal.blocked_by_operator:
+        raise FrameRefused(
+            _("The app's connection to this Bitrix24 is blocked by its operator."), code="blocked"
+        )
 
 
 def _refuse_unusable(portal: Portal) -> None:
@@ -1160,10 +1356,7 @@ def _refuse_unusable(portal: Portal) -> None:
             ),
             code="uninstalled",
         )
-    if portal.state == Portal.State.BLOCKED and portal.blocked_by_operator:
-        raise FrameRefused(
-            _("The app's connection to this Bitrix24 is blocked by its operator."), code="blocked"
-        )
+    _refuse_blocked(portal)
 
 
 def _frame_profile(portal: Portal, access_token: str) -> dict:
@@ -1201,30 +1394,63 @@ def _frame_tokenset(portal: Portal, user_id: int, access: str, refresh: str, exp
     )
 
 
+FRAME_TOKEN_MARGIN = timedelta(minutes=10)
+"""A stored access token with less life than this left is replaced by a frame's fresh one."""
+
+
+def _account_live(account: Account | None) -> bool:
+    """Whether the account acts with tokens the app already trusts for a while yet."""
+    return (
+        account is not None
+        and account.state == Account.State.ACTIVE
+        and bool(account.access_token_encrypted)
+        and account.expires_at is not None
+        and account.expires_at > timezone.now() + FRAME_TOKEN_MARGIN
+    )
+
+
 def frame_account_open(*, post, domain: str | None) -> Account:
     """Verify a placement POST and return the account of the person who opened the frame.
 
     The portal is checked with its stored `APPLICATION_TOKEN` (constant time), or with the OAuth
     server's `app.info` when that is absent, different or the portal is new. Who the person is
-    comes from `profile` with their own `AUTH_ID`; their tokens are stored on their account,
-    which also repairs it (and, for the installer, a portal blocked by a dead token).
+    comes from `profile` with their own `AUTH_ID`.
 
-    `REFRESH_ID` is optional: without it the person works with the access token, and their
-    account keeps the refresh token it had (`_tokens_apply`). Such a visit does not repair a
-    blocked portal: the portal needs a refresh token to act after the frame closes.
+    Their tokens become the account's only once `app.info` vouched that `AUTH_ID` was issued to
+    this app: `profile` answers as well for a token of another app on the same portal. So an
+    account that already acts with a trusted token for a while yet keeps it (the cheap path:
+    no `app.info`); otherwise the token is vouched for and stored, which also repairs the
+    account (and, for the installer, a portal blocked by a dead token). Its `REFRESH_ID` is
+    optional, and one nobody has seen work (`_tokens_apply`); a visit without it does not repair
+    a blocked portal: the portal needs a refresh token to act after the frame closes.
     """
-    portal = _portal_for_frame(post, domain)
+    portal, vouched = _portal_for_frame(post, domain)
     access, refresh = str(post["AUTH_ID"]), str(post.get("REFRESH_ID", ""))
     profile = _frame_profile(portal, access)
     user_id = int(profile["ID"])
-    with transaction.atomic():
-        account = account_tokens_store(
-            portal=portal,
-            user_id=user_id,
-            tokens=_frame_tokenset(portal, user_id, access, refresh, post.get("AUTH_EXPIRES", "")),
-            is_admin=bool(profile.get("ADMIN")),
-            display_name=_profile_name(profile),
+    account = Account.objects.filter(portal=portal, user_id=user_id).first()
+    if not vouched and not _account_live(account):
+        _frame_verify(
+            access_token=access,
+            member_id=portal.member_id,
+            domain=None,
+            server_endpoint=portal.oauth_server,
         )
+        vouched = True
+    with transaction.atomic():
+        if vouched:
+            account = account_tokens_store(
+                portal=portal,
+                user_id=user_id,
+                tokens=_frame_tokenset(
+                    portal, user_id, access, refresh, post.get("AUTH_EXPIRES", "")
+                ),
+                is_admin=bool(profile.get("ADMIN")),
+                display_name=_profile_name(profile),
+                from_frame=True,
+            )
+        else:
+            account = _account_seen(account, profile)
         portal = Portal.objects.select_for_update().get(pk=portal.pk)
         if (
             portal.state in (Portal.State.BLOCKED, Portal.State.NEW)
@@ -1234,11 +1460,22 @@ def frame_account_open(*, post, domain: str | None) -> Account:
             portal.set_state(Portal.State.ACTIVE, "connection repaired by the app being opened")
         portal.last_seen_at = timezone.now()
         portal.save()
+        _uninstall_report_clear(portal)  # the app's token just worked here
         if account.is_admin and portal_bindings_due(portal):
             # An admin is here with a fresh token: the day's check of the bindings (an app
             # update may have dropped them) goes with their visit.
             portal_bindings_check_later(portal_id=portal.pk, account_id=account.pk)
     account.portal = portal
+    return account
+
+
+def _account_seen(account: Account, profile: dict) -> Account:
+    """The person opened the app again while their stored tokens hold: what `profile` says
+    about them is remembered, their tokens are kept."""
+    account.is_admin = bool(profile.get("ADMIN"))
+    account.display_name = _profile_name(profile).replace("\x00", "")[:255] or account.display_name
+    account.last_seen_at = timezone.now()
+    account.save(update_fields=["is_admin", "display_name", "last_seen_at", "updated_at"])
     return account
 
 
@@ -1260,6 +1497,14 @@ def frame_session_renew(
     profile = _frame_profile(account.portal, access_token)
     if int(profile["ID"]) != account.user_id:
         raise FrameRefused(_("This session belongs to someone else; reopen the app."))
+    if _account_live(account):
+        return _account_seen(account, profile)
+    _frame_verify(  # `profile` answers for another app's token too: only app.info tells
+        access_token=access_token,
+        member_id=account.portal.member_id,
+        domain=None,
+        server_endpoint=account.portal.oauth_server,
+    )
     return account_tokens_store(
         portal=account.portal,
         user_id=account.user_id,
@@ -1267,4 +1512,5 @@ def frame_session_renew(
             account.portal, account.user_id, access_token, refresh_token, expires_in
         ),
         is_admin=bool(profile.get("ADMIN")),
+        from_frame=True,
     )

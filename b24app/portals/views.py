@@ -96,7 +96,10 @@ def events(request):
             outcome.code,
         )
         return JsonResponse({"status": "error", "error": outcome.code}, status=outcome.status)
-    return JsonResponse({"status": "ok", "message": "event accepted", "outcome": outcome.code})
+    return JsonResponse(
+        {"status": "ok", "message": "event accepted", "outcome": outcome.code},
+        status=outcome.status,
+    )
 
 
 @staff_member_required

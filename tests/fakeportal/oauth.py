@@ -259,7 +259,7 @@ def app_info(fake, req: Request) -> Response:
             )
         portal = fake.portal(token.member_id)
         result = {
-            "client_id": fake.client_id,
+            "client_id": token.client_id or fake.client_id,
             "scope": token.scope,
             # [UNCONFIRMED] exact format of `expires`: ISO 8601 of the token expiry.
             "expires": portal.iso(token.expires_at),

@@ -101,6 +101,8 @@ class FakePortal:
         self.card_handler_id = self.next_id("event_binding")
         self._failures: list[dict] = []
         self._listeners: list[Listener] = [self._new_listener(port)]
+        self._aliases: list[Listener] = []
+        self._redirect_origin: str | None = None
 
     # ---- addresses
 
@@ -331,6 +333,24 @@ class FakePortal:
                 "user_id": user_id,
                 "refresh_token": refresh.token,
             }
+
+    def other_app_access_token(self, user_id: int, client_id: str = "local.other.app") -> str:
+        """An access token another app installed on this portal holds for ``user_id``: REST
+        methods such as ``profile`` accept it as they accept ours; only ``app.info`` on the
+        OAuth server tells the two apps apart (its ``client_id``)."""
+        with self.lock:
+            if user_id not in self.users:
+                raise KeyError(f"no user {user_id} on portal {self.member_id}")
+            token = AccessToken(
+                new_token(),
+                self.member_id,
+                user_id,
+                self.scopes,
+                self.fake.now() + ACCESS_TTL_S,
+                client_id=client_id,
+            )
+            self.fake.access_tokens[token.token] = token
+            return token.token
 
     def expire_access_tokens(self, user_id: int | None = None) -> int:
         """Make the access tokens issued so far expired (-> 401 expired_token)."""
@@ -690,8 +710,22 @@ class FakePortal:
             self._listeners.append(listener)
         return self.domain
 
+    def redirect_to(self, origin: str | None) -> None:
+        """Answer every request at the portal's address with a 302 to the same path on
+        ``origin`` (anyone who runs a portal can answer what they like); ``None`` stops it."""
+        with self.lock:
+            self._redirect_origin = origin.rstrip("/") if origin else None
+
+    def alias(self) -> str:
+        """Another address serving this portal that ``app.info`` does not name (a mirror the
+        portal's owner runs): returns its origin."""
+        listener = self._new_listener(0)
+        with self.lock:
+            self._aliases.append(listener)
+        return listener.url
+
     def stop(self) -> None:
-        for listener in self._listeners:
+        for listener in [*self._listeners, *self._aliases]:
             listener.stop()
 
     def calls(self, method=None, api=None) -> list[dict]:
@@ -733,7 +767,10 @@ class FakePortal:
 
     def _route(self, req: Request, listener: Listener, record: dict):
         path = req.path
-        if listener is not self._listeners[-1]:
+        if self._redirect_origin and listener is self._listeners[-1]:
+            record["api"] = "redirect"
+            return Response.redirect(self._redirect_origin + req.target)
+        if listener is not self._listeners[-1] and listener not in self._aliases:
             # Old domain: every request is redirected to the same path on the new host.
             record["api"] = "redirect"
             return Response.redirect(self.url + req.target)

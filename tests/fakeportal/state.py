@@ -71,6 +71,8 @@ class AccessToken:
     scope: str
     expires_at: float
     revoked: bool = False
+    client_id: str = ""
+    """The app the token was issued to; empty: the fake's own app (``fake.client_id``)."""
 
 
 @dataclass

@@ -59,6 +59,12 @@ def refresh_calls(fake) -> list[dict]:
     return [call for call in fake.token_calls if call["grant_type"] == "refresh_token"]
 
 
+def _stored_token_nearly_expired(user_id: int) -> None:
+    """An hour later: the stored access token is about to expire, so the next visit's is kept
+    (a fresher one is kept only once app.info vouched for it)."""
+    Account.objects.filter(user_id=user_id).update(expires_at=timezone.now() + timedelta(minutes=1))
+
+
 def account_of(user_id: int) -> Account:
     return Account.objects.get(user_id=user_id)
 
@@ -81,6 +87,7 @@ def test_placement_post_without_refresh_id_keeps_the_stored_refresh_token(
     client, fake, portal, task
 ):
     open_with_refresh(client, portal, BORIS, task)
+    _stored_token_nearly_expired(BORIS)
     before = account_of(BORIS)
 
     response, fields = open_without_refresh(client, portal, BORIS, task)
@@ -101,6 +108,7 @@ def test_placement_post_without_refresh_id_keeps_the_stored_refresh_token(
 def test_session_renewal_without_refresh_id_keeps_the_stored_refresh_token(client, portal, task):
     response, _ = open_with_refresh(client, portal, BORIS, task)
     stored = account_of(BORIS).refresh_token
+    _stored_token_nearly_expired(BORIS)
     fresh = portal.issue_tokens(BORIS)
 
     renewed = frame_post(

@@ -175,6 +175,7 @@ def test_screen_for_an_unusable_portal_is_a_clear_4xx_page(
 ):
     install(client, portal)
     Portal.objects.update(state=state, blocked_by_operator=blocked_by_operator)
+    portal.installed = state != "uninstalled"  # what app.info says of the install
     response = open_screen(client, portal, options={"taskId": str(task)})
     assert response.status_code == 403
     assert 'data-screen="refused"' in response.content.decode()
