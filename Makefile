@@ -10,7 +10,7 @@ SANDBOX_OAUTH_PORT ?= 8101
 SANDBOX_CLIENT_ID := app.sandbox000000001.00000001
 SANDBOX_CLIENT_SECRET := sandbox-client-secret-not-a-real-one
 
-.PHONY: run test install install-dev install-bench env lint bench clean
+.PHONY: run test install install-dev install-bench env lint lock bench clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -18,11 +18,23 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# Installs are exact: requirements/*.txt lock what pyproject.toml's ranges resolved to when the
+# tests last passed. `make lock` writes them again after a dependency changes.
 install: $(BIN)/python
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -r requirements/base.txt
+	$(BIN)/pip install --quiet --no-deps -e .
 
 install-dev: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+
+LOCK_VENV := .venv-lock
+LOCK := $(LOCK_VENV)/bin/pip-compile --quiet --strip-extras --no-emit-index-url --no-emit-find-links
+lock:
+	@test -x $(LOCK_VENV)/bin/pip-compile || \
+		{ $(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install --quiet pip-tools; }
+	$(LOCK) --output-file requirements/base.txt pyproject.toml
+	$(LOCK) --extra dev --output-file requirements/dev.txt pyproject.toml
 
 # A .env with a fresh secret key for local runs; an existing .env is never touched.
 env: $(BIN)/python
@@ -54,8 +66,8 @@ lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-install-bench: $(BIN)/python
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+install-bench: install-dev
+	$(BIN)/pip install --quiet -c requirements/dev.txt -e '.[dev,bench]'
 
 bench: install-bench
 	$(BIN)/python -m bench

@@ -1,7 +1,7 @@
 """A fake Bitrix24 portal + fake OAuth server for tests and the local sandbox.
 
-Standard library only. See README.md in this folder and
-``shared/docs/bitrix24-protocol.md`` (the protocol it follows).
+Standard library only. See README.md in this folder and ``docs/PLATFORM.md`` (what Bitrix24
+does where its documentation is silent, and the switch that plays each answer).
 
     from tests.fakeportal import FakeBitrix
 
