@@ -511,3 +511,59 @@ def test_admin_write_actions_need_the_change_permission(
         done.get("Location", "").startswith("/b24/oauth/start/")
         or _what_an_action_touches(fake, portal) != before
     )
+
+
+# --- tenants never read operators' names or internal detail ------------------------------------
+
+
+def _panel(client, portal, user_id: int, lang: str = "en") -> str:
+    """The connection panel a portal admin sees on the app's own page (DEFAULT placement)."""
+    response = post_frame(client, *portal.frame_post(user_id, placement="DEFAULT", lang=lang))
+    assert response.status_code == 200, response.content.decode()[:1000]
+    html = response.content.decode()
+    match = re.search(r'<section class="panel connection".*?</section>', html, re.S)
+    assert match, html[:2000]
+    return match.group(0)
+
+
+def _panel_state(panel: str) -> str:
+    return re.search(r"<dd data-portal-state>(.*?)</dd>", panel, re.S).group(1).strip()
+
+
+def test_connection_panel_names_no_operator_after_a_reconnect(
+    client, django_user_model, fake, portal, blocked
+):
+    operator = Client()
+    operator.force_login(
+        django_user_model.objects.create_superuser("ops.jsmith", "j@example.com", "pw-ops-123")
+    )
+    assert operator.get(_through_bitrix24(_start(operator, blocked.member_id))).status_code == 302
+    stored = Portal.objects.get()
+    assert stored.state_reason == "reconnected via OAuth by ops.jsmith"
+    assert (
+        "ops.jsmith" in operator.get(f"/admin/portals/portal/{stored.pk}/change/").content.decode()
+    )
+
+    english, russian = _panel(client, portal, 1), _panel(client, portal, 1, lang="ru")
+
+    assert _panel_state(english) == "Active"
+    assert _panel_state(russian) == "Работает"
+    for panel in (english, russian):
+        assert "ops.jsmith" not in panel and "reconnected" not in panel
+
+
+def test_connection_panel_of_a_blocked_portal_gives_a_neutral_reason(client, fake, portal, blocked):
+    carl = portal.add_user(name="Carl", last_name="Weber", admin=True)  # not the installer
+    internal = Portal.objects.get().state_reason
+    assert "invalid_grant" in internal
+
+    english, russian = _panel(client, portal, carl), _panel(client, portal, carl, lang="ru")
+
+    assert _panel_state(english) == (
+        "Blocked — Waiting for the administrator who installed the app to open it again."
+    )
+    assert _panel_state(russian) == (
+        "Заблокировано — Ожидает, когда администратор, установивший приложение, снова его откроет."
+    )
+    for panel in (english, russian):
+        assert "invalid_grant" not in panel and internal not in panel
