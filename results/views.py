@@ -18,6 +18,7 @@ from django.shortcuts import render
 from django.template.loader import render_to_string
 from django.utils import translation
 from django.utils.translation import gettext as _
+from django.utils.translation import pgettext
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
@@ -220,13 +221,33 @@ def _render_screen(
     return render(request, "results/screen.html", context, status=status or context["status"])
 
 
+def _connection_state(portal: Portal) -> tuple[str, str]:
+    """The portal's state and a neutral reason, as the portal's people may read them. The
+    recorded `state_reason` is for operators (the admin): it names operators and carries
+    Bitrix24's codes, so it never reaches the screen."""
+    if portal.state == Portal.State.ACTIVE:
+        return pgettext("connection state", "Active"), ""
+    if portal.state == Portal.State.BLOCKED and portal.blocked_by_operator:
+        return pgettext("connection state", "Blocked"), _("Blocked by the app's operator.")
+    if portal.state == Portal.State.BLOCKED:
+        return pgettext("connection state", "Blocked"), _(
+            "Waiting for the administrator who installed the app to open it again."
+        )
+    if portal.state == Portal.State.UNINSTALLED:
+        return pgettext("connection state", "Uninstalled"), _(
+            "The app was removed from this Bitrix24."
+        )
+    return pgettext("connection state", "New"), _("Waiting for the installation to finish.")
+
+
 def _connection_panel(fr: Frame) -> dict:
     """What a portal admin sees of the app's connection: read from what the app recorded, so
     the page costs no call to Bitrix24 (the bindings are read by their own check)."""
     portal = fr.portal
+    state, reason = _connection_state(portal)
     return {
-        "state": portal.get_state_display(),
-        "reason": portal.state_reason,
+        "state": state,
+        "reason": reason,
         "last_refreshed_at": portal_last_refreshed_at(portal),
         "bindings": portal.bindings,
         "bindings_label": portal.get_bindings_display(),

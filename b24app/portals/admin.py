@@ -85,6 +85,7 @@ class PortalAdmin(admin.ModelAdmin):
         "state",
         "state_reason",
         "state_changed_at",
+        "blocked_by_operator",
         "bindings",
         "bindings_detail",
         "bindings_checked_at",
@@ -93,13 +94,14 @@ class PortalAdmin(admin.ModelAdmin):
         "created_at",
         "updated_at",
     )
-    fields = readonly_fields[:8] + ("rate_limit",) + readonly_fields[8:]
+    fields = readonly_fields[:9] + ("rate_limit",) + readonly_fields[9:]
     inlines = [AccountInline]
     actions = [
         "verify_connection",
         "check_bindings",
         "refresh_tokens_now",
         "block",
+        "unblock",
         "reconnect_via_oauth",
     ]
 
@@ -120,7 +122,7 @@ class PortalAdmin(admin.ModelAdmin):
     def last_refresh_error(self, portal: Portal) -> str:
         return portal.latest_refresh_error
 
-    @admin.action(description="Verify connection (app.info)")
+    @admin.action(description="Verify connection (app.info)", permissions=["change"])
     def verify_connection(self, request, queryset):
         for portal in queryset:
             try:
@@ -130,7 +132,7 @@ class PortalAdmin(admin.ModelAdmin):
             else:
                 self.message_user(request, f"{portal.domain}: connected, app {outcome}.")
 
-    @admin.action(description="Check bindings (bind again what is missing)")
+    @admin.action(description="Check bindings (bind again what is missing)", permissions=["change"])
     def check_bindings(self, request, queryset):
         for portal in queryset:
             try:
@@ -145,7 +147,7 @@ class PortalAdmin(admin.ModelAdmin):
             level = messages.SUCCESS if portal.bindings in ("ok", "repaired") else messages.ERROR
             self.message_user(request, f"{portal.domain}: {text}", level)
 
-    @admin.action(description="Refresh tokens now")
+    @admin.action(description="Refresh tokens now", permissions=["change"])
     def refresh_tokens_now(self, request, queryset):
         for portal in queryset:
             refreshed, failed = services.portal_tokens_refresh(portal=portal)
@@ -154,7 +156,7 @@ class PortalAdmin(admin.ModelAdmin):
                 request, f"{portal.domain}: {refreshed} refreshed, {failed} failed.", level
             )
 
-    @admin.action(description="Block")
+    @admin.action(description="Block", permissions=["change"])
     def block(self, request, queryset):
         for portal in queryset:
             services.portal_block(
@@ -162,7 +164,26 @@ class PortalAdmin(admin.ModelAdmin):
             )
         self.message_user(request, f"{queryset.count()} portal(s) blocked.")
 
-    @admin.action(description="Reconnect via OAuth")
+    @admin.action(description="Unblock (lift an operator's block)", permissions=["change"])
+    def unblock(self, request, queryset):
+        for portal in queryset:
+            if not portal.blocked_by_operator:
+                self.message_user(
+                    request, f"{portal.domain}: not blocked by an operator.", messages.WARNING
+                )
+                continue
+            portal = services.portal_unblock(
+                portal_id=portal.pk,
+                reason=f"unblocked by operator {request.user.get_username()}",
+            )
+            level = messages.SUCCESS if portal.state == Portal.State.ACTIVE else messages.WARNING
+            self.message_user(
+                request,
+                f"{portal.domain}: {portal.get_state_display()}, {portal.state_reason}.",
+                level,
+            )
+
+    @admin.action(description="Reconnect via OAuth", permissions=["change"])
     def reconnect_via_oauth(self, request, queryset):
         if queryset.count() != 1:
             self.message_user(request, "Reconnect one portal at a time.", messages.WARNING)

@@ -714,6 +714,31 @@ def portal_block(*, portal_id: int, reason: str) -> Portal:
     return portal
 
 
+@transaction.atomic
+def portal_unblock(*, portal_id: int, reason: str) -> Portal:
+    """Lift an operator's block (only this lifts it). The portal is active again if its
+    installer's tokens work; otherwise it is blocked as by a dead token, which the installer
+    opening the app or a reconnect repairs. A portal not blocked by its operator is left as is."""
+    portal = Portal.objects.select_for_update().get(pk=portal_id)
+    if not portal.blocked_by_operator:
+        return portal
+    installer_works = (
+        portal.accounts.filter(is_installer=True, state=Account.State.ACTIVE)
+        .exclude(refresh_token_encrypted="")
+        .exists()
+    )
+    if installer_works:
+        portal.set_state(Portal.State.ACTIVE, reason)
+    else:
+        portal.set_state(
+            Portal.State.BLOCKED,
+            f"{reason}; the installer's tokens do not work: the installer opens the app, or "
+            "reconnect via OAuth",
+        )
+    portal.save()
+    return portal
+
+
 # --- install -----------------------------------------------------------------------------------
 
 
@@ -1213,7 +1238,11 @@ def event_handle(*, event: str, data: dict, auth: dict, app_url: str = "") -> Ev
 
 def portal_reconnect(*, portal: Portal, code: str, operator: str) -> Account:
     """Finish the authorization-code flow an operator started: store the authorizing user's
-    tokens as the portal's connection and make a blocked portal active again."""
+    tokens as the portal's connection and make a portal blocked by a dead token active again.
+
+    Only a portal admin may become the connection: `profile` is asked with the new access
+    token, and anyone else is refused with nothing stored. A portal blocked by its operator
+    stays blocked (the operator unblocks it explicitly, `portal_unblock`)."""
     if not code:
         raise PortalError(_("Bitrix24 sent no authorization code; start the reconnect again."))
     require_configured()
@@ -1223,12 +1252,45 @@ def portal_reconnect(*, portal: Portal, code: str, operator: str) -> Account:
         raise PortalError(f"Bitrix24 refused the authorization code ({exc.code}).") from exc
     if tokens.member_id != portal.member_id or not tokens.user_id:
         raise PortalError(_("Bitrix24 issued tokens for another portal; nothing was changed."))
+    try:
+        profile = _portal_client(portal, tokens.access_token, limiter_max_wait=30.0).call("profile")
+    except BitrixError as exc:
+        raise PortalError(
+            _("Bitrix24 did not tell who authorized the reconnect; nothing was changed.")
+        ) from exc
+    if not isinstance(profile, dict) or str(profile.get("ID", "")) != str(tokens.user_id):
+        raise PortalError(
+            _("Bitrix24 did not tell who authorized the reconnect; nothing was changed.")
+        )
+    if profile.get("ADMIN") is not True:
+        logger.warning(
+            "reconnect refused portal=%s user=%s by=%s error=not_admin",
+            portal.member_id,
+            tokens.user_id,
+            operator,
+        )
+        raise PortalError(
+            _(
+                "Only a Bitrix24 administrator of this portal can reconnect it, and the user who "
+                "authorized it is not one; nothing was changed. Log in to Bitrix24 as an "
+                "administrator and start the reconnect again."
+            ),
+            code="not_admin",
+        )
     with transaction.atomic():
         account = account_tokens_store(
-            portal=portal, user_id=tokens.user_id, tokens=tokens, is_installer=True
+            portal=portal,
+            user_id=tokens.user_id,
+            tokens=tokens,
+            is_installer=True,
+            is_admin=True,
+            display_name=_profile_name(profile),
         )
         portal = Portal.objects.select_for_update().get(pk=portal.pk)
-        if portal.state in (Portal.State.BLOCKED, Portal.State.NEW):
+        if (
+            portal.state in (Portal.State.BLOCKED, Portal.State.NEW)
+            and not portal.blocked_by_operator
+        ):
             portal.set_state(Portal.State.ACTIVE, f"reconnected via OAuth by {operator}")
             portal.save()
     logger.info("reconnected portal=%s user=%s by=%s", portal.member_id, tokens.user_id, operator)

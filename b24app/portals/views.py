@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 
 from django.conf import settings
-from django.contrib import messages
+from django.contrib import admin, messages
 from django.contrib.admin.views.decorators import staff_member_required
 from django.core import signing
+from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponseBadRequest, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import translation
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from b24app.framing import allow_portal_framing, claimed_portal_origin
 from b24app.languages import frame_language
@@ -102,25 +104,55 @@ def events(request):
     )
 
 
-@staff_member_required
-@require_GET
+OAUTH_PERMISSION = "portals.change_portal"
+
+
+def _operator_may_reconnect(view):
+    """Staff only (others go to the admin's login), and with `portals.change_portal`: a
+    reconnect writes the portal's connection (403 otherwise)."""
+
+    @staff_member_required
+    @functools.wraps(view)
+    def wrapped(request, *args, **kwargs):
+        if not request.user.has_perm(OAUTH_PERMISSION):
+            raise PermissionDenied("Reconnecting a portal needs the permission to change portals.")
+        return view(request, *args, **kwargs)
+
+    return wrapped
+
+
+@_operator_may_reconnect
+@require_http_methods(["GET", "POST"])
 def oauth_start(request):
-    member_id = request.GET.get("portal", "")
+    """GET shows what is about to happen and a form; only its POST (with Django's CSRF token,
+    so never from another site) starts the flow. A GET changes nothing, not even the session."""
+    source = request.POST if request.method == "POST" else request.GET
+    member_id = source.get("portal", "")
     if not services.is_member_id(member_id):
         raise Http404("No such portal")
     portal = get_object_or_404(Portal, member_id=member_id)
+    if request.method == "GET":
+        context = {
+            **admin.site.each_context(request),
+            "title": f"Reconnect {portal.domain} via OAuth",
+            "portal": portal,
+            "opts": Portal._meta,
+        }
+        return render(request, "portals/oauth_start.html", context)
     nonce = secrets.token_urlsafe(16)
-    request.session[OAUTH_SESSION_KEY] = nonce
     state = signing.dumps({"m": portal.member_id, "n": nonce}, salt=OAUTH_STATE_SALT)
     try:
         services.require_configured()
-        return redirect(services.oauth_server().authorize_url(portal.base_url, state))
+        authorize = services.oauth_server().authorize_url(portal.base_url, state)
     except (services.PortalError, BitrixError) as exc:
         messages.error(request, f"Cannot start the OAuth reconnect: {exc}")
         return redirect(reverse("admin:portals_portal_change", args=[portal.pk]))
+    # The state is good only in this session: the callback compares its nonce with this one.
+    request.session[OAUTH_SESSION_KEY] = nonce
+    return redirect(authorize)
 
 
-@staff_member_required
+@_operator_may_reconnect
 @require_GET
 def oauth_callback(request):
     try:
@@ -144,5 +176,13 @@ def oauth_callback(request):
     except services.PortalError as exc:
         messages.error(request, exc.message)
     else:
-        messages.success(request, f"{portal.domain} is reconnected.")
+        portal.refresh_from_db()
+        if portal.blocked_by_operator:
+            messages.warning(
+                request,
+                f"{portal.domain}: the new tokens are stored, and the portal stays blocked by "
+                'its operator. Use the "Unblock" action when it may work again.',
+            )
+        else:
+            messages.success(request, f"{portal.domain} is reconnected.")
     return redirect(reverse("admin:portals_portal_change", args=[portal.pk]))

@@ -1433,7 +1433,7 @@ def test_session_renew_needs_the_same_persons_fresh_auth(
     exchange(world, world.anonymous, sent, lambda s: renew_scope(world, s))
 
 
-# --- GET /b24/oauth/start/ and /b24/oauth/callback/ (operators only) ---------------------------
+# --- /b24/oauth/start/ (GET asks, POST starts) and /b24/oauth/callback/ (operators only) -------
 
 
 class Operator:
@@ -1444,7 +1444,7 @@ class Operator:
         self.client.force_login(
             user_model.objects.create_superuser("operator", "op@example.com", "pw-operator-123")
         )
-        start = self.client.get(f"/b24/oauth/start/?portal={world.a.member_id}")
+        start = self.client.post("/b24/oauth/start/", {"portal": world.a.member_id})
         assert start.status_code == 302, start.content[:300]
         answer = requests.get(start["Location"], allow_redirects=False, timeout=10)
         assert answer.status_code == 302, answer.text[:300]

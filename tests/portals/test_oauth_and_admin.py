@@ -1,17 +1,22 @@
 """OAuth reconnect, the operator admin and the `b24` command: repair paths, no token shown."""
 
+import re
 from io import StringIO
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 import requests
 from cryptography.fernet import Fernet
+from django.contrib.auth.models import Permission
+from django.core import signing
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.test import Client
 
 from b24app.portals import services
 from b24app.portals.models import Account, Portal
-from tests.portals.support import install, issued_tokens, kill_installer_tokens
+from b24app.portals.views import OAUTH_SESSION_KEY, OAUTH_STATE_SALT
+from tests.portals.support import install, issued_tokens, kill_installer_tokens, post_frame
 
 pytestmark = pytest.mark.django_db
 
@@ -25,8 +30,13 @@ def blocked(client, fake, portal):
     return Portal.objects.get()
 
 
+def _start(client, member_id):
+    """The operator confirms the reconnect: the POST of the form `GET /b24/oauth/start/` shows."""
+    return client.post("/b24/oauth/start/", {"portal": member_id})
+
+
 def test_oauth_reconnect_restores_a_blocked_portal(admin_client, fake, portal, blocked):
-    start = admin_client.get(f"/b24/oauth/start/?portal={blocked.member_id}")
+    start = _start(admin_client, blocked.member_id)
     assert start.status_code == 302
     authorize = start["Location"]
     assert authorize.startswith(portal.url + "/oauth/authorize/?")
@@ -51,7 +61,7 @@ def test_oauth_reconnect_restores_a_blocked_portal(admin_client, fake, portal, b
 
 def _reconnect(admin_client, member_id):
     """The operator's reconnect, start to callback; returns the callback's response."""
-    start = admin_client.get(f"/b24/oauth/start/?portal={member_id}")
+    start = _start(admin_client, member_id)
     answer = requests.get(start["Location"], allow_redirects=False, timeout=5)
     callback = urlsplit(answer.headers["Location"])
     return admin_client.get(f"{callback.path}?{callback.query}")
@@ -114,7 +124,7 @@ def test_oauth_callback_with_forged_state_changes_nothing(admin_client, blocked)
 def test_oauth_callback_from_another_browser_is_refused(
     admin_client, client, django_user_model, blocked
 ):
-    start = admin_client.get(f"/b24/oauth/start/?portal={blocked.member_id}")
+    start = _start(admin_client, blocked.member_id)
     state = parse_qs(urlsplit(start["Location"]).query)["state"][0]
     other = django_user_model.objects.create_superuser("other", "o@example.com", "pw-other-123")
     client.force_login(other)
@@ -261,3 +271,299 @@ def test_operator_block_survives_the_installers_token_dying(admin_client, client
     stored = Portal.objects.get()
     assert stored.state == Portal.State.BLOCKED and stored.blocked_by_operator
     assert "operator" in stored.state_reason
+
+
+# --- the reconnect cannot be driven from another site, needs the change permission, and makes
+# --- only a portal admin the connection; an operator's block stays until an operator lifts it
+
+
+def _operator(django_user_model, username, *codenames, client=None):
+    """A logged-in staff user holding only the given `portals` permissions."""
+    user = django_user_model.objects.create_user(
+        username, f"{username}@example.com", "pw-operator-123", is_staff=True
+    )
+    user.user_permissions.set(
+        Permission.objects.filter(content_type__app_label="portals", codename__in=codenames)
+    )
+    client = client or Client()
+    client.force_login(user)
+    return client
+
+
+def _authorization_code_calls(fake) -> list:
+    return [c for c in fake.token_calls if c["grant_type"] == "authorization_code"]
+
+
+def _through_bitrix24(start) -> str:
+    """The operator's browser at the portal: the path and query Bitrix24 sends it back to."""
+    answer = requests.get(start["Location"], allow_redirects=False, timeout=5)
+    assert answer.status_code == 302, answer.text[:300]
+    callback = urlsplit(answer.headers["Location"])
+    return f"{callback.path}?{callback.query}"
+
+
+def test_oauth_start_by_get_only_shows_a_confirmation_and_changes_nothing(
+    admin_client, fake, portal, blocked
+):
+    token_calls = len(fake.token_calls)
+    # What a cross-site <img src> or link makes an operator's browser do: a GET, cookies and all.
+    page = admin_client.get(f"/b24/oauth/start/?portal={blocked.member_id}")
+
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert 'id="site-name"' in html  # the admin's own look (admin/base_site.html)
+    assert '<form method="post" action="/b24/oauth/start/">' in html
+    assert 'name="csrfmiddlewaretoken"' in html
+    assert f'name="portal" value="{blocked.member_id}"' in html and blocked.domain in html
+    assert "Bitrix24 administrator" in html
+    assert page["X-Frame-Options"] == "DENY"
+    assert OAUTH_SESSION_KEY not in admin_client.session  # no flow was started
+    assert not [r for r in portal.requests if r["method_name"] == "oauth.authorize"]
+    assert len(fake.token_calls) == token_calls
+    assert Portal.objects.get().state == Portal.State.BLOCKED
+
+
+def test_oauth_start_post_needs_the_pages_csrf_token(django_user_model, fake, portal, blocked):
+    # A cross-site form POST carries the operator's session cookie but not the CSRF token.
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(
+        django_user_model.objects.create_superuser("ops", "ops@example.com", "pw-ops-12345")
+    )
+    forged = browser.post("/b24/oauth/start/", {"portal": blocked.member_id})
+    assert forged.status_code == 403
+    assert OAUTH_SESSION_KEY not in browser.session
+
+    page = browser.get(f"/b24/oauth/start/?portal={blocked.member_id}").content.decode()
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+    started = browser.post(
+        "/b24/oauth/start/", {"portal": blocked.member_id, "csrfmiddlewaretoken": token}
+    )
+    assert started.status_code == 302
+    assert started["Location"].startswith(portal.url + "/oauth/authorize/?")
+    assert browser.session[OAUTH_SESSION_KEY]
+
+
+def test_oauth_reconnect_needs_the_change_permission(django_user_model, fake, portal, blocked):
+    viewer = _operator(django_user_model, "viewer", "view_portal")
+    assert viewer.get(f"/b24/oauth/start/?portal={blocked.member_id}").status_code == 403
+    assert _start(viewer, blocked.member_id).status_code == 403
+    assert OAUTH_SESSION_KEY not in viewer.session
+
+    # Even holding a state bound to its own session and Bitrix24's genuine code, the callback
+    # refuses a viewer before the code is spent.
+    session = viewer.session
+    session[OAUTH_SESSION_KEY] = "nonce-of-this-session"
+    session.save()
+    state = signing.dumps(
+        {"m": blocked.member_id, "n": "nonce-of-this-session"}, salt=OAUTH_STATE_SALT
+    )
+    query = urlencode({"client_id": fake.client_id, "state": state})
+    answer = requests.get(
+        f"{portal.url}/oauth/authorize/?{query}", allow_redirects=False, timeout=5
+    )
+    callback = urlsplit(answer.headers["Location"])
+    refused = viewer.get(f"{callback.path}?{callback.query}")
+
+    assert refused.status_code == 403
+    assert Portal.objects.get().state == Portal.State.BLOCKED
+    assert not _authorization_code_calls(fake)
+
+    # The change permission (no superuser) is enough for the whole flow.
+    editor = _operator(django_user_model, "editor", "view_portal", "change_portal")
+    assert editor.get(f"/b24/oauth/start/?portal={blocked.member_id}").status_code == 200
+    done = editor.get(_through_bitrix24(_start(editor, blocked.member_id)))
+    assert done.status_code == 302
+    assert Portal.objects.get().state == Portal.State.ACTIVE
+
+
+def test_oauth_state_is_good_only_in_the_session_that_started_it(admin_user, fake, portal, blocked):
+    started_here, elsewhere = Client(), Client()
+    started_here.force_login(admin_user)
+    elsewhere.force_login(admin_user)  # the same operator, in another browser
+    callback = _through_bitrix24(_start(started_here, blocked.member_id))
+
+    assert elsewhere.get(callback).status_code == 400
+    assert Portal.objects.get().state == Portal.State.BLOCKED
+    assert not _authorization_code_calls(fake)
+
+    assert started_here.get(callback).status_code == 302
+    assert Portal.objects.get().state == Portal.State.ACTIVE
+
+
+def test_oauth_reconnect_by_a_non_admin_is_refused_and_stores_nothing(
+    admin_client, client, fake, portal, blocked
+):
+    post_frame(client, *portal.frame_post(2))  # Boris (no admin) has opened the app
+    before = list(Account.objects.order_by("pk").values())
+    portal_before = Portal.objects.values().get()
+    fake.authorize_as_user = 2  # Boris is the one logged in to Bitrix24 when it asks
+
+    done = admin_client.get(_through_bitrix24(_start(admin_client, blocked.member_id)))
+
+    assert done.status_code == 302
+    shown = admin_client.get(done["Location"]).content.decode()
+    assert "Only a Bitrix24 administrator of this portal can reconnect it" in shown
+    assert [c["ok"] for c in _authorization_code_calls(fake)] == [True]  # the code was good
+    assert list(Account.objects.order_by("pk").values()) == before
+    assert Portal.objects.values().get() == portal_before
+    assert not Account.objects.get(user_id=2).is_installer
+
+
+def test_oauth_reconnect_keeps_an_operators_block(admin_client, client, fake, portal):
+    install(client, portal)
+    stored = Portal.objects.get()
+    url = "/admin/portals/portal/"
+    admin_client.post(url, {"action": "block", "_selected_action": [stored.pk]})
+    blocked_reason = Portal.objects.get().state_reason
+    assert "confirmation" not in blocked_reason
+    page = admin_client.get(f"/b24/oauth/start/?portal={stored.member_id}").content.decode()
+    assert "blocked by an operator" in page
+    version = Account.objects.get(user_id=1).token_version
+
+    done = admin_client.get(_through_bitrix24(_start(admin_client, stored.member_id)))
+
+    stored = Portal.objects.get()
+    assert stored.state == Portal.State.BLOCKED and stored.blocked_by_operator
+    assert stored.state_reason == blocked_reason
+    assert Account.objects.get(user_id=1).token_version == version + 1  # the tokens are stored
+    shown = admin_client.get(done["Location"]).content.decode()
+    assert "stays blocked by its operator" in shown
+    refused = post_frame(client, *portal.frame_post(1, placement="DEFAULT"))
+    assert refused.status_code == 403 and 'data-screen="refused"' in refused.content.decode()
+
+    # Only the operator's explicit Unblock lifts it.
+    admin_client.post(url, {"action": "unblock", "_selected_action": [stored.pk]})
+    stored = Portal.objects.get()
+    assert stored.state == Portal.State.ACTIVE and not stored.blocked_by_operator
+    assert stored.state_reason == "unblocked by operator admin"
+    assert post_frame(client, *portal.frame_post(1, placement="DEFAULT")).status_code == 200
+
+
+def test_admin_unblock_with_the_installers_tokens_dead_leaves_it_blocked_by_token(
+    admin_client, client, fake, portal
+):
+    install(client, portal)
+    stored = Portal.objects.get()
+    url = "/admin/portals/portal/"
+    admin_client.post(url, {"action": "block", "_selected_action": [stored.pk]})
+    kill_installer_tokens(portal)
+
+    admin_client.post(url, {"action": "unblock", "_selected_action": [stored.pk]})
+
+    stored = Portal.objects.get()
+    assert stored.state == Portal.State.BLOCKED and not stored.blocked_by_operator
+    assert "installer's tokens do not work" in stored.state_reason
+    # The installer opening the app repairs it, as for any dead installer token.
+    assert post_frame(client, *portal.frame_post(1, placement="DEFAULT")).status_code == 200
+    assert Portal.objects.get().state == Portal.State.ACTIVE
+
+
+# --- admin actions need the change permission --------------------------------------------------
+
+WRITE_ACTIONS = (
+    "verify_connection",
+    "check_bindings",
+    "refresh_tokens_now",
+    "block",
+    "unblock",
+    "reconnect_via_oauth",
+)
+
+
+def _what_an_action_touches(fake, portal):
+    """The rows an action could write and the requests it could send to Bitrix24."""
+    return (
+        Portal.objects.values().get(),
+        list(Account.objects.order_by("pk").values()),
+        len(portal.requests),
+        len(fake.requests),
+    )
+
+
+@pytest.mark.parametrize("action", WRITE_ACTIONS)
+def test_admin_write_actions_need_the_change_permission(
+    django_user_model, client, fake, portal, action
+):
+    install(client, portal)
+    stored = Portal.objects.get()
+    if action == "unblock":
+        services.portal_block(portal_id=stored.pk, reason="blocked by operator someone")
+    url = "/admin/portals/portal/"
+    viewer = _operator(django_user_model, "viewer", "view_portal", "view_account")
+
+    listing = viewer.get(url).content.decode()
+    assert stored.domain in listing
+    assert 'name="action"' not in listing  # no action to choose from, none of these
+    assert f'value="{action}"' not in listing
+    change = viewer.get(f"{url}{stored.pk}/change/").content.decode()
+    assert stored.domain in change and 'name="_save"' not in change
+    before = _what_an_action_touches(fake, portal)
+
+    refused = viewer.post(url, {"action": action, "_selected_action": [stored.pk]})
+
+    assert "/b24/oauth/" not in refused.get("Location", "")
+    assert _what_an_action_touches(fake, portal) == before
+
+    editor = _operator(django_user_model, "editor", "view_portal", "change_portal")
+    assert f'value="{action}"' in editor.get(url).content.decode()
+    done = editor.post(url, {"action": action, "_selected_action": [stored.pk]})
+    assert (
+        done.get("Location", "").startswith("/b24/oauth/start/")
+        or _what_an_action_touches(fake, portal) != before
+    )
+
+
+# --- tenants never read operators' names or internal detail ------------------------------------
+
+
+def _panel(client, portal, user_id: int, lang: str = "en") -> str:
+    """The connection panel a portal admin sees on the app's own page (DEFAULT placement)."""
+    response = post_frame(client, *portal.frame_post(user_id, placement="DEFAULT", lang=lang))
+    assert response.status_code == 200, response.content.decode()[:1000]
+    html = response.content.decode()
+    match = re.search(r'<section class="panel connection".*?</section>', html, re.S)
+    assert match, html[:2000]
+    return match.group(0)
+
+
+def _panel_state(panel: str) -> str:
+    return re.search(r"<dd data-portal-state>(.*?)</dd>", panel, re.S).group(1).strip()
+
+
+def test_connection_panel_names_no_operator_after_a_reconnect(
+    client, django_user_model, fake, portal, blocked
+):
+    operator = Client()
+    operator.force_login(
+        django_user_model.objects.create_superuser("ops.jsmith", "j@example.com", "pw-ops-123")
+    )
+    assert operator.get(_through_bitrix24(_start(operator, blocked.member_id))).status_code == 302
+    stored = Portal.objects.get()
+    assert stored.state_reason == "reconnected via OAuth by ops.jsmith"
+    assert (
+        "ops.jsmith" in operator.get(f"/admin/portals/portal/{stored.pk}/change/").content.decode()
+    )
+
+    english, russian = _panel(client, portal, 1), _panel(client, portal, 1, lang="ru")
+
+    assert _panel_state(english) == "Active"
+    assert _panel_state(russian) == "Работает"
+    for panel in (english, russian):
+        assert "ops.jsmith" not in panel and "reconnected" not in panel
+
+
+def test_connection_panel_of_a_blocked_portal_gives_a_neutral_reason(client, fake, portal, blocked):
+    carl = portal.add_user(name="Carl", last_name="Weber", admin=True)  # not the installer
+    internal = Portal.objects.get().state_reason
+    assert "invalid_grant" in internal
+
+    english, russian = _panel(client, portal, carl), _panel(client, portal, carl, lang="ru")
+
+    assert _panel_state(english) == (
+        "Blocked — Waiting for the administrator who installed the app to open it again."
+    )
+    assert _panel_state(russian) == (
+        "Заблокировано — Ожидает, когда администратор, установивший приложение, снова его откроет."
+    )
+    for panel in (english, russian):
+        assert "invalid_grant" not in panel and internal not in panel
