@@ -74,7 +74,12 @@ class PortalAdmin(admin.ModelAdmin):
         "bindings",
         "last_refresh_error",
     )
-    list_filter = ("state", "app_status", "bindings")
+    list_filter = (
+        "state",
+        "app_status",
+        "bindings",
+        ("uninstall_reported_at", admin.EmptyFieldListFilter),
+    )
     search_fields = ("domain", "member_id")
     readonly_fields = (
         "member_id",
@@ -89,6 +94,8 @@ class PortalAdmin(admin.ModelAdmin):
         "bindings",
         "bindings_detail",
         "bindings_checked_at",
+        "uninstall_reported_at",
+        "uninstall_report",
         "installed_at",
         "last_seen_at",
         "created_at",
@@ -219,6 +226,7 @@ class AccountAdmin(MaskedTokens, PortalRowsAdmin):
         "portal",
         *AccountInline.fields,
         "refresh_unconfirmed_at",
+        "refresh_from_frame",
         "tokens_issued_at",
         "last_seen_at",
         "created_at",

@@ -43,7 +43,7 @@ def task(client, portal):
 
 
 def test_forged_uninstall_by_a_plain_user_with_a_garbage_refresh_id_deletes_nothing(
-    client, portal, task
+    client, admin_client, portal, task
 ):
     """The attack: the installer's tokens are dead and no other admin is active; a plain user
     opens the app with a garbage REFRESH_ID, waits for their access token to expire and posts
@@ -65,6 +65,11 @@ def test_forged_uninstall_by_a_plain_user_with_a_garbage_refresh_id_deletes_noth
     assert "not confirmed" in stored.uninstall_report and "CLEAN" in stored.uninstall_report
     assert Account.objects.count() == accounts and ResultChange.objects.count() == changes
     assert stored.application_token_hash  # genuine frame opens still pass the cheap check
+    # The operator sees it: the portal list filters on it, the portal's page says it.
+    listed = admin_client.get("/admin/portals/portal/?uninstall_reported_at__isempty=0")
+    assert stored.domain in listed.content.decode()
+    page = admin_client.get(f"/admin/portals/portal/{stored.pk}/change/").content.decode()
+    assert "not confirmed" in page
     # The next genuine visit works, and its working token clears the report.
     assert _open(client, portal, BORIS, task)[0].status_code == 200
     stored.refresh_from_db()
