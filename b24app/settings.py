@@ -144,6 +144,8 @@ def _token_keys() -> list[str]:
 
 
 B24_TOKEN_KEYS = _token_keys()
+# Bearer token that shows /healthz's detail (timings, error types, modes); unset: nobody sees it.
+B24_HEALTH_TOKEN = env.str("B24_HEALTH_TOKEN", default="")
 
 # --- Django -------------------------------------------------------------------------------------
 

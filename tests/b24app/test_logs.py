@@ -53,6 +53,11 @@ def test_mask_secrets_hides_the_frame_signing_key(settings):
     )
 
 
+def test_mask_secrets_hides_the_health_token(settings):
+    settings.B24_HEALTH_TOKEN = "health-token-Qm8vX2pL7wR4tN8bC1yH6sF5"
+    assert settings.B24_HEALTH_TOKEN not in mask_secrets(f"Bearer {settings.B24_HEALTH_TOKEN}")
+
+
 def _emit(logger_name: str, *args, exc: BaseException | None = None) -> str:
     records: list[str] = []
 
