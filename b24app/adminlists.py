@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 
-MAX_ID_DIGITS = 18
-"""A search term of at most this many digits is an id (it fits a 64-bit integer)."""
+from b24app.ids import parse_id
 
 
 class PortalRowsAdmin(admin.ModelAdmin):
@@ -28,8 +27,9 @@ class PortalRowsAdmin(admin.ModelAdmin):
 
     def get_search_results(self, request, queryset, search_term):
         term = search_term.strip()
-        if term.isdigit() and len(term) <= MAX_ID_DIGITS:
-            return self.number_search(queryset, int(term)), False
+        number = parse_id(term)
+        if number is not None:
+            return self.number_search(queryset, number), False
         return super().get_search_results(request, queryset, search_term)
 
     def has_add_permission(self, request):

@@ -8,7 +8,8 @@ responses. Code must never log them; this filter is the net under that rule. It 
   `code` included: the OAuth authorization code arrives in the callback's query string),
 - free-standing strings shaped like Bitrix24 tokens (long hex runs such as `AUTH_ID`, 32-char
   lowercase alphanumerics that are not plain hex such as event `access_token`s),
-- the configured `DJANGO_SECRET_KEY` and `B24_CLIENT_SECRET` values wherever they appear.
+- the configured `DJANGO_SECRET_KEY`, `B24_FRAME_SIGNING_KEY`, `B24_HEALTH_TOKEN` and
+  `B24_CLIENT_SECRET` values wherever they appear.
 
 A masked value keeps its first four characters (as the Bitrix24 security guide suggests) so an
 operator can still tell two tokens apart.
@@ -64,7 +65,13 @@ def _configured_secrets() -> list[str]:
     try:
         from django.conf import settings
 
-        candidates = [settings.SECRET_KEY, settings.B24_CLIENT_SECRET, *settings.B24_TOKEN_KEYS]
+        candidates = [
+            settings.SECRET_KEY,
+            settings.B24_FRAME_SIGNING_KEY,
+            settings.B24_HEALTH_TOKEN,
+            settings.B24_CLIENT_SECRET,
+            *settings.B24_TOKEN_KEYS,
+        ]
     except Exception:  # settings not configured (e.g. a bare script); keyed masking still applies
         return []
     return [secret for secret in candidates if secret and len(secret) >= 8]

@@ -6,7 +6,9 @@ manage.py is read when present (or the file DJANGO_ENV_FILE names); the real env
 
 import base64
 import hashlib
+import hmac
 import os
+import re
 from pathlib import Path
 
 import environ
@@ -30,13 +32,71 @@ def _required(name: str, why: str) -> str:
 
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
 
+MIN_SECRET_LENGTH = 50
+_HOW_TO_MAKE_ONE = 'python -c "import secrets; print(secrets.token_urlsafe(50))"'
+# Words of values copied from examples and templates ("change-me", "<your secret key>").
+_PLACEHOLDER_WORDS = ("changeme", "replaceme", "placeholder", "insecure", "yoursecret", "keyhere")
+
+
+def _weak_secret(value: str) -> str | None:
+    """Why `value` is too weak to sign with when DJANGO_DEBUG is off, or None. Never echoes it."""
+    letters = "".join(ch for ch in value.lower() if ch.isalnum())
+    repeated = re.fullmatch(r"(.+?)\1+", value, flags=re.DOTALL)
+    if value.startswith("django-insecure-"):
+        return "it is a django-insecure- key, meant for development only"
+    if len(value) < MIN_SECRET_LENGTH:
+        return f"it is shorter than {MIN_SECRET_LENGTH} characters"
+    if len(set(value)) < 5:
+        return "it has fewer than 5 different characters"
+    if repeated and len(repeated.group(1)) < MIN_SECRET_LENGTH:
+        return "it is a short piece repeated"
+    if re.search(r"<[^<>]*>", value) or any(word in letters for word in _PLACEHOLDER_WORDS):
+        return "it looks like a placeholder, not a random value"
+    return None
+
+
+def _signing_secret(name: str, value: str) -> str:
+    """`value` when it is strong enough, else a start-up error naming the variable."""
+    problem = None if DEBUG else _weak_secret(value)
+    if problem:
+        raise ImproperlyConfigured(
+            f"{name} is too weak: {problem}. With DJANGO_DEBUG off it must be at least "
+            f"{MIN_SECRET_LENGTH} random characters. Make one with: {_HOW_TO_MAKE_ONE}"
+        )
+    return value
+
+
 if DEBUG:
     SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="django-insecure-development-only-key")
 else:
-    SECRET_KEY = _required(
+    SECRET_KEY = _signing_secret(
         "DJANGO_SECRET_KEY",
-        "It is required when DJANGO_DEBUG is off; `make run` writes one into .env.",
+        _required(
+            "DJANGO_SECRET_KEY",
+            "It is required when DJANGO_DEBUG is off; `make run` writes one into .env.",
+        ),
     )
+
+
+def _frame_signing_key() -> str:
+    """The key of the screen's frame tokens (b24app.portals.frame): B24_FRAME_SIGNING_KEY, else
+    one derived from the secret key for that use alone. Every browser that opens the app holds a
+    frame token; with a key of their own they can be rotated (or lost) apart from the secret
+    key that signs operators' sessions and OAuth states."""
+    value = env.str("B24_FRAME_SIGNING_KEY", default="")
+    if not value:
+        return hmac.new(
+            SECRET_KEY.encode(), b"b24app.frame-signing-key", hashlib.sha256
+        ).hexdigest()
+    if value == SECRET_KEY:
+        raise ImproperlyConfigured(
+            "B24_FRAME_SIGNING_KEY must differ from DJANGO_SECRET_KEY (or leave it unset to "
+            "derive one from the secret key)."
+        )
+    return _signing_secret("B24_FRAME_SIGNING_KEY", value)
+
+
+B24_FRAME_SIGNING_KEY = _frame_signing_key()
 
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1"])
 
@@ -84,6 +144,8 @@ def _token_keys() -> list[str]:
 
 
 B24_TOKEN_KEYS = _token_keys()
+# Bearer token that shows /healthz's detail (timings, error types, modes); unset: nobody sees it.
+B24_HEALTH_TOKEN = env.str("B24_HEALTH_TOKEN", default="")
 
 # --- Django -------------------------------------------------------------------------------------
 

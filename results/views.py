@@ -23,6 +23,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from b24app.framing import allow_portal_framing, claimed_portal_origin
+from b24app.ids import parse_id
 from b24app.languages import frame_language
 from b24app.logs import claimed_id
 from b24app.portals import frame
@@ -64,11 +65,8 @@ def _placement_options(raw: str) -> dict:
 
 def _positive_int(value) -> int | None:
     """A Bitrix24 id: 1 to 18 ASCII digits (fits a 64-bit column), else None."""
-    text = str(value if value is not None else "").strip()
-    if not (text.isascii() and text.isdigit()) or len(text) > 18:
-        return None
-    number = int(text)
-    return number if number > 0 else None
+    number = parse_id(str(value if value is not None else "").strip())
+    return number if number else None
 
 
 def _task_from_placement(placement: str, options: dict) -> int | None:

@@ -3,9 +3,10 @@
 Inside the Bitrix24 iframe our site is third-party: Safari, Firefox and private windows drop its
 cookies. So after a verified placement POST the app issues a short-lived signed token bound to
 (portal, account, language) that the page sends with every request (the `X-Frame-Token` header
-or a `frame_token` form field). Forging one needs DJANGO_SECRET_KEY; it names one portal and one
-account, so it can neither act for another user nor reach another tenant, and since a cross-site
-attacker cannot read it, it doubles as CSRF protection for frame requests.
+or a `frame_token` form field). Forging one needs the frame signing key (`B24_FRAME_SIGNING_KEY`,
+else derived from DJANGO_SECRET_KEY; a weak one is a start-up error); it names one portal and
+one account, so it can neither act for another user nor reach another tenant, and since a
+cross-site attacker cannot read it, it doubles as CSRF protection for frame requests.
 
 An expired token is refused with `FrameExpired`; the page then asks the Bitrix24 frame for fresh
 auth and trades it for a new token (`b24app.portals.services.frame_session_renew`), or tells the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.core import signing
 
 SALT = "b24app.portals.frame"
@@ -44,13 +46,14 @@ class FrameSession:
 def issue(session: FrameSession) -> str:
     return signing.dumps(
         {"p": session.portal_id, "a": session.account_id, "l": session.language},
+        key=settings.B24_FRAME_SIGNING_KEY,
         salt=SALT,
         compress=False,
     )
 
 
 def _load(token: str, max_age: int) -> FrameSession:
-    payload = signing.loads(token, salt=SALT, max_age=max_age)
+    payload = signing.loads(token, key=settings.B24_FRAME_SIGNING_KEY, salt=SALT, max_age=max_age)
     try:
         return FrameSession(int(payload["p"]), int(payload["a"]), str(payload.get("l", "en")))
     except (KeyError, TypeError, ValueError) as exc:

@@ -48,16 +48,62 @@ _AMBIGUOUS_CHARS = re.compile(r"[\\\s\x00-\x1f\x7f]")
 # WHATWG "ends in a number": a host whose last label is decimal or 0x-hex is parsed as an IPv4
 # address by browsers and many libraries (``2130706433``, ``0x7f.1``, ``017700000001``).
 _NUMERIC_LABEL = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
+# Every address the guard refuses, by network, from the IANA IPv4 and IPv6 Special-Purpose
+# Address Registries (plus multicast and the reserved blocks). The interpreter's `is_global` /
+# `is_private` are not used: they change between Python versions (3.11 calls the deprecated
+# site-local fec0::/10 global). A network here is refused even when IANA marks part of it
+# globally reachable (AS112, the 192.0.0.0/24 anycast addresses): no portal lives there.
+_REFUSED_V4: tuple[tuple[ipaddress.IPv4Network, str], ...] = tuple(
+    (ipaddress.IPv4Network(network), label)
+    for network, label in (
+        ("0.0.0.0/8", "this network"),
+        ("10.0.0.0/8", "private"),
+        ("100.64.0.0/10", "shared address space (CGNAT)"),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("172.16.0.0/12", "private"),
+        ("192.0.0.0/24", "IETF protocol assignments"),
+        ("192.0.2.0/24", "documentation"),
+        ("192.31.196.0/24", "AS112"),
+        ("192.52.193.0/24", "AMT"),
+        ("192.88.99.0/24", "6to4 relay anycast"),
+        ("192.168.0.0/16", "private"),
+        ("192.175.48.0/24", "AS112 direct delegation"),
+        ("198.18.0.0/15", "benchmarking"),
+        ("198.51.100.0/24", "documentation"),
+        ("203.0.113.0/24", "documentation"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved"),  # 255.255.255.255 (limited broadcast) included
+    )
+)
+_REFUSED_V6: tuple[tuple[ipaddress.IPv6Network, str], ...] = tuple(
+    (ipaddress.IPv6Network(network), label)
+    for network, label in (
+        ("::/128", "unspecified"),
+        ("::1/128", "loopback"),
+        ("::/96", "IPv4-compatible"),  # deprecated (RFC 4291); never routed
+        ("64:ff9b:1::/48", "local-use NAT64"),
+        ("100::/64", "discard-only"),
+        ("100:0:0:1::/64", "dummy prefix"),
+        ("2001::/23", "IETF protocol assignments"),  # Teredo, benchmarking, ORCHID, ...
+        ("2001:db8::/32", "documentation"),
+        ("2620:4f:8000::/48", "AS112 direct delegation"),
+        ("3fff::/20", "documentation"),
+        ("5f00::/16", "SRv6 SIDs"),
+        ("fc00::/7", "unique local"),
+        ("fe80::/10", "link-local"),
+        ("fec0::/10", "site-local"),
+        ("ff00::/8", "multicast"),
+    )
+)
+# Only 2000::/3 is allocated as global unicast; the rest of the IPv6 space is reserved (the
+# special networks above that lie outside it are refused anyway, NAT64 is judged first).
+_GLOBAL_UNICAST_V6 = ipaddress.IPv6Network("2000::/3")
+# IPv6 forms that carry an IPv4 address the packets really go to: judged by that address.
+_IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 # NAT64 well-known prefix (RFC 6052): the last 32 bits are an IPv4 address.
 _NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
-_ADDRESS_PROPERTIES = (
-    ("is_loopback", "loopback"),
-    ("is_private", "private"),
-    ("is_link_local", "link-local"),
-    ("is_multicast", "multicast"),
-    ("is_reserved", "reserved"),
-    ("is_unspecified", "unspecified"),
-)
+_TEREDO = ipaddress.IPv6Network("2001::/32")
 
 
 class BitrixError(Exception):
@@ -155,24 +201,34 @@ def client_endpoint_for(base_origin: str) -> str:
 
 
 def address_refusal(address: IPAddress) -> str | None:
-    """Why ``address`` is not a public unicast address, or ``None`` when it is.
+    """Why ``address`` must not get a request, or ``None`` when it is a public unicast address.
 
-    IPv6 forms that carry an IPv4 address (IPv4-mapped, 6to4, NAT64) are judged by that address
-    too, and Teredo tunnels are refused outright because their client address is obfuscated.
+    Judged against explicit lists of networks (``_REFUSED_V4``, ``_REFUSED_V6``; IPv6 outside
+    ``2000::/3`` is reserved). IPv6 forms that carry an IPv4 address (IPv4-mapped, 6to4, NAT64)
+    are judged by that address, and Teredo tunnels are refused outright because their client
+    address is obfuscated.
     """
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.teredo is not None:
-            return "Teredo tunnel"
-        embedded = address.ipv4_mapped or address.sixtofour or _nat64_embedded(address)
-        if embedded is not None:
-            reason = address_refusal(embedded)
-            if reason is not None:
-                return f"{reason} via embedded IPv4 {embedded}"
-    for prop, label in _ADDRESS_PROPERTIES:
-        if getattr(address, prop):
-            return label
-    if not address.is_global:
-        return "not global"
+    if isinstance(address, ipaddress.IPv4Address):
+        return _network_refusal(address, _REFUSED_V4)
+    if address in _TEREDO:
+        return "Teredo tunnel"
+    embedded = address.ipv4_mapped or address.sixtofour or _nat64_embedded(address)
+    if embedded is not None:
+        reason = address_refusal(embedded)
+        if reason is not None:
+            return f"{reason} via embedded IPv4 {embedded}"
+        if address in _IPV4_MAPPED or address in _NAT64_PREFIX:
+            return None  # the packets go to that public IPv4 address
+    reason = _network_refusal(address, _REFUSED_V6)
+    if reason is None and address not in _GLOBAL_UNICAST_V6:
+        reason = "reserved"
+    return reason
+
+
+def _network_refusal(address: IPAddress, networks) -> str | None:
+    for network, label in networks:
+        if address in network:
+            return f"{label} {network}"
     return None
 
 

@@ -19,6 +19,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from b24app.ids import parse_id
 from b24app.portals import bindings, crypto
 from b24app.portals.bindings import binding_add, bindings_ensure, bindings_read
 from b24app.portals.bitrix import (
@@ -234,7 +235,7 @@ def auth_verify(
         member_id=member_id,
         domain=vouched_domain,
         client_endpoint=client_endpoint_for(base),
-        user_id=int(user_id) if str(user_id or "").isdigit() else None,
+        user_id=parse_id(user_id) or None,
         status=str(install.get("status") or ""),
         scope=str(info.get("scope") or install.get("scope") or ""),
         installed=bool(install.get("installed")),
@@ -798,7 +799,7 @@ def portal_install(*, auth: dict[str, str], app_url: str) -> Portal:
         profile = client.call("profile") or {}
     except BitrixError as exc:
         raise PortalError(_("Bitrix24 did not tell who is installing the app; try again.")) from exc
-    user_id = int(profile.get("ID") or verified.user_id or 0)
+    user_id = parse_id(profile.get("ID") or verified.user_id or 0) or 0
     if not user_id:
         raise PortalError(_("Bitrix24 did not tell who is installing the app; try again."))
     if not profile.get("ADMIN"):
@@ -994,7 +995,7 @@ def _event_sender(auth: dict, verified: VerifiedAuth) -> int:
         raise VerificationFailed(
             _("Bitrix24 did not confirm the authorization."), code="rejected"
         ) from exc
-    user_id = int(profile["ID"]) if str(profile.get("ID", "")).isdigit() else 0
+    user_id = parse_id(profile.get("ID")) or 0
     claimed = str(auth.get("user_id", "") or user_id)
     if not user_id or claimed != str(user_id) or verified.user_id not in (None, user_id):
         raise VerificationFailed(_("The event names another user."), code="mismatch")
@@ -1435,7 +1436,7 @@ def _frame_profile(portal: Portal, access_token: str) -> dict:
         raise FrameRefused(
             _("Bitrix24 did not accept this session; reopen the app."), code=exc.code
         ) from exc
-    if not isinstance(profile, dict) or not str(profile.get("ID", "")).isdigit():
+    if not isinstance(profile, dict) or not parse_id(profile.get("ID")):
         raise FrameRefused(
             _("Bitrix24 did not say who you are; reopen the app."), code="no_profile"
         )

@@ -46,6 +46,18 @@ def test_mask_secrets_hides_configured_secrets(settings):
     )
 
 
+def test_mask_secrets_hides_the_frame_signing_key(settings):
+    settings.B24_FRAME_SIGNING_KEY = "Zx8Wq2Lp5Nv9Rt3Yk7Hb1Mc6Df4Gs0Aj-Ue_Oi8Ek2Qw6Xr9Tn3Pb7Cy5Hl1"
+    assert settings.B24_FRAME_SIGNING_KEY not in mask_secrets(
+        f"oops {settings.B24_FRAME_SIGNING_KEY}"
+    )
+
+
+def test_mask_secrets_hides_the_health_token(settings):
+    settings.B24_HEALTH_TOKEN = "health-token-Qm8vX2pL7wR4tN8bC1yH6sF5"
+    assert settings.B24_HEALTH_TOKEN not in mask_secrets(f"Bearer {settings.B24_HEALTH_TOKEN}")
+
+
 def _emit(logger_name: str, *args, exc: BaseException | None = None) -> str:
     records: list[str] = []
 

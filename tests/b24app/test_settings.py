@@ -9,6 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD_KEY = "x8Q4zv8W7V1o3bZr2m9P0f3c5kQyH1nJtU6wE2sRdAg="
+# What `secrets.token_urlsafe(50)` makes (67 characters): a secret key that starts.
+GOOD_SECRET = "Jm3kQ9vX2pL7wR4tN8bC1yH6sF5dG0aZ-uE_oI3eKq7WxV2nM9rT4pB8cY1hS6jD5fL"
 
 
 def _run_django(env_overrides: dict, *args: str) -> subprocess.CompletedProcess:
@@ -35,8 +37,8 @@ def _run_django(env_overrides: dict, *args: str) -> subprocess.CompletedProcess:
     "env, missing",
     [
         ({"DJANGO_DEBUG": "false", "B24_TOKEN_KEYS": GOOD_KEY}, "DJANGO_SECRET_KEY"),
-        ({"DJANGO_DEBUG": "false", "DJANGO_SECRET_KEY": "s" * 60}, "B24_TOKEN_KEYS"),
-        ({"DJANGO_SECRET_KEY": "s" * 60}, "B24_TOKEN_KEYS"),  # DJANGO_DEBUG defaults to false
+        ({"DJANGO_DEBUG": "false", "DJANGO_SECRET_KEY": GOOD_SECRET}, "B24_TOKEN_KEYS"),
+        ({"DJANGO_SECRET_KEY": GOOD_SECRET}, "B24_TOKEN_KEYS"),  # DJANGO_DEBUG defaults to false
     ],
 )
 def test_settings_production_without_secret_fails_naming_the_variable(env, missing):
@@ -47,7 +49,7 @@ def test_settings_production_without_secret_fails_naming_the_variable(env, missi
 
 def test_settings_bad_token_key_is_a_loud_error():
     result = _run_django(
-        {"DJANGO_SECRET_KEY": "s" * 60, "B24_TOKEN_KEYS": f"{GOOD_KEY},not-a-key"}, "check"
+        {"DJANGO_SECRET_KEY": GOOD_SECRET, "B24_TOKEN_KEYS": f"{GOOD_KEY},not-a-key"}, "check"
     )
     assert result.returncode != 0
     assert "B24_TOKEN_KEYS: key number 2 is not a valid Fernet key" in result.stderr
@@ -63,7 +65,8 @@ def test_settings_check_deploy_is_clean_with_production_variables():
     result = _run_django(
         {
             "DJANGO_DEBUG": "false",
-            "DJANGO_SECRET_KEY": "k3v!Q9z#pL2@xW7^mN4&bR8*cT1(yH6)jF5%gD0$sA-uE_oI+eZ" * 2,
+            "DJANGO_SECRET_KEY": "k3v!Q9z#pL2@xW7^mN4&bR8*cT1(yH6)jF5%gD0$sA-uE_oI+eZ"
+            + GOOD_SECRET,
             "B24_TOKEN_KEYS": GOOD_KEY,
             "DJANGO_ALLOWED_HOSTS": "app.example.com",
         },
@@ -74,6 +77,85 @@ def test_settings_check_deploy_is_clean_with_production_variables():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
+
+
+WEAK_SECRETS = {
+    "the .env.example value": "change-me",
+    "short": "Jm3kQ9vX2pL7wR4tN8bC1yH6sF5dG0aZ-uE_oI3eKq7WxV2nM",  # 49 characters
+    "few characters": "abab" * 20,
+    "one character": "s" * 60,
+    "a placeholder repeated": "change-me" * 8,
+    "a word repeated": "secret" * 12,
+    "a short random piece repeated": "Jm3kQ9vX2pL7wR4t" * 4,
+    "a placeholder in brackets": "<put a long random secret key here, at least 50 characters>",
+    "change me, padded": "please-change-me-0123456789-abcdefghijklmnopqrstuvwxyz",
+    "django-insecure-": "django-insecure-" + GOOD_SECRET,
+}
+
+
+def _production(**env) -> dict:
+    return {"DJANGO_DEBUG": "false", "B24_TOKEN_KEYS": GOOD_KEY, **env}
+
+
+def _start(env: dict) -> subprocess.CompletedProcess:
+    """Load the settings as every process does at start-up (`django.setup()`)."""
+    return _run_python(env, "import django; django.setup(); print('started')")
+
+
+def _run_python(env_overrides: dict, code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "B24_"))}
+    env.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "b24app.settings",
+            "DJANGO_ENV_FILE": str(ROOT / "tests" / "no-such.env"),
+            **env_overrides,
+        }
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("secret", WEAK_SECRETS.values(), ids=WEAK_SECRETS.keys())
+def test_settings_refuse_a_weak_secret_key_with_debug_off(secret):
+    result = _start(_production(DJANGO_SECRET_KEY=secret))
+    assert result.returncode != 0
+    assert "ImproperlyConfigured: DJANGO_SECRET_KEY is too weak" in result.stderr
+    assert secret not in result.stderr  # the message never shows the value
+
+
+@pytest.mark.parametrize("secret", WEAK_SECRETS.values(), ids=WEAK_SECRETS.keys())
+def test_settings_refuse_a_weak_frame_signing_key_with_debug_off(secret):
+    result = _start(_production(DJANGO_SECRET_KEY=GOOD_SECRET, B24_FRAME_SIGNING_KEY=secret))
+    assert result.returncode != 0
+    assert "ImproperlyConfigured: B24_FRAME_SIGNING_KEY is too weak" in result.stderr
+    assert secret not in result.stderr
+
+
+def test_settings_refuse_a_frame_signing_key_equal_to_the_secret_key():
+    result = _start(_production(DJANGO_SECRET_KEY=GOOD_SECRET, B24_FRAME_SIGNING_KEY=GOOD_SECRET))
+    assert result.returncode != 0
+    assert "B24_FRAME_SIGNING_KEY must differ from DJANGO_SECRET_KEY" in result.stderr
+
+
+def test_settings_a_strong_secret_key_starts_and_signs_frames_with_a_key_of_their_own():
+    code = (
+        "import django; django.setup(); from django.conf import settings; "
+        "print(settings.B24_FRAME_SIGNING_KEY != settings.SECRET_KEY, "
+        "len(settings.B24_FRAME_SIGNING_KEY) >= 50)"
+    )
+    result = _run_python(_production(DJANGO_SECRET_KEY=GOOD_SECRET), code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True True"
+    own = "Zx8Wq2Lp5Nv9Rt3Yk7Hb1Mc6Df4Gs0Aj-Ue_Oi8Ek2Qw6Xr9Tn3Pb7Cy5Hl1Sm4Jd0Fv"
+    result = _start(_production(DJANGO_SECRET_KEY=GOOD_SECRET, B24_FRAME_SIGNING_KEY=own))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "started"
 
 
 def test_settings_celery_runs_inline_without_a_broker(settings):

@@ -54,6 +54,8 @@ class FakeBitrix:
         # What a refresh of a token of a portal the app was removed from answers: its token
         # was revoked ("invalid_grant"), or, as the OAuth docs also list it, "invalid_client".
         self.not_installed_error = "invalid_grant"
+        # Not None: `app.info` answers this `user_id` (any JSON value) instead of the token's.
+        self.app_info_user_id: object = None
         self._clock_offset = 0.0
         self._token_failures: list[dict] = []
         self._listener: Listener | None = None

@@ -275,7 +275,9 @@ def app_info(fake, req: Request) -> Response:
                 # [UNCONFIRMED] meaning of member_type; the SDK fixture value.
                 "member_type": "user",
             },
-            "user_id": str(token.user_id),
+            "user_id": str(token.user_id)
+            if fake.app_info_user_id is None
+            else fake.app_info_user_id,
         }
         finish = fake.now()
         time_block = {

@@ -58,6 +58,9 @@ class FakePortal:
         self.previous_version: int | None = None
         self.payment_required = False
         self.strict_handlers = False  # True: refuse loopback handler URLs like real Bitrix24
+        # Not None: `profile` answers this `ID` (any JSON value) instead of the caller's id, for
+        # tests of what the app makes of an odd one ("²" is a digit to str.isdigit()).
+        self.profile_id: object = None
         # The most items one page of tasks.task.result.list holds, whatever `limit` asks
         # (None: 1000). Real portals cap tasks.task.list pages at 50 (§5.2); this one's cap is
         # undocumented, so tests try the plausible ones.

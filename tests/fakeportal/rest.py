@@ -445,7 +445,7 @@ def m_profile(portal, ctx: AuthContext, params: dict):
     if not u.active:
         return {}
     return {
-        "ID": str(u.id),
+        "ID": str(u.id) if portal.profile_id is None else portal.profile_id,
         "ADMIN": u.admin,
         "NAME": u.name,
         "LAST_NAME": u.last_name,

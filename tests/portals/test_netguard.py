@@ -281,3 +281,120 @@ def test_guarded_adapter_defeats_dns_rebinding(loopback_server, monkeypatch) -> 
     with pytest.raises(UnsafeURL):
         _guarded_session().get(f"http://rebind.example:{port}/", timeout=5)
     assert handler.hits == 0
+
+
+# --- the refused networks, listed here independently of netguard's own list -------------------
+
+# IANA IPv4 and IPv6 Special-Purpose Address Registries, multicast and the reserved blocks.
+# Each network's first and last address must be refused, whatever the interpreter's
+# `is_global` says (Python 3.11 calls fec0::/10, 3fff::/20 and 5f00::/16 global).
+REFUSED_NETWORKS = [
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.0.2.0/24",
+    "192.31.196.0/24",
+    "192.52.193.0/24",
+    "192.88.99.0/24",
+    "192.168.0.0/16",
+    "192.175.48.0/24",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::/128",
+    "::1/128",
+    "::/96",  # IPv4-compatible
+    "64:ff9b:1::/48",  # local-use NAT64
+    "100::/64",  # discard-only
+    "100:0:0:1::/64",  # dummy prefix
+    "2001::/23",  # IETF protocol assignments (Teredo 2001::/32, benchmarking 2001:2::/48, ORCHID)
+    "2001:db8::/32",
+    "2620:4f:8000::/48",
+    "3fff::/20",
+    "5f00::/16",
+    "fc00::/7",
+    "fe80::/10",
+    "fec0::/10",
+    "ff00::/8",
+    # reserved IPv6 space outside 2000::/3 (global unicast)
+    "4000::/3",
+    "8000::/3",
+    "e000::/4",
+]
+
+
+def _edges(network: str) -> list[str]:
+    net = ipaddress.ip_network(network)
+    return [str(net.network_address), str(net.broadcast_address)]
+
+
+@pytest.mark.parametrize(
+    "address", [address for network in REFUSED_NETWORKS for address in _edges(network)]
+)
+def test_address_refusal_refuses_every_special_purpose_network(address: str) -> None:
+    assert address_refusal(ipaddress.ip_address(address)) is not None
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "fec0::1",  # deprecated site-local: "global" to Python 3.11
+        "feff:ffff::1",
+        "3fff:fff:ffff::1",  # documentation (RFC 9637)
+        "5f00::1",  # SRv6
+        "::ffff:192.168.1.1",  # IPv4-mapped private
+        "::ffff:100.64.0.1",  # IPv4-mapped CGNAT
+        "64:ff9b::c0a8:101",  # NAT64 of 192.168.1.1
+        "64:ff9b::c612:1",  # NAT64 of 198.18.0.1 (benchmarking)
+        "2002:c0a8:101::1",  # 6to4 of 192.168.1.1
+        "2002:6440:1::1",  # 6to4 of 100.64.0.1
+        "2002:c000:201::1",  # 6to4 of 192.0.2.1 (documentation)
+        "2001:0:c0a8:101::1",  # Teredo
+    ],
+)
+def test_address_refusal_refuses_site_local_and_private_ipv4_embedded_in_ipv6(address) -> None:
+    assert address_refusal(ipaddress.ip_address(address)) is not None
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "1.1.1.1",
+        "9.255.255.255",  # next to 10/8
+        "11.0.0.0",
+        "100.63.255.255",  # next to 100.64/10
+        "100.128.0.0",
+        "126.255.255.255",  # next to 127/8
+        "172.15.255.255",  # next to 172.16/12
+        "172.32.0.0",
+        "192.0.1.1",
+        "192.167.255.255",
+        "198.17.255.255",  # next to 198.18/15
+        "198.20.0.0",
+        "223.255.255.255",  # next to 224/4
+        PUBLIC_V4,
+        PUBLIC_V6,
+        "2a00:1450:4001:80b::200e",
+        "2001:200::1",  # the first real allocation after the IETF block
+        "2001:db7:ffff::1",
+        "2002:808:808::1",  # 6to4 of a public address
+        "64:ff9b::808:808",  # NAT64 of a public address
+        "::ffff:8.8.8.8",  # IPv4-mapped public: the packets go to 8.8.8.8
+        "3fff:1000::1",  # just past 3fff::/20
+    ],
+)
+def test_address_refusal_lets_public_addresses_pass(address: str) -> None:
+    assert address_refusal(ipaddress.ip_address(address)) is None
+
+
+def test_check_base_url_refuses_site_local_ipv6() -> None:
+    with pytest.raises(UnsafeURL) as caught:
+        check_base_url("https://[fec0::1]/rest/", allow_private=False)
+    assert caught.value.code == "PRIVATE_ADDRESS"
+    assert "site-local" in caught.value.description

@@ -15,6 +15,7 @@ import random
 import time
 
 import pytest
+from django.conf import settings
 from django.core import signing
 from django.test import Client
 
@@ -323,6 +324,7 @@ class _SignedAt(signing.TimestampSigner):
 
 
 def _token(payload, *, at: float | None = None, salt=frame.SALT, key=None) -> str:
+    key = key or settings.B24_FRAME_SIGNING_KEY
     signer = _SignedAt(time.time() if at is None else at, key=key, salt=salt)
     return signer.sign_object(payload, compress=False)
 

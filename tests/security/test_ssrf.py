@@ -102,6 +102,10 @@ def host_corpus(port: int, local_addresses: list[str]) -> list[tuple[str, str]]:
         ("private 192.168/16", "192.168.0.1"),
         ("CGNAT 100.64/10", "100.64.0.1"),
         ("ULA fc00::/7", "[fc00::1]"),
+        ("IPv6 site-local fec0::/10", "[fec0::1]"),
+        ("IPv4-mapped private", "[::ffff:192.168.0.1]"),
+        ("documentation 192.0.2/24", "192.0.2.1"),
+        ("benchmarking 198.18/15", "198.18.0.1"),
         ("IPv6 link-local", "[fe80::1]"),
         ("IPv6 link-local with a zone", "[fe80::1%25eth0]"),
     ]
