@@ -250,7 +250,17 @@ REDIS_URL = env.str(
     "REDIS_URL",
     default=CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else "",
 )
-# Without a broker, background work runs inline in the web process (the embedded default).
+# Without a broker, background work runs inline in the web process (the embedded default). That
+# is no way to serve portals: a change whose first attempt failed is retried only while a screen
+# polls, and nothing refreshes idle tokens. So with DJANGO_DEBUG off it needs saying.
+B24_INLINE_TASKS = env.bool("B24_INLINE_TASKS", default=DEBUG)
+if not CELERY_BROKER_URL and not B24_INLINE_TASKS:
+    raise ImproperlyConfigured(
+        "CELERY_BROKER_URL is not set. It is required when DJANGO_DEBUG is off: without a broker "
+        "a change that Bitrix24 did not take at once is retried only while someone's screen is "
+        "open, and idle tokens are never refreshed. Set CELERY_BROKER_URL (e.g. "
+        "redis://host:6379/0), or B24_INLINE_TASKS=true to run background work inline anyway."
+    )
 CELERY_TASK_ALWAYS_EAGER = not CELERY_BROKER_URL
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_SERIALIZER = "json"

@@ -32,6 +32,8 @@ BENCH_ENV = {
     "B24_CLIENT_ID": "app.fake0000000001.00000001",
     "B24_CLIENT_SECRET": "fake-client-secret-for-benches-0123456789",
     "B24_ALLOW_PRIVATE_PORTALS": "true",
+    # Benches without CELERY_BROKER_URL run background work inline, as `make run` does.
+    "B24_INLINE_TASKS": "true",
 }
 
 

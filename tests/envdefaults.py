@@ -14,6 +14,8 @@ TEST_ENV = {
     "B24_CLIENT_ID": "app.fake0000000001.00000001",
     "B24_CLIENT_SECRET": "fake-client-secret-for-tests-0123456789",
     "B24_ALLOW_PRIVATE_PORTALS": "true",
+    # Without CELERY_BROKER_URL (`make test` on a bare machine) tasks run inline, as in `make run`.
+    "B24_INLINE_TASKS": "true",
 }
 
 for _name, _value in TEST_ENV.items():

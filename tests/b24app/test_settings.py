@@ -56,6 +56,18 @@ def test_settings_bad_token_key_is_a_loud_error():
     assert "not-a-key" not in result.stderr
 
 
+def test_settings_production_without_a_broker_refuses_unless_inline_work_is_asked_for():
+    production = {"DJANGO_DEBUG": "false", "DJANGO_SECRET_KEY": GOOD_SECRET}
+    production["B24_TOKEN_KEYS"] = GOOD_KEY
+    refused = _run_django(production, "check")
+    assert refused.returncode != 0
+    assert "CELERY_BROKER_URL is not set" in refused.stderr
+    assert "B24_INLINE_TASKS=true" in refused.stderr
+    assert _run_django({**production, "B24_INLINE_TASKS": "true"}, "check").returncode == 0
+    with_broker = {**production, "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0"}
+    assert _run_django(with_broker, "check").returncode == 0
+
+
 def test_settings_debug_runs_without_secrets():
     result = _run_django({"DJANGO_DEBUG": "true"}, "check")
     assert result.returncode == 0, result.stderr
@@ -69,6 +81,7 @@ def test_settings_check_deploy_is_clean_with_production_variables():
             + GOOD_SECRET,
             "B24_TOKEN_KEYS": GOOD_KEY,
             "DJANGO_ALLOWED_HOSTS": "app.example.com",
+            "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0",
         },
         "check",
         "--deploy",
@@ -94,7 +107,7 @@ WEAK_SECRETS = {
 
 
 def _production(**env) -> dict:
-    return {"DJANGO_DEBUG": "false", "B24_TOKEN_KEYS": GOOD_KEY, **env}
+    return {"DJANGO_DEBUG": "false", "B24_TOKEN_KEYS": GOOD_KEY, "B24_INLINE_TASKS": "true", **env}
 
 
 def _start(env: dict) -> subprocess.CompletedProcess:
