@@ -1,6 +1,7 @@
 """The app served as the Procfile's ``web`` process serves it, for tests and benches.
 
-gunicorn runs ``b24app.wsgi`` with ``gthread`` workers on a free port of 127.0.0.1, in a process
+gunicorn runs with the Procfile's ``gunicorn.conf.py`` (``b24app.wsgi``, ``gthread`` workers) on
+a free port of 127.0.0.1, in a process
 of its own, its output (its own log and the app's) going to a file. Callers choose the workers,
 the threads, the environment and what else differs from production for them (an access log with
 more fields, a shorter graceful timeout so that a run stops quickly).
@@ -9,6 +10,7 @@ more fields, a shorter graceful timeout so that a run stops quickly).
 from __future__ import annotations
 
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -19,7 +21,8 @@ from pathlib import Path
 
 LOOPBACK = "127.0.0.1"
 ROOT = Path(__file__).resolve().parents[1]
-PROCFILE_ACCESS_FORMAT = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms'
+GUNICORN_CONF = ROOT / "gunicorn.conf.py"
+PROCFILE_ACCESS_FORMAT = runpy.run_path(str(GUNICORN_CONF))["access_log_format"]
 """The access log line of the Procfile's ``web`` process."""
 STOP_TIMEOUT_S = 20.0
 """How long gunicorn may take to stop (its workers finish their requests) before it is killed."""
@@ -57,10 +60,11 @@ class AppServer:
         self.url = f"http://{LOOPBACK}:{free_port()}"
         self.new_session = new_session
         self.process: subprocess.Popen | None = None
+        self.access_log = access_log
         self.command = [
-            *(sys.executable, "-m", "gunicorn", "b24app.wsgi", "--worker-class", "gthread"),
+            *(sys.executable, "-m", "gunicorn", "--config", str(GUNICORN_CONF)),
             *("--workers", str(workers), "--threads", str(threads)),
-            *("--bind", self.url.removeprefix("http://"), "--forwarded-allow-ips", "*"),
+            *("--bind", self.url.removeprefix("http://")),
             *_no_control_socket(),
         ]
         if access_log is not None:
@@ -72,11 +76,14 @@ class AppServer:
 
     def start(self, env: Mapping[str, str] | None = None) -> AppServer:
         """Start gunicorn with ``env`` (this process's environment when ``None``)."""
+        env = dict(os.environ if env is None else env)
+        if self.access_log is None:
+            env["GUNICORN_ACCESS_LOG"] = ""  # gunicorn.conf.py: no access log
         with open(self.log_path, "w", encoding="utf-8") as output:
             self.process = subprocess.Popen(
                 self.command,
                 cwd=ROOT,
-                env=None if env is None else dict(env),
+                env=env,
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=self.new_session,
