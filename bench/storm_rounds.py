@@ -45,6 +45,7 @@ def main(argv: list[str]) -> int:
 
     from b24app.portals.bitrix import BitrixError
     from b24app.portals.models import Account
+    from b24app.portals.ratelimit import BACKGROUND_LIMITER_WAIT_S
     from b24app.portals.services import account_client
 
     db_slots = threading.BoundedSemaphore(DB_SLOTS)
@@ -55,7 +56,8 @@ def main(argv: list[str]) -> int:
         with db_slots:
             try:
                 account = Account.objects.select_related("portal").get(pk=account_id)
-                profile = account_client(account).call("profile")
+                client = account_client(account, limiter_max_wait=BACKGROUND_LIMITER_WAIT_S)
+                profile = client.call("profile")
                 outcome: dict = {"user": int(profile["ID"])}
             except BitrixError as exc:
                 outcome = {"error": exc.code}

@@ -29,6 +29,7 @@ from b24app.portals.bitrix import (
     BitrixValidationError,
 )
 from b24app.portals.models import Account, Portal
+from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S  # every web path's wait for a slot
 from b24app.portals.services import AccountAwaitingSignIn, account_client, portal_rate
 from results.models import ResultChange
 from results.selectors import portal_user_names, result_changes_pending
@@ -57,7 +58,6 @@ GIVE_UP_AFTER = timedelta(hours=20)
 """Bitrix24 keeps an idempotent answer for 24 h; after that a resend could apply twice."""
 PORTAL_LIMIT_CODES = ("QUERY_LIMIT_EXCEEDED", "OPERATION_TIME_LIMIT", "OVERLOAD_LIMIT", DEFERRED)
 """Errors that hold a change back for the portal's sake, whoever is signed in."""
-WEB_LIMITER_WAIT_S = 2.0
 LIST_PAGE_SIZE = 50
 """Results asked for per page. The documentation gives no default or maximum for
 `tasks.task.result.list`, so the listing learns what the portal really returns (`list_v3`)."""

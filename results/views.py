@@ -27,8 +27,9 @@ from b24app.ids import parse_id
 from b24app.languages import frame_language
 from b24app.logs import claimed_id
 from b24app.portals import frame
-from b24app.portals.bitrix import BitrixError
+from b24app.portals.bitrix import BitrixError, BitrixUnavailable
 from b24app.portals.models import Account, Portal
+from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S, busy_retry_after_s
 from b24app.portals.selectors import portal_last_refreshed_at
 from b24app.portals.services import (
     FrameRefused,
@@ -99,15 +100,33 @@ def _framed(response, fr: Frame | None):
     return response
 
 
-def _refused(request, message, status: int, fr: Frame | None = None, *, code: str = "refused"):
+def _refused(
+    request,
+    message,
+    status: int,
+    fr: Frame | None = None,
+    *,
+    code: str = "refused",
+    cause: BaseException | None = None,
+):
     if _wants_json(request):
-        return _framed(JsonResponse({"error": code, "message": str(message)}, status=status), fr)
+        response = JsonResponse({"error": code, "message": str(message)}, status=status)
+        return _busy(_framed(response, fr), cause)
     response = _framed(
         render(request, "results/refused.html", {"message": message}, status=status), fr
     )
     claimed = claimed_portal_origin(request)
     if fr is None and claimed:
         allow_portal_framing(response, claimed)
+    return _busy(response, cause)
+
+
+def _busy(response, cause: BaseException | None = None):
+    """A 503 says when to try again (`Retry-After`): when the portal's request budget has a
+    slot, as far as the limiter or Bitrix24 said, else a few seconds. A web request waits at
+    most `WEB_LIMITER_WAIT_S` for a slot and answers this instead of holding a thread."""
+    if response.status_code == 503:
+        response["Retry-After"] = str(busy_retry_after_s(cause))
     return response
 
 
@@ -161,7 +180,7 @@ def frame_view(handler):
             fr = _frame(request)
         except FrameRefused as exc:
             translation.activate(frame_language(request.GET.get("lang", "")))
-            return _refused(request, exc.message, exc.status, code=exc.code)
+            return _refused(request, exc.message, exc.status, code=exc.code, cause=exc)
         return _framed(handler(request, fr, *args, **kwargs), fr)
 
     return wrapped
@@ -171,12 +190,12 @@ def frame_view(handler):
 
 
 def _screen_context(fr: Frame, task_id: int | None, *, error=None, notice=None) -> dict:
-    results, unavailable, status = [], None, 200
+    results, unavailable, status, cause = [], None, 200, None
     if task_id is not None:
         try:
             results = services.results_fetch(account=fr.account, task_id=task_id)
         except services.ScreenUnavailable as exc:
-            unavailable, status = exc.message, exc.status
+            unavailable, status, cause = exc.message, exc.status, exc
             if status >= 500:  # busy or down: keep what the person did in sight
                 results = services.results_pending_only(account=fr.account, task_id=task_id)
     return {
@@ -190,6 +209,7 @@ def _screen_context(fr: Frame, task_id: int | None, *, error=None, notice=None) 
         "error": error,
         "notice": notice,
         "status": status,
+        "cause": cause,
         "language": fr.language,
         "pending_ids": [
             item.change.pk
@@ -202,9 +222,10 @@ def _screen_context(fr: Frame, task_id: int | None, *, error=None, notice=None) 
 
 
 def _render_screen(
-    request, fr: Frame, task_id: int | None, *, error=None, notice=None, status=None
+    request, fr: Frame, task_id: int | None, *, error=None, notice=None, status=None, cause=None
 ):
     context = _screen_context(fr, task_id, error=error, notice=notice)
+    cause = cause or context["cause"]
     if _wants_json(request):
         html = render_to_string("results/_results.html", context, request=request)
         payload = {
@@ -213,10 +234,12 @@ def _render_screen(
             "error": str(error or "") or None,
             "unavailable": str(context["unavailable"] or "") or None,
         }
-        return JsonResponse(payload, status=status or (400 if error else context["status"]))
+        response = JsonResponse(payload, status=status or (400 if error else context["status"]))
+        return _busy(response, cause)
     if task_id is None and fr.account.is_admin:
         context["connection"] = _connection_panel(fr)
-    return render(request, "results/screen.html", context, status=status or context["status"])
+    response = render(request, "results/screen.html", context, status=status or context["status"])
+    return _busy(response, cause)
 
 
 def _connection_state(portal: Portal) -> tuple[str, str]:
@@ -268,7 +291,7 @@ def screen(request):
             exc.code,
             claimed_id(request.POST.get("member_id", "")),
         )
-        return _refused(request, exc.message, exc.status, code=exc.code)
+        return _refused(request, exc.message, exc.status, code=exc.code, cause=exc)
     services.result_changes_resume(account=account)
     token = frame.issue(frame.FrameSession(account.portal_id, account.pk, language))
     fr = Frame(account=account, token=token, language=language)
@@ -423,7 +446,7 @@ def session_renew(request):
             expires_in=request.POST.get("AUTH_EXPIRES", ""),
         )
     except FrameRefused as exc:
-        return _framed(JsonResponse({"error": exc.code}, status=exc.status), None)
+        return _busy(_framed(JsonResponse({"error": exc.code}, status=exc.status), None), exc)
     services.result_changes_resume(account=account)
     token = frame.issue(frame.FrameSession(account.portal_id, account.pk, session.language))
     return _framed(JsonResponse({"token": token}), None)
@@ -440,8 +463,16 @@ def rebind(request, fr: Frame):
         )
     try:
         portal = portal_bindings_check(
-            portal_id=fr.portal.pk, account_id=fr.account.pk, app_url=app_url(request)
+            portal_id=fr.portal.pk,
+            account_id=fr.account.pk,
+            app_url=app_url(request),
+            limiter_max_wait=WEB_LIMITER_WAIT_S,
         )
+    except BitrixUnavailable as exc:
+        # The portal's budget is spoken for (another admin's checks, a burst of edits): say so
+        # at once rather than hold one of the threads every portal's screens are served by.
+        busy = _("Bitrix24 is busy right now. Try again in a minute.")
+        return _render_screen(request, fr, None, error=busy, status=503, cause=exc)
     except BitrixError:
         return _render_screen(
             request, fr, None, error=_("Bitrix24 did not answer; try again later."), status=502

@@ -33,6 +33,7 @@ from b24app.portals.bitrix import (
     BitrixValidationError,
 )
 from b24app.portals.models import Account, Portal
+from b24app.portals.ratelimit import BACKGROUND_LIMITER_WAIT_S
 
 Verdict = Literal["ok", "differs", "unknown"]
 LIST = "tasks.task.result.list"
@@ -103,7 +104,7 @@ class _Run:
 
     def client(self) -> BitrixClient:
         self.account = Account.objects.select_related("portal").get(pk=self.account.pk)
-        return services.account_client(self.account)
+        return services.account_client(self.account, limiter_max_wait=BACKGROUND_LIMITER_WAIT_S)
 
     # -- the OAuth server -------------------------------------------------------------------
 

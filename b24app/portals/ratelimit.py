@@ -46,6 +46,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 __all__ = [
+    "BACKGROUND_LIMITER_WAIT_S",
+    "WEB_LIMITER_WAIT_S",
     "FallbackReleased",
     "LocalLeakyBucket",
     "RateLimitTimeout",
@@ -53,6 +55,7 @@ __all__ = [
     "RedisLeakyBucket",
     "StandIn",
     "limiter_from_url",
+    "busy_retry_after_s",
     "parse_rate",
     "schedule_for",
 ]
@@ -64,6 +67,20 @@ BURST_MARGIN = 2
 
 FALLBACK_RATE_SHARE = 0.25
 """Share of the rate one process uses on its own when no shared store is reachable (burst 1)."""
+
+WEB_LIMITER_WAIT_S = 0.3
+"""The longest a web request sleeps for a slot of a portal's request budget, per call: every web
+path (the frame's `profile`, an event sender's `profile`, the results list, an edit's first
+try, the install wizard, the admin's "Bind again", the admin site's actions) passes it. Beyond
+it the request answers "busy, try again" (503 with `Retry-After`) or leaves the work queued for
+Celery (an edit), instead of holding one of gunicorn's few threads while one portal's budget is
+spoken for: those threads serve every tenant."""
+BACKGROUND_LIMITER_WAIT_S = 30.0
+"""The longest background work (Celery tasks, `manage.py b24 doctor`) sleeps for a slot, per
+call: it holds no web thread, and waiting spares it a retry."""
+BUSY_RETRY_AFTER_S = (5, 120)
+"""`Retry-After` of a busy answer, in whole seconds: the default when nothing tells when a slot
+is free, and the most it says."""
 
 
 class RateLimitTimeout(Exception):
@@ -113,6 +130,21 @@ class StandIn(RateLimiter, Protocol):
         """Stop giving slots for ``key`` and return how far its schedule runs ahead of now, in
         seconds (GCRA ``tat - now``; may be negative), or None if this store never paced it."""
         ...
+
+
+def busy_retry_after_s(exc: BaseException | None) -> int:
+    """`Retry-After` (whole seconds, 1 to the cap of :data:`BUSY_RETRY_AFTER_S`) for a busy
+    answer caused by ``exc``: the ``retry_after`` of the first exception in its chain
+    (``__cause__``) that has one (our limiter's next slot, Bitrix24's own header), else the
+    default."""
+    default, cap = BUSY_RETRY_AFTER_S
+    seen = 0
+    while exc is not None and seen < 10:
+        seconds = getattr(exc, "retry_after", None)
+        if isinstance(seconds, int | float) and seconds > 0:
+            return max(1, min(cap, math.ceil(seconds)))
+        exc, seen = exc.__cause__, seen + 1
+    return default
 
 
 def parse_rate(text: str) -> tuple[int, float]:

@@ -37,7 +37,12 @@ from b24app.portals.bitrix import (
 )
 from b24app.portals.models import Account, EventReceipt, Portal
 from b24app.portals.netguard import check_base_url, client_endpoint_for
-from b24app.portals.ratelimit import RateLimiter, limiter_from_url, parse_rate
+from b24app.portals.ratelimit import (
+    WEB_LIMITER_WAIT_S,
+    RateLimiter,
+    limiter_from_url,
+    parse_rate,
+)
 from b24app.portals.ratelimit_db import DatabaseLeakyBucket
 
 logger = logging.getLogger("b24app.portals")
@@ -608,11 +613,14 @@ def portal_endpoint_update(*, portal_id: int, client_endpoint: str) -> bool:
     return True
 
 
-def account_client(account: Account, *, limiter_max_wait: float | None = 30.0) -> BitrixClient:
+def account_client(
+    account: Account, *, limiter_max_wait: float | None = WEB_LIMITER_WAIT_S
+) -> BitrixClient:
     """A REST client acting as `account`'s user, refreshing lazily and race-free.
 
-    `limiter_max_wait` bounds the wait for the portal's request budget: a web request passes a
-    short one and leaves longer waits to the background delivery."""
+    `limiter_max_wait` bounds each call's wait for the portal's request budget. The default is
+    a web request's (`WEB_LIMITER_WAIT_S`), which web paths also pass by name; background work
+    passes its own longer budget (`BACKGROUND_LIMITER_WAIT_S`, the delivery's turn)."""
     portal = account.portal
     _refusable(account)
     seen = {"version": account.token_version}
@@ -742,6 +750,9 @@ def portal_unblock(*, portal_id: int, reason: str) -> Portal:
 
 # --- install -----------------------------------------------------------------------------------
 
+BUSY_MESSAGE = _("Bitrix24 is busy right now. Try again in a minute.")
+"""What a person reads when a web request found the portal's request budget spoken for."""
+
 
 def _parse_expires_in(raw: str) -> int:
     try:
@@ -793,10 +804,12 @@ def portal_install(*, auth: dict[str, str], app_url: str) -> Portal:
         tokens.access_token,
         member_id=verified.member_id,
         rate=parse_rate(settings.B24_RATE_LIMIT),
-        limiter_max_wait=30.0,
+        limiter_max_wait=WEB_LIMITER_WAIT_S,
     )
     try:
         profile = client.call("profile") or {}
+    except BitrixUnavailable as exc:
+        raise PortalError(BUSY_MESSAGE, code="unavailable") from exc
     except BitrixError as exc:
         raise PortalError(_("Bitrix24 did not tell who is installing the app; try again.")) from exc
     user_id = parse_id(profile.get("ID") or verified.user_id or 0) or 0
@@ -820,6 +833,8 @@ def portal_install(*, auth: dict[str, str], app_url: str) -> Portal:
         )
     try:
         bindings_ensure(client, app_url)
+    except BitrixUnavailable as exc:
+        raise PortalError(BUSY_MESSAGE, code="unavailable") from exc
     except BitrixError as exc:
         logger.warning("install bindings failed portal=%s error=%s", portal.member_id, exc.code)
         raise PortalError(
@@ -847,7 +862,12 @@ def portal_bindings_due(portal: Portal) -> bool:
 
 
 def portal_bindings_check(
-    *, portal_id: int, account_id: int | None = None, app_url: str = "", settled: bool = True
+    *,
+    portal_id: int,
+    account_id: int | None = None,
+    app_url: str = "",
+    settled: bool = True,
+    limiter_max_wait: float | None = WEB_LIMITER_WAIT_S,
 ) -> Portal:
     """Read the portal's bindings with a portal admin's token, bind again whatever is missing,
     and record what was found (`Portal.bindings`, `bindings_detail`, `bindings_checked_at`).
@@ -855,8 +875,8 @@ def portal_bindings_check(
     `account_id` names the admin to act as (the sender of `ONAPPUPDATE`, the admin who pressed
     "Bind again"); otherwise an admin with working tokens is chosen. `settled=False` (right
     after an update, when Bitrix24 may still drop bindings) leaves the check due, so the next
-    chance reads them again. `BitrixUnavailable` is raised for a retry; other refusals are
-    recorded."""
+    chance reads them again. `BitrixUnavailable` is raised for a retry (or, from a web request,
+    a busy answer); other refusals are recorded. `limiter_max_wait` as for `account_client`."""
     from b24app.portals.selectors import portal_admin_account
 
     portal = Portal.objects.get(pk=portal_id)
@@ -873,7 +893,7 @@ def portal_bindings_check(
             settled=False,
         )
     try:
-        client = account_client(account)
+        client = account_client(account, limiter_max_wait=limiter_max_wait)
         bound = bindings_read(client)
     except BitrixUnavailable:
         raise
@@ -985,7 +1005,7 @@ def _event_sender(auth: dict, verified: VerifiedAuth) -> int:
         str(auth.get("access_token", "")),
         member_id=verified.member_id,
         rate=parse_rate(settings.B24_RATE_LIMIT),
-        limiter_max_wait=5.0,
+        limiter_max_wait=WEB_LIMITER_WAIT_S,
     )
     try:
         profile = client.call("profile") or {}
@@ -1426,7 +1446,7 @@ def _frame_profile(portal: Portal, access_token: str) -> dict:
     try:
         # Building the client checks the stored endpoint (SSRF guard): a private address, or a
         # name that does not resolve right now, is a refusal like any other, not a crash.
-        client = _portal_client(portal, access_token, limiter_max_wait=5.0)
+        client = _portal_client(portal, access_token, limiter_max_wait=WEB_LIMITER_WAIT_S)
         profile = client.call("profile")
     except BitrixUnavailable as exc:
         raise FrameRefused(

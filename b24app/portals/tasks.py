@@ -9,6 +9,7 @@ from celery import shared_task
 from b24app.portals import selectors, services
 from b24app.portals.bitrix import BitrixError, BitrixUnavailable
 from b24app.portals.models import Portal
+from b24app.portals.ratelimit import BACKGROUND_LIMITER_WAIT_S
 
 logger = logging.getLogger("b24app.portals")
 
@@ -58,7 +59,11 @@ def portal_bindings_check_task(
     before it binds)."""
     try:
         portal = services.portal_bindings_check(
-            portal_id=portal_id, account_id=account_id, app_url=app_url, settled=settled
+            portal_id=portal_id,
+            account_id=account_id,
+            app_url=app_url,
+            settled=settled,
+            limiter_max_wait=BACKGROUND_LIMITER_WAIT_S,
         )
     except Portal.DoesNotExist:
         return "gone"

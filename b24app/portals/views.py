@@ -25,6 +25,7 @@ from b24app.portals import services
 from b24app.portals.bitrix import BitrixError
 from b24app.portals.forms import bracket_decode
 from b24app.portals.models import Portal
+from b24app.portals.ratelimit import busy_retry_after_s
 
 logger = logging.getLogger("b24app.portals")
 
@@ -51,10 +52,11 @@ def install(request):
     translation.activate(frame_language(request.GET.get("LANG")))
     auth = {name: request.POST.get(name, "") for name in INSTALL_FIELDS}
     auth["DOMAIN"] = request.GET.get("DOMAIN", "")
-    status, error, portal = 200, None, None
+    status, error, portal, cause = 200, None, None, None
     try:
         portal = services.portal_install(auth=auth, app_url=app_url(request))
     except services.PortalError as exc:
+        cause = exc
         status = 503 if exc.code in ("not_configured", "unavailable") else 400
         if exc.code in ("rejected", "mismatch", "untrusted_server", "unsafe_portal", "not_admin"):
             status = 403
@@ -68,6 +70,8 @@ def install(request):
         {"portal": portal, "error": error},
         status=status,
     )
+    if status == 503:  # Bitrix24 busy (the portal's budget has no slot soon): when to come back
+        response["Retry-After"] = str(busy_retry_after_s(cause))
     origin = portal.origin if portal is not None else claimed_portal_origin(request)
     if origin:
         allow_portal_framing(response, origin)
@@ -97,7 +101,10 @@ def events(request):
             claimed_id(auth.get("member_id", "")),
             outcome.code,
         )
-        return JsonResponse({"status": "error", "error": outcome.code}, status=outcome.status)
+        response = JsonResponse({"status": "error", "error": outcome.code}, status=outcome.status)
+        if outcome.status == 503:  # Bitrix24 or its OAuth server busy (for whoever resends)
+            response["Retry-After"] = str(busy_retry_after_s(None))
+        return response
     return JsonResponse(
         {"status": "ok", "message": "event accepted", "outcome": outcome.code},
         status=outcome.status,

@@ -28,6 +28,7 @@ def main(argv: list[str]) -> None:
 
     from b24app.portals.bitrix import BitrixError
     from b24app.portals.models import Account
+    from b24app.portals.ratelimit import BACKGROUND_LIMITER_WAIT_S
     from b24app.portals.services import account_client
 
     start_at, threads = float(argv[0]), int(argv[1])
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> None:
         with db_slots:
             try:
                 account = Account.objects.select_related("portal").get(pk=account_id)
-                client = account_client(account)
+                client = account_client(account, limiter_max_wait=BACKGROUND_LIMITER_WAIT_S)
                 for _ in range(calls):
                     profile = client.call("profile")
                 outcome = {"account": account_id, "user": int(profile["ID"])}
