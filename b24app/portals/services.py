@@ -1274,7 +1274,11 @@ def portal_reconnect(*, portal: Portal, code: str, operator: str) -> Account:
     if tokens.member_id != portal.member_id or not tokens.user_id:
         raise PortalError(_("Bitrix24 issued tokens for another portal; nothing was changed."))
     try:
-        profile = _portal_client(portal, tokens.access_token, limiter_max_wait=30.0).call("profile")
+        profile = _portal_client(
+            portal, tokens.access_token, limiter_max_wait=WEB_LIMITER_WAIT_S
+        ).call("profile")
+    except BitrixUnavailable as exc:
+        raise PortalError(BUSY_MESSAGE, code="unavailable") from exc
     except BitrixError as exc:
         raise PortalError(
             _("Bitrix24 did not tell who authorized the reconnect; nothing was changed.")
