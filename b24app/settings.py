@@ -243,6 +243,23 @@ if not DEBUG:
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
 
+# --- The results outbox ---------------------------------------------------------------------
+
+# Changes waiting to reach Bitrix24 (Queued) that one person, and one portal, may have at a time;
+# past either, a new change is refused with a message and nothing is stored.
+RESULTS_QUEUED_PER_ACCOUNT = env.int("RESULTS_QUEUED_PER_ACCOUNT", default=20)
+RESULTS_QUEUED_PER_PORTAL = env.int("RESULTS_QUEUED_PER_PORTAL", default=200)
+# Days a delivered change (Saved or Not saved) is kept, then purged by the daily beat job.
+RESULTS_RETENTION_DAYS = env.int("RESULTS_RETENTION_DAYS", default=90)
+if RESULTS_QUEUED_PER_ACCOUNT < 1 or RESULTS_QUEUED_PER_PORTAL < 1:
+    raise ImproperlyConfigured(
+        "RESULTS_QUEUED_PER_ACCOUNT and RESULTS_QUEUED_PER_PORTAL must be at least 1."
+    )
+if RESULTS_RETENTION_DAYS < 2:
+    # A refused change is shown with its reason for a day, and Bitrix24 remembers an
+    # idempotent answer for 24 h: a shorter retention would lose what those rely on.
+    raise ImproperlyConfigured("RESULTS_RETENTION_DAYS must be at least 2 (days).")
+
 # --- Celery and Redis ---------------------------------------------------------------------------
 
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="")
@@ -298,6 +315,10 @@ CELERY_BEAT_SCHEDULE = {
     "event-receipts-purge": {
         "task": "b24app.portals.tasks.event_receipts_purge_task",
         "schedule": crontab(hour=3, minute=41),
+    },
+    "result-changes-purge": {
+        "task": "results.tasks.result_changes_purge_task",
+        "schedule": crontab(hour=3, minute=53),
     },
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 
 from django.db import models
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
@@ -65,8 +66,57 @@ class ResultChange(models.Model):
         indexes = [
             models.Index(fields=["state", "next_attempt_at"], name="resultchange_due"),
             models.Index(fields=["portal", "task_id", "state"], name="resultchange_task"),
+            # A portal's queue, oldest first (the sweep's turn per portal, the per-portal cap).
+            models.Index(
+                fields=["portal", "created_at"],
+                condition=Q(state="queued"),
+                name="resultchange_portal_queue",
+            ),
+            models.Index(
+                fields=["account"], condition=Q(state="queued"), name="resultchange_account_queue"
+            ),
+            # Delivered changes by age, for the retention purge.
+            models.Index(
+                fields=["updated_at"], condition=~Q(state="queued"), name="resultchange_done"
+            ),
         ]
 
     def __str__(self) -> str:
         target = f"result {self.result_id}" if self.result_id else f"task {self.task_id}"
         return f"{self.get_action_display()} {target} by user {self.account.user_id}"
+
+
+class PortalOutbox(models.Model):
+    """How a portal's queue is doing: its changes are delivered, or they wait together.
+
+    When Bitrix24 is unavailable for a portal (down, busy, rate limited), the whole portal backs
+    off, not each change: `failures` counts the attempts in a row that found it unavailable,
+    and until `resume_at` none of its changes is sent. Then one change at a time tries (the
+    probe, holding `probe_until` as its lease); its success empties `failures` and the queue
+    drains. So a down portal costs one request per backoff step, however many changes wait.
+    """
+
+    portal = models.OneToOneField(
+        Portal, on_delete=models.CASCADE, primary_key=True, related_name="outbox"
+    )
+    failures = models.PositiveIntegerField(
+        default=0, help_text="Attempts in a row that found Bitrix24 unavailable"
+    )
+    resume_at = models.DateTimeField(
+        null=True, blank=True, help_text="No change of this portal is sent before then"
+    )
+    probe_until = models.DateTimeField(
+        null=True, blank=True, help_text="One attempt tries the portal again until then"
+    )
+    last_error = models.CharField(max_length=120, blank=True, help_text="Bitrix24 error code")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "portal outbox"
+
+    def __str__(self) -> str:
+        return f"outbox of portal {self.portal_id}"
+
+    @property
+    def held(self) -> bool:
+        return self.failures > 0

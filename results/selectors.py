@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from django.db.models import Q
+from django.db.models import Exists, F, OuterRef, Q, Window
+from django.db.models.functions import RowNumber
 from django.utils import timezone
 
 from b24app.portals.models import Account, Portal
-from results.models import ResultChange
+from results.models import PortalOutbox, ResultChange
 
 SHOW_FAILED_FOR = timedelta(days=1)
 SHOW_SAVED_FOR = timedelta(minutes=2)
@@ -34,16 +35,58 @@ def result_changes_of(*, account: Account, ids: list[int]) -> list[ResultChange]
     return list(ResultChange.objects.filter(account=account, pk__in=ids[:200]))
 
 
-def result_changes_due(*, account: Account | None = None) -> list[int]:
-    """Queued changes whose next attempt is due and that no attempt owns."""
+SWEEP_PER_PORTAL = 50
+"""At most this many of one portal's due changes per sweep (or drain step), oldest first."""
+SWEEP_LIMIT = 1000
+"""At most this many due changes in all per sweep."""
+
+
+def result_changes_due(
+    *,
+    account: Account | None = None,
+    portal_id: int | None = None,
+    per_portal: int = SWEEP_PER_PORTAL,
+    limit: int = SWEEP_LIMIT,
+) -> list[int]:
+    """Queued changes whose next attempt is due and that no attempt owns, portal by portal in
+    turn: every portal's oldest change first, then every portal's second, and so on, at most
+    `per_portal` of each and `limit` in all, so one portal's backlog never pushes the others'
+    changes out. A portal that backs off (`PortalOutbox`) gives none until its backoff is over,
+    then only its oldest (the one that tries it again)."""
     now = timezone.now()
+    held = PortalOutbox.objects.filter(pk=OuterRef("portal_id"), failures__gt=0)
     due = ResultChange.objects.filter(state=ResultChange.State.QUEUED, next_attempt_at__lte=now)
     if account is not None:
         due = due.filter(account=account)
-    return list(
+    if portal_id is not None:
+        due = due.filter(portal_id=portal_id)
+    due = (
         due.filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now))
-        .order_by("next_attempt_at")
-        .values_list("pk", flat=True)[:1000]
+        .exclude(
+            Exists(held.filter(Q(resume_at__gt=now) | Q(probe_until__gte=now))),
+        )
+        .annotate(
+            held=Exists(held),
+            turn=Window(
+                RowNumber(), partition_by=[F("portal_id")], order_by=[F("created_at"), F("pk")]
+            ),
+        )
+    )
+    return list(
+        due.filter(turn__lte=per_portal)
+        .filter(Q(held=False) | Q(turn=1))
+        .order_by("turn", "created_at", "pk")
+        .values_list("pk", flat=True)[:limit]
+    )
+
+
+def result_changes_expired(*, before, limit: int) -> list[int]:
+    """Delivered changes (Saved or Not saved) last touched before `before`, oldest first."""
+    return list(
+        ResultChange.objects.exclude(state=ResultChange.State.QUEUED)
+        .filter(updated_at__lt=before)
+        .order_by("updated_at")
+        .values_list("pk", flat=True)[:limit]
     )
 
 

@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import F, Max, Q
 from django.utils import timezone
@@ -31,8 +32,12 @@ from b24app.portals.bitrix import (
 from b24app.portals.models import Account, Portal
 from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S  # every web path's wait for a slot
 from b24app.portals.services import AccountAwaitingSignIn, account_client, portal_rate
-from results.models import ResultChange
-from results.selectors import portal_user_names, result_changes_pending
+from results.models import PortalOutbox, ResultChange
+from results.selectors import (
+    portal_user_names,
+    result_changes_expired,
+    result_changes_pending,
+)
 
 logger = logging.getLogger("results")
 
@@ -50,6 +55,10 @@ DEFERRED = "RATE_LIMITED"
 """`last_error` of a change re-queued for its turn: the code of our own limiter's refusal."""
 BACKOFF_BASE_S = 2.0
 BACKOFF_CAP_S = 300.0
+"""The backoff of a portal Bitrix24 is unavailable for (and of an account waiting for its user):
+from `BACKOFF_BASE_S` doubling per failure in a row up to `BACKOFF_CAP_S`, with jitter."""
+JITTER = random.Random()  # noqa: S311 - jitter, not security
+"""Where the backoff's jitter comes from; tests put a seeded or fixed source here."""
 MAX_DELAY_S = 600.0
 """Never schedule further ahead than this (below the broker's visibility timeout)."""
 CLOCK_SKEW = timedelta(seconds=60)
@@ -79,9 +88,18 @@ LIST_SELECT = [
 class ResultError(Exception):
     """Input refused before anything was written or sent; `message` is for the person."""
 
+    status = 400
+
     def __init__(self, message) -> None:
         super().__init__(str(message))
         self.message = message
+
+
+class QueueFull(ResultError):
+    """Too many changes wait to reach Bitrix24 (the person's, or the portal's): refused, and
+    nothing stored, until some are delivered."""
+
+    status = 429
 
 
 class ScreenUnavailable(Exception):
@@ -280,15 +298,17 @@ def result_change_submit(
         text = _clean_text(text)
     else:
         text = ""
-    change = ResultChange.objects.create(
-        portal=account.portal,
-        account=account,
-        task_id=task_id,
-        result_id=result_id,
-        action=action,
-        text_before=text_before.replace("\x00", "")[:MAX_TEXT_LENGTH],
-        text_after=text,
-    )
+    with transaction.atomic():
+        _queue_room(account)
+        change = ResultChange.objects.create(
+            portal=account.portal,
+            account=account,
+            task_id=task_id,
+            result_id=result_id,
+            action=action,
+            text_before=text_before.replace("\x00", "")[:MAX_TEXT_LENGTH],
+            text_after=text,
+        )
     logger.info(
         "change %s queued portal=%s user=%s action=%s task=%s",
         change.pk,
@@ -300,10 +320,53 @@ def result_change_submit(
     return result_change_deliver(change_id=change.pk, limiter_max_wait=WEB_LIMITER_WAIT_S)
 
 
+def _queue_room(account: Account) -> None:
+    """Refuse a change past the caps on Queued changes: `RESULTS_QUEUED_PER_ACCOUNT` of one
+    person, `RESULTS_QUEUED_PER_PORTAL` of one portal.
+
+    Call inside a transaction, before writing the change: the portal's row lock makes
+    concurrent submissions of the portal count one after another, so no two of them both see
+    the last free place."""
+    Portal.objects.select_for_update().only("pk").get(pk=account.portal_id)
+    queued = ResultChange.objects.filter(state=ResultChange.State.QUEUED)
+    per_account = settings.RESULTS_QUEUED_PER_ACCOUNT
+    if queued.filter(account=account).count() >= per_account:
+        logger.warning(
+            "change refused: queue full portal=%s user=%s queued>=%s",
+            account.portal.member_id,
+            account.user_id,
+            per_account,
+        )
+        raise QueueFull(
+            _(
+                "You have %(count)s changes waiting to reach Bitrix24. Wait until they are "
+                "saved, then try again."
+            )
+            % {"count": per_account}
+        )
+    per_portal = settings.RESULTS_QUEUED_PER_PORTAL
+    if queued.filter(portal_id=account.portal_id).count() >= per_portal:
+        logger.warning(
+            "change refused: portal queue full portal=%s queued>=%s",
+            account.portal.member_id,
+            per_portal,
+        )
+        raise QueueFull(
+            _(
+                "Too many changes on this Bitrix24 are waiting to be sent. Wait until they "
+                "are saved, then try again."
+            )
+        )
+
+
 @transaction.atomic
 def result_change_retry(*, change_id: int, account: Account) -> ResultChange:
     """Queue a change that was not saved once more (same idempotency key: an error is never
-    stored by Bitrix24, so the same key cannot replay it)."""
+    stored by Bitrix24, so the same key cannot replay it). Refused (`QueueFull`) like a new
+    change when the person or the portal has too many changes queued."""
+    change = ResultChange.objects.get(pk=change_id, account=account)
+    if change.state == ResultChange.State.FAILED:
+        _queue_room(account)
     change = ResultChange.objects.select_for_update().get(pk=change_id, account=account)
     if change.state == ResultChange.State.FAILED:
         change.state = ResultChange.State.QUEUED
@@ -430,15 +493,132 @@ def _refusal_reason(exc: BitrixError):
     return _("Bitrix24 refused the change.")
 
 
-def _backoff(change: ResultChange, exc: BitrixUnavailable) -> datetime:
-    now = timezone.now()
-    ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** max(0, change.attempts - 1))
-    delay = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
+def backoff_delay(
+    failures: int, exc: BitrixUnavailable, *, now: datetime, rand: random.Random | None = None
+) -> float:
+    """Seconds to wait after `failures` attempts in a row found Bitrix24 unavailable:
+    exponential from `BACKOFF_BASE_S` up to `BACKOFF_CAP_S`, drawn between half of that and
+    all of it from `rand` (default `JITTER`), and never before the portal's own `Retry-After`
+    or `operating_reset_at`; at most `MAX_DELAY_S`."""
+    ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** max(0, failures - 1))
+    delay = (rand or JITTER).uniform(ceiling / 2, ceiling)
     if exc.retry_after:
         delay = max(delay, float(exc.retry_after))
     if exc.operating_reset_at:
         delay = max(delay, float(exc.operating_reset_at) - now.timestamp())
-    return now + timedelta(seconds=min(delay, MAX_DELAY_S))
+    return min(delay, MAX_DELAY_S)
+
+
+def _backoff(change: ResultChange, exc: BitrixUnavailable) -> datetime:
+    """The next attempt of a change held back by its own account (waiting for its user), not
+    by the portal."""
+    now = timezone.now()
+    return now + timedelta(seconds=backoff_delay(change.attempts, exc, now=now))
+
+
+# --- the portal's turn: a portal backs off as one ----------------------------------------------
+
+SEND, PROBE, WAIT = "send", "probe", "wait"
+
+
+def _portal_turn(portal_id: int) -> tuple[str, PortalOutbox | None]:
+    """Whether an attempt may send to its portal now: `SEND` while the portal is well; `PROBE`
+    for the one attempt that tries again a portal whose backoff is over (it holds the portal's
+    probe lease); `WAIT` (with the portal's outbox) while the portal backs off or another
+    attempt probes it."""
+    outbox = PortalOutbox.objects.filter(pk=portal_id).first()
+    if outbox is None or not outbox.held:
+        return SEND, None
+    now = timezone.now()
+    probing = (
+        PortalOutbox.objects.filter(pk=portal_id, failures__gt=0)
+        .filter(Q(resume_at__isnull=True) | Q(resume_at__lte=now))
+        .filter(Q(probe_until__isnull=True) | Q(probe_until__lt=now))
+        .update(probe_until=now + LEASE)
+    )
+    if probing:
+        return PROBE, None
+    outbox.refresh_from_db()
+    return (WAIT, outbox) if outbox.held else (SEND, None)
+
+
+def _wait_for_portal(change: ResultChange, outbox: PortalOutbox) -> ResultChange:
+    """Put a claimed change back, unsent, to wait with its portal's other changes: not an
+    attempt, and no message of its own (the portal's probe, then its drain, sends it; the
+    sweep if those are lost). Past `GIVE_UP_AFTER` it ends Not saved, like any other."""
+    now = timezone.now()
+    updates: dict = {"lease_until": None, "attempts": F("attempts") - 1, "updated_at": now}
+    if now - change.created_at > GIVE_UP_AFTER:
+        updates.update(
+            state=ResultChange.State.FAILED,
+            last_error=outbox.last_error,
+            last_error_message=str(_("Bitrix24 was unreachable for too long. Press Retry.")),
+        )
+    else:
+        until = max(filter(None, (outbox.resume_at, outbox.probe_until, now)))
+        updates.update(next_attempt_at=until, last_error=outbox.last_error or change.last_error)
+    ResultChange.objects.filter(pk=change.pk).update(**updates)
+    change.refresh_from_db()
+    logger.info(
+        "change %s waits for its portal (%s failure(s) in a row) -> %s",
+        change.pk,
+        outbox.failures,
+        change.state,
+    )
+    return change
+
+
+def _portal_unavailable(portal_id: int, exc: BitrixUnavailable, *, probe: bool) -> datetime:
+    """Bitrix24 is unavailable for the portal: it backs off as one, and the attempt's change
+    waits until then like the others. Counted once per backoff step: by the probe, or by the
+    first attempt that finds a well portal unavailable (others that were on the wire then
+    only wait)."""
+    with transaction.atomic():
+        outbox, _created = PortalOutbox.objects.select_for_update().get_or_create(
+            portal_id=portal_id
+        )
+        now = timezone.now()
+        if probe or not outbox.held or outbox.resume_at is None:
+            outbox.failures += 1
+            delay = backoff_delay(outbox.failures, exc, now=now)
+            outbox.resume_at = now + timedelta(seconds=delay)
+            logger.warning(
+                "portal %s unavailable (%s), %s failure(s) in a row: its changes wait %.0f s",
+                portal_id,
+                exc.code,
+                outbox.failures,
+                delay,
+            )
+        if probe:
+            outbox.probe_until = None
+        outbox.last_error = exc.code[:120]
+        outbox.save()
+    return max(outbox.resume_at, now)
+
+
+def _portal_probe_done(portal_id: int) -> None:
+    """The probe ended without learning whether the portal is back (nothing reached it): the
+    next attempt may try at once."""
+    PortalOutbox.objects.filter(pk=portal_id).update(probe_until=None)
+
+
+def _portal_answered(portal_id: int) -> bool:
+    """Bitrix24 answered for the portal (a success, or a refusal of the change): it is well.
+    If it was backing off, its waiting changes are due now. Returns whether it was."""
+    now = timezone.now()
+    released = PortalOutbox.objects.filter(pk=portal_id, failures__gt=0).update(
+        failures=0, resume_at=None, probe_until=None, last_error="", updated_at=now
+    )
+    if released:
+        count = (
+            ResultChange.objects.filter(
+                portal_id=portal_id, state=ResultChange.State.QUEUED, next_attempt_at__gt=now
+            )
+            .exclude(last_error=DEFERRED)
+            .update(next_attempt_at=now, updated_at=now)
+        )
+        logger.info("portal %s answers again: its queue drains (%s waiting)", portal_id, count)
+    return bool(released)
 
 
 def _turn(change: ResultChange, not_before_s: float, interval_s: float) -> datetime:
@@ -476,17 +656,28 @@ def result_change_deliver(*, change_id: int, limiter_max_wait: float | None = No
     if not _claim(change_id):
         return ResultChange.objects.get(pk=change_id)
     change = ResultChange.objects.select_related("account__portal").get(pk=change_id)
+    turn, outbox = _portal_turn(change.portal_id)
+    if turn == WAIT:
+        return _wait_for_portal(change, outbox)
     interval_s = 1 / portal_rate(change.portal)[1]
     if limiter_max_wait is None:
         limiter_max_wait = DEFER_AFTER_SLOTS * interval_s
     updates: dict = {"lease_until": None}
     deferred_for: float | None = None
+    answered = probe_done = False
     try:
         if change.portal.state != Portal.State.ACTIVE and change.portal.blocked_by_operator:
             raise BitrixAuthError("PORTAL_BLOCKED", "portal blocked by its operator")
         result_id = _send(change, limiter_max_wait)
     except BitrixUnavailable as exc:
         updates.update(last_error=exc.code[:120], last_error_message="")
+        portal_wide = exc.code != DEFERRED and not isinstance(exc, AccountAwaitingSignIn)
+        if portal_wide:
+            updates["next_attempt_at"] = _portal_unavailable(
+                change.portal_id, exc, probe=turn == PROBE
+            )
+        else:
+            probe_done = True
         if timezone.now() - change.created_at > GIVE_UP_AFTER:
             updates.update(
                 state=ResultChange.State.FAILED,
@@ -495,7 +686,7 @@ def result_change_deliver(*, change_id: int, limiter_max_wait: float | None = No
         elif exc.code == DEFERRED:
             deferred_for = float(exc.retry_after or 0)
             updates["attempts"] = F("attempts") - 1
-        else:
+        elif not portal_wide:
             updates["next_attempt_at"] = _backoff(change, exc)
     except BitrixError as exc:
         updates.update(
@@ -503,6 +694,14 @@ def result_change_deliver(*, change_id: int, limiter_max_wait: float | None = No
             last_error=exc.code[:120],
             last_error_message=str(_refusal_reason(exc))[:300],
         )
+        # A refusal the portal gave proves it answers; one of ours (a blocked portal, a token
+        # the OAuth server refused) says nothing about it.
+        answered = isinstance(exc, BitrixAccessDenied | BitrixValidationError)
+        probe_done = not answered
+    except BaseException:
+        if turn == PROBE:
+            _portal_probe_done(change.portal_id)
+        raise
     else:
         updates.update(
             state=ResultChange.State.SAVED,
@@ -511,6 +710,10 @@ def result_change_deliver(*, change_id: int, limiter_max_wait: float | None = No
             last_error="",
             last_error_message="",
         )
+        answered = True
+    if turn == PROBE and probe_done:
+        _portal_probe_done(change.portal_id)
+    drains = answered and _portal_answered(change.portal_id)
     with transaction.atomic():
         if deferred_for is not None:
             updates["next_attempt_at"] = _turn(change, deferred_for, interval_s)
@@ -523,6 +726,11 @@ def result_change_deliver(*, change_id: int, limiter_max_wait: float | None = No
         from results.tasks import result_change_schedule
 
         transaction.on_commit(lambda: result_change_schedule(change))
+    if drains:
+        from results.tasks import result_changes_drain
+
+        portal_id = change.portal_id
+        transaction.on_commit(lambda: result_changes_drain(portal_id))
     return change
 
 
@@ -546,3 +754,21 @@ def result_changes_resume(*, account: Account) -> int:
         .exclude(last_error__in=PORTAL_LIMIT_CODES)
         .update(next_attempt_at=now, updated_at=now)
     )
+
+
+PURGE_BATCH = 1000
+
+
+def result_changes_purge(*, now: datetime | None = None, batch: int = PURGE_BATCH) -> int:
+    """Delete delivered changes (Saved or Not saved) last touched more than
+    `RESULTS_RETENTION_DAYS` ago, `batch` rows per statement so no long lock is held; never a
+    Queued one. Returns how many were deleted."""
+    before = (now or timezone.now()) - timedelta(days=settings.RESULTS_RETENTION_DAYS)
+    deleted = 0
+    while ids := result_changes_expired(before=before, limit=batch):
+        deleted += (
+            ResultChange.objects.filter(pk__in=ids, updated_at__lt=before)
+            .exclude(state=ResultChange.State.QUEUED)
+            .delete()[0]
+        )
+    return deleted

@@ -329,8 +329,8 @@ def _submit(request, fr: Frame, *, action: str, result_id: int | None = None):
         )
     except services.ResultError as exc:
         if _wants_json(request):
-            return JsonResponse({"error": str(exc.message)}, status=400)
-        return _render_screen(request, fr, task_id, error=exc.message, status=400)
+            return JsonResponse({"error": str(exc.message)}, status=exc.status)
+        return _render_screen(request, fr, task_id, error=exc.message, status=exc.status)
     return _change_accepted(request, fr, change)
 
 
@@ -407,6 +407,11 @@ def change_retry(request, fr: Frame, change_id: int):
         if _wants_json(request):
             return JsonResponse({"error": str(_("Unknown change."))}, status=404)
         return _render_screen(request, fr, None, error=_("Unknown change."), status=404)
+    except services.QueueFull as exc:
+        task_id = ResultChange.objects.filter(pk=change_id).values_list("task_id", flat=True)[0]
+        if _wants_json(request):
+            return JsonResponse({"error": str(exc.message)}, status=exc.status)
+        return _render_screen(request, fr, task_id, error=exc.message, status=exc.status)
     change = services.result_change_deliver(
         change_id=change.pk, limiter_max_wait=services.WEB_LIMITER_WAIT_S
     )

@@ -18,7 +18,7 @@ from django.utils import timezone
 from b24app.portals.models import Account
 from b24app.portals.services import rate_limiter
 from results import services
-from results.models import ResultChange
+from results.models import PortalOutbox, ResultChange
 from results.tasks import result_change_deliver_task, result_changes_sweep_task
 from tests.results.support import (
     acting_user,
@@ -56,10 +56,11 @@ def _change(**filters) -> ResultChange:
 
 
 def _time_passes(portal, change: ResultChange) -> None:
-    """Jump past the change's backoff and the portal's request-budget pause."""
-    ResultChange.objects.filter(pk=change.pk).update(
-        next_attempt_at=timezone.now() - timedelta(seconds=1)
-    )
+    """Jump past the change's backoff, its portal's backoff and the portal's request-budget
+    pause."""
+    past = timezone.now() - timedelta(seconds=1)
+    ResultChange.objects.filter(pk=change.pk).update(next_attempt_at=past)
+    PortalOutbox.objects.filter(portal__member_id=portal.member_id).update(resume_at=past)
     rate_limiter().reset(portal.member_id)
 
 
@@ -389,6 +390,7 @@ def test_result_change_operation_time_limit_waits_for_operating_reset_at(
     assert len(writes(portal)) == 1
 
     ResultChange.objects.filter(pk=change.pk).update(next_attempt_at=timezone.now())
+    PortalOutbox.objects.update(resume_at=timezone.now())
     assert result_change_deliver_task.delay(change.pk).get() == "saved"
 
     assert portal.results(task)[0]["text"] == "After"

@@ -15,7 +15,7 @@ from django.utils import timezone
 from b24app.portals.models import Account, Portal
 from b24app.portals.services import AccountAwaitingSignIn
 from results import services
-from results.models import ResultChange
+from results.models import PortalOutbox, ResultChange
 from tests.results.support import (
     applied,
     edit,
@@ -37,10 +37,10 @@ def _refresh_calls(fake) -> int:
 
 
 def _retry_when_due(change: ResultChange) -> ResultChange:
-    """What the worker does once the change's backoff has passed."""
-    ResultChange.objects.filter(pk=change.pk).update(
-        next_attempt_at=timezone.now() - timedelta(seconds=1)
-    )
+    """What the worker does once the change's backoff (and its portal's) has passed."""
+    past = timezone.now() - timedelta(seconds=1)
+    ResultChange.objects.filter(pk=change.pk).update(next_attempt_at=past)
+    PortalOutbox.objects.update(resume_at=past)
     return services.result_change_deliver(change_id=change.pk)
 
 
