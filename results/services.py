@@ -339,8 +339,8 @@ def _queue_room(account: Account) -> None:
         )
         raise QueueFull(
             _(
-                "You have %(count)s changes waiting to reach Bitrix24. Wait until they are "
-                "saved, then try again."
+                "Too many of your changes are waiting to reach Bitrix24 (%(count)s). Wait "
+                "until they are saved, then try again."
             )
             % {"count": per_account}
         )

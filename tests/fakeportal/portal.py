@@ -93,6 +93,10 @@ class FakePortal:
         self.sent_events: list[dict] = []
         self.limit_hits = 0
         self.latency_s = 0.0
+        # An HTTP status (503, 502...) every REST call is answered with, as a gateway error page,
+        # after `latency_s`: a portal that is down behind its proxy. Unlike `go_down`, each
+        # attempt reaches the fake and is recorded (`injected` "unavailable"). None: serving.
+        self.unavailable_status: int | None = None
         self.operating_limit_s = 480.0
         self.default_method_cost = 0.01
         self.method_cost: dict[str, float] = {}
@@ -806,6 +810,11 @@ class FakePortal:
             echo = [("Idempotency-Key", req.headers.get("Idempotency-Key"))]
             record["idempotency_key"] = req.headers.get("Idempotency-Key")
 
+        if self.unavailable_status is not None:
+            record["injected"] = "unavailable"
+            if self.latency_s:
+                time.sleep(self.latency_s)
+            return oauth._gateway_error(int(self.unavailable_status))
         failure = self._pop_failure(method)
         if failure is not None:
             record["injected"] = failure["error"]
