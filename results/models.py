@@ -109,6 +109,9 @@ class PortalOutbox(models.Model):
         null=True, blank=True, help_text="One attempt tries the portal again until then"
     )
     last_error = models.CharField(max_length=120, blank=True, help_text="Bitrix24 error code")
+    drain_until = models.DateTimeField(
+        null=True, blank=True, help_text="A drain queues this portal's due changes until then"
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:

@@ -555,7 +555,9 @@ def _wait_for_portal(change: ResultChange, outbox: PortalOutbox) -> ResultChange
             last_error_message=str(_("Bitrix24 was unreachable for too long. Press Retry.")),
         )
     else:
-        until = max(filter(None, (outbox.resume_at, outbox.probe_until, now)))
+        # Due with the portal: the selectors hold it back while the portal backs off or is
+        # being tried (`result_changes_due`), and take it as soon as the portal answers again.
+        until = max(outbox.resume_at or now, now)
         updates.update(next_attempt_at=until, last_error=outbox.last_error or change.last_error)
     ResultChange.objects.filter(pk=change.pk).update(**updates)
     change.refresh_from_db()
@@ -565,6 +567,15 @@ def _wait_for_portal(change: ResultChange, outbox: PortalOutbox) -> ResultChange
         outbox.failures,
         change.state,
     )
+    if (
+        change.state == ResultChange.State.QUEUED
+        and not PortalOutbox.objects.filter(pk=change.portal_id, failures__gt=0).exists()
+    ):
+        # The portal answered again while this change was being put back: its drain may
+        # have passed it by (it was leased), so it goes on its own.
+        from results.tasks import result_change_schedule
+
+        transaction.on_commit(lambda: result_change_schedule(change))
     return change
 
 
@@ -600,6 +611,21 @@ def _portal_probe_done(portal_id: int) -> None:
     """The probe ended without learning whether the portal is back (nothing reached it): the
     next attempt may try at once."""
     PortalOutbox.objects.filter(pk=portal_id).update(probe_until=None)
+
+
+def portal_drain_claim(portal_id: int, *, seconds: float, renew: bool = False) -> bool:
+    """Take (or, for the drain that holds it, `renew`) the portal's drain for `seconds`: one
+    drain per portal at a time. False when another drain holds it."""
+    now = timezone.now()
+    PortalOutbox.objects.get_or_create(portal_id=portal_id)
+    rows = PortalOutbox.objects.filter(pk=portal_id)
+    if not renew:
+        rows = rows.filter(Q(drain_until__isnull=True) | Q(drain_until__lt=now))
+    return bool(rows.update(drain_until=now + timedelta(seconds=seconds)))
+
+
+def portal_drain_done(portal_id: int) -> None:
+    PortalOutbox.objects.filter(pk=portal_id).update(drain_until=None)
 
 
 def _portal_answered(portal_id: int) -> bool:
