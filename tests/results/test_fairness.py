@@ -463,3 +463,20 @@ def test_one_sweep_delivers_portal_b_while_portal_a_is_down_then_a_drains(
         assert by_key[change.idempotency_key][-1]["status"] == 200
     assert sorted(i["text"] for i in fakes["a"].results(1)) == sorted(f"a {n}" for n in range(150))
     assert PortalOutbox.objects.get(portal=accounts["a"].portal).failures == 0
+
+
+@pytest.mark.parametrize(
+    "variable, value, error",
+    [
+        ("RESULTS_RETENTION_DAYS", "1", "RESULTS_RETENTION_DAYS must be at least 2"),
+        ("RESULTS_QUEUED_PER_ACCOUNT", "0", "RESULTS_QUEUED_PER_ACCOUNT and"),
+        ("RESULTS_QUEUED_PER_PORTAL", "-5", "RESULTS_QUEUED_PER_PORTAL must be at least 1"),
+    ],
+)
+def test_settings_refuse_an_outbox_setting_that_would_lose_or_block_changes(variable, value, error):
+    from tests.b24app.test_settings import _run_django
+
+    result = _run_django({"DJANGO_DEBUG": "true", variable: value}, "check")
+
+    assert result.returncode != 0
+    assert error in result.stderr
