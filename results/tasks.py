@@ -57,16 +57,10 @@ def result_changes_sweep_task() -> int:
     due = selectors.result_changes_due()
     for change_id in due:
         result_change_deliver_task.delay(change_id)
-    per_portal = Counter(
-        ResultChange.objects.filter(pk__in=due).values_list("portal_id", flat=True)
-    )
-    for portal_id, count in per_portal.items():
+    portal_of = dict(ResultChange.objects.filter(pk__in=due).values_list("pk", "portal_id"))
+    for portal_id, count in Counter(portal_of.values()).items():
         if count >= selectors.SWEEP_PER_PORTAL:
-            batch = list(
-                ResultChange.objects.filter(pk__in=due, portal_id=portal_id).values_list(
-                    "pk", flat=True
-                )
-            )
+            batch = [pk for pk in due if portal_of.get(pk) == portal_id]
             result_changes_drain(portal_id, previous=batch)
     if due:
         logger.info("sweep re-queued %s change(s)", len(due))

@@ -349,6 +349,69 @@ def test_sweep_takes_every_portal_in_turn_not_the_oldest_thousand(client, fake, 
     assert len(selectors.result_changes_due(limit=4)) == 4  # bounded in all
 
 
+@pytest.mark.django_db
+def test_sweep_drains_a_big_backlog_a_batch_at_a_time_once_the_last_is_taken_up(
+    client, fake, portal, monkeypatch
+):
+    """One portal with 120 due changes: the sweep queues its oldest 50 and starts one drain;
+    the drain queues the next 50 only once the workers took up the last 50, never copies of
+    them, and stops when the backlog is gone. (The broker's side is recorded here: what the
+    sweep and the drain hand to Celery.)"""
+    from b24app.celery import app
+    from results import tasks
+
+    installed(client, portal, ANNA)
+    _unlimited(portal)
+    changes = [c.pk for c in _queue(Account.objects.get(user_id=ANNA), 120, "backlog")]
+    sent, drains = [], []
+    monkeypatch.setattr(tasks.result_change_deliver_task, "delay", sent.append)
+    monkeypatch.setattr(
+        tasks.result_changes_drain_task,
+        "apply_async",
+        lambda args, countdown=None, **kw: drains.append((args, countdown)),
+    )
+    was_eager, app.conf.task_always_eager = app.conf.task_always_eager, False
+    try:
+        _drain_steps(portal, changes, sent, drains, tasks)
+    finally:
+        app.conf.task_always_eager = was_eager
+
+
+def _drain_steps(portal, changes, sent, drains, tasks) -> None:
+
+    def taken_up(ids) -> None:  # what the workers do with the changes they were sent
+        ResultChange.objects.filter(pk__in=ids).update(
+            state=ResultChange.State.SAVED, updated_at=timezone.now()
+        )
+
+    assert result_changes_sweep_task() == 50
+    assert sent == changes[:50]
+    [(args, countdown)] = drains
+    portal_id, previous, since = args
+    assert previous == changes[:50] and countdown == tasks.DRAIN_STEP_MIN_S
+    result_changes_sweep_task()  # the next sweep: no second drain of the same portal
+    assert len(drains) == 1
+
+    sent.clear()
+    assert tasks.result_changes_drain_task(portal_id, previous, since) == 0
+    assert sent == []  # the last batch is not taken up yet: no copies of it
+    assert drains[-1][0] == (portal_id, previous, since)
+
+    taken_up(changes[:50])
+    assert tasks.result_changes_drain_task(portal_id, previous, since) == 50
+    assert sent == changes[50:100]
+    _, previous, since = drains[-1][0]
+    assert previous == changes[50:100]
+
+    taken_up(changes[50:100])
+    sent.clear()
+    steps = len(drains)
+    assert tasks.result_changes_drain_task(portal_id, previous, since) == 20
+    assert sent == changes[100:]
+    assert len(drains) == steps  # done: no further step
+    assert PortalOutbox.objects.get(portal_id=portal_id).drain_until is None
+
+
 # --- retention ----------------------------------------------------------------------------------
 
 
