@@ -785,10 +785,12 @@ def _exchange(send: Callable[..., requests.Response], config: BitrixConfig) -> r
         try:
             response = send(timeout=deadline.timeout(config), stream=True)
             _read_capped(response, config.max_body_bytes)
-        except (requests.RequestException, OSError) as exc:
-            if deadline.expired and not isinstance(exc, _ResponseTooLarge):
+        except Exception as exc:
+            # A socket shut under a read surfaces as whatever the layer reading it makes of an
+            # early end (a protocol error, a reset, an SSL error): the deadline is the cause.
+            if deadline.expired and not isinstance(exc, _ResponseTooLarge | BitrixError):
                 raise _DeadlineExceeded(config.deadline) from None
-            if isinstance(exc, requests.RequestException):
+            if isinstance(exc, requests.RequestException) or not isinstance(exc, OSError):
                 raise
             raise requests.ConnectionError(type(exc).__name__) from None
         if deadline.expired:  # an answer without a length, cut short by the shutdown

@@ -129,10 +129,10 @@ def test_rest_call_to_a_portal_that_never_answers_returns_within_the_deadline(
     portal, anna, config
 ) -> None:
     portal.transport.unresponsive = True
+    config = dataclasses.replace(config, read_timeout=20.0)  # the default: 20 s without a deadline
     outcome, took = timed(lambda: client_for(portal, anna["access_token"], config).call("profile"))
     assert isinstance(outcome, BitrixUnavailable) and outcome.code == "DEADLINE_EXCEEDED"
-    assert took < BOUND  # not the 4 s read timeout either: the deadline is 1 s
-    assert took < config.read_timeout
+    assert took < BOUND
     assert portal.requests[-1]["injected"] == "unresponsive"
 
 
