@@ -603,6 +603,10 @@ class _ResponseTooLarge(requests.RequestException):
         self.limit = limit
 
 
+DEADLINE_SLACK_S = 0.05
+"""A timeout that fires this close to the deadline counts as the deadline."""
+
+
 def _shutdown(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_RDWR)
@@ -623,6 +627,10 @@ class _Deadline:
 
     def remaining(self) -> float:
         return self.expires - time.monotonic()
+
+    def passed(self) -> bool:
+        """Expired, or so nearly that a timeout cut to what was left has just fired."""
+        return self.expired or self.remaining() < DEADLINE_SLACK_S
 
     def timeout(self, config: BitrixConfig) -> tuple[float, float]:
         """``(connect, read)`` for ``requests``: the configured ones, within what is left."""
@@ -773,7 +781,9 @@ def _read_capped(response: requests.Response, limit: int) -> None:
     response._content = b"".join(chunks)
 
 
-def _exchange(send: Callable[..., requests.Response], config: BitrixConfig) -> requests.Response:
+def _bounded_request(
+    send: Callable[..., requests.Response], config: BitrixConfig
+) -> requests.Response:
     """``send(timeout=…, stream=True)`` and read the whole answer, within ``config.deadline``
     and ``config.max_body_bytes``. Raises ``requests`` exceptions (:class:`_DeadlineExceeded`
     and :class:`_ResponseTooLarge` among them) for :func:`_transport_error`."""
@@ -788,7 +798,8 @@ def _exchange(send: Callable[..., requests.Response], config: BitrixConfig) -> r
         except Exception as exc:
             # A socket shut under a read surfaces as whatever the layer reading it makes of an
             # early end (a protocol error, a reset, an SSL error): the deadline is the cause.
-            if deadline.expired and not isinstance(exc, _ResponseTooLarge | BitrixError):
+            # A read timeout cut to what was left of the deadline is the deadline too.
+            if deadline.passed() and not isinstance(exc, _ResponseTooLarge | BitrixError):
                 raise _DeadlineExceeded(config.deadline) from None
             if isinstance(exc, requests.RequestException) or not isinstance(exc, OSError):
                 raise
@@ -807,7 +818,7 @@ def build_session(config: BitrixConfig, *, pool_maxsize: int = 32) -> requests.S
 
     Unless ``allow_private`` is on, every connection's peer address is checked when it connects
     (:class:`~b24app.portals.netguard.GuardedAdapter`). Retries are left to the callers. Its
-    connections report to the deadline of the exchange that uses them (:func:`_exchange`).
+    connections report to the deadline of the exchange that uses them (:func:`_bounded_request`).
     """
     session = requests.Session()
     adapter_class = _DeadlineAdapter if config.allow_private else _GuardedDeadlineAdapter
@@ -937,7 +948,7 @@ _OTHER_METHOD: dict[TokenMethod, TokenMethod] = {"post": "get", "get": "post"}
 
 class _OAuthTokenSession(OAuth2Session):
     """requests-oauthlib's session with every request under the transport's deadline and size
-    cap (:func:`_exchange`), as the app's own requests are."""
+    cap (:func:`_bounded_request`), as the app's own requests are."""
 
     transport_config: BitrixConfig
 
@@ -945,7 +956,7 @@ class _OAuthTokenSession(OAuth2Session):
         kwargs.pop("timeout", None)
         kwargs.pop("stream", None)
         parent = super().request
-        return _exchange(
+        return _bounded_request(
             lambda **transport: parent(method, url, *args, **kwargs, **transport),
             self.transport_config,
         )
@@ -1149,7 +1160,7 @@ class OAuthServer:
         failure: BitrixError
         fields = {"params" if how == "get" else "data": dict(data)}
         try:
-            response = _exchange(
+            response = _bounded_request(
                 lambda **transport: self._session.request(
                     how.upper(), url, **fields, headers=headers, allow_redirects=False, **transport
                 ),
@@ -1445,7 +1456,7 @@ class BitrixClient:
             started = time.monotonic()
             sent = True
             try:
-                response = _exchange(
+                response = _bounded_request(
                     lambda **transport: self._session.post(
                         self._url(method, api),
                         json={**params, "auth": self._access_token},

@@ -55,6 +55,10 @@ PROBE_LEASE_S = 60.0
 """How long a half-open breaker waits for its probe's outcome before it lets another one go
 (a probe whose process died reports nothing)."""
 
+PROBE_RETRY_S = 2.0
+"""The ``retry_after`` of a call refused while the probe is out: its outcome comes soon (within
+the probe's deadline), so try again shortly rather than after the probe's whole lease."""
+
 
 class BreakerOpen(Exception):
     """The breaker for this host is open (or its probe is out): no request may be sent now."""
@@ -146,7 +150,7 @@ class LocalCircuitBreaker:
                 raise BreakerOpen(open_until - now)
             probe_until = self._probe_until.get(key)
             if probe_until is not None and now < probe_until:
-                raise BreakerOpen(probe_until - now)
+                raise BreakerOpen(min(probe_until - now, PROBE_RETRY_S))
             self._probe_until[key] = now + self.probe_lease
             return True
 
@@ -197,7 +201,7 @@ if now < open_until then
 end
 local probe_until = tonumber(state[2])
 if probe_until and now < probe_until then
-  return {0, tostring(probe_until - now), 0}
+  return {0, tostring(math.min(probe_until - now, tonumber(ARGV[3]))), 0}
 end
 redis.call('HSET', KEYS[1], 'probe_until', tostring(now + tonumber(ARGV[2])))
 return {1, '0', 1}
@@ -296,7 +300,8 @@ class RedisCircuitBreaker(_RedisBacked):
         if self._redis_usable():
             try:
                 allowed, wait, probe = self._before_script(
-                    keys=[self._prefix + key], args=[repr(self._clock()), self.probe_lease]
+                    keys=[self._prefix + key],
+                    args=[repr(self._clock()), self.probe_lease, PROBE_RETRY_S],
                 )
             except redis.RedisError as exc:
                 self._redis_failed(exc, self.NAME)

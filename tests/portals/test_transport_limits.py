@@ -300,8 +300,9 @@ def test_breaker_one_probe_at_a_time_while_half_open(make_breaker) -> None:
         breaker.before("portal.example")
     clock.advance(6)
     assert breaker.before("portal.example") is True  # the probe
-    with pytest.raises(BreakerOpen):
-        breaker.before("portal.example")  # the others still fail fast
+    with pytest.raises(BreakerOpen) as refused:
+        breaker.before("portal.example")  # the others still fail fast...
+    assert 0 < refused.value.retry_after <= 2.0  # ...and try again soon: the probe ends soon
     breaker.abandoned("portal.example", probe=True)  # it sent nothing: the turn passes on
     assert breaker.before("portal.example") is True
     breaker.succeeded("portal.example")
