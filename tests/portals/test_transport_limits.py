@@ -125,6 +125,25 @@ def test_rest_call_to_a_dripping_portal_returns_within_the_deadline(
     no_secret_in(caplog.text, anna["access_token"], anna["refresh_token"])
 
 
+def test_a_connect_and_read_timeout_alone_exceed_the_bound_against_the_same_drip(
+    portal, anna, config
+) -> None:
+    """What the client did before the deadline: one POST with `(connect, read)` timeouts. Every
+    byte arrives well within the read timeout, so the drip holds it for the whole answer."""
+    import requests
+
+    portal.transport.drip_interval_s = 0.09  # the 77-byte "method not found": about 7 s
+    started = time.monotonic()
+    with requests.Session() as session:
+        answer = session.post(
+            portal.client_endpoint + "no.such.method",
+            json={"auth": anna["access_token"]},
+            timeout=config.timeout,  # (2, 4): the 4 s budget of the issue
+        )
+    assert answer.json()["error"] == "ERROR_METHOD_NOT_FOUND"  # the whole answer, at last
+    assert time.monotonic() - started > BOUND
+
+
 def test_rest_call_to_a_portal_that_never_answers_returns_within_the_deadline(
     portal, anna, config
 ) -> None:
