@@ -26,7 +26,9 @@ machines); the in-flight slots' time to live runs on Redis' own clock.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -451,7 +453,7 @@ class RedisInflightLimiter(_RedisBacked):
     def acquire(self, key: str, limit: int, *, max_wait: float, ttl: float) -> str:
         if int(limit) < 1:
             raise ValueError("the in-flight limit must be at least 1")
-        slot = secrets.token_hex(8)
+        slot = f"{_process_namespace()}:{os.getpid()}:{secrets.token_hex(8)}"
         give_up = time.monotonic() + max(0.0, max_wait)
         pause = _poll_intervals()
         ttl_ms = max(1000, round(ttl * 1000))
@@ -460,6 +462,8 @@ class RedisInflightLimiter(_RedisBacked):
                 taken, wait_ms = self._acquire_script(
                     keys=[self._prefix + key], args=[slot, int(limit), ttl_ms]
                 )
+                if not int(taken) and self._reap_dead(key):
+                    continue  # a dead process's slot was freed: try again at once
             except redis.RedisError as exc:
                 self._redis_failed(exc, self.NAME)
                 break
@@ -475,6 +479,25 @@ class RedisInflightLimiter(_RedisBacked):
             self._local_slots.add(slot)
         return slot
 
+    def _reap_dead(self, key: str) -> bool:
+        """Free the slots of processes of this machine (this PID namespace) that are gone, a
+        killed worker's: True if one was freed. Other machines' slots end by their TTL."""
+        mine = _process_namespace() + ":"
+        dead = []
+        for raw in self._redis.zrange(self._prefix + key, 0, -1):
+            member = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if not member.startswith(mine):
+                continue
+            pid = member[len(mine) :].split(":", 1)[0]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                dead.append(member)
+        if not dead:
+            return False
+        freed = self._redis.zrem(self._prefix + key, *dead)
+        if freed:
+            logger.info("in-flight cap: freed %s slot(s) of dead processes key=%s", freed, key)
+        return bool(freed)
+
     def release(self, key: str, slot: str) -> None:
         with self._slots_lock:
             local = slot in self._local_slots
@@ -486,6 +509,36 @@ class RedisInflightLimiter(_RedisBacked):
             self._redis.zrem(self._prefix + key, slot)
         except redis.RedisError as exc:
             self._redis_failed(exc, self.NAME)  # the slot's time to live frees it
+
+
+_namespace: str | None = None
+
+
+def _process_namespace() -> str:
+    """What makes a process id mean one process: this machine's boot and PID namespace (no
+    ``:``). Slots carry it, so a process can tell which slots belong to its own neighbours."""
+    global _namespace
+    if _namespace is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as boot:
+                boot_id = boot.read().strip()
+            namespace = os.stat("/proc/self/ns/pid").st_ino
+            _namespace = f"{boot_id}.{namespace}".replace(":", "")
+        except OSError:  # no /proc: a name of this machine, and no reaping across it
+            _namespace = (
+                "host-" + socket.gethostname().replace(":", "") + "-" + secrets.token_hex(4)
+            )
+    return _namespace
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def breaker_from_url(

@@ -480,6 +480,36 @@ def test_inflight_a_killed_holder_frees_its_slot_after_its_time_to_live() -> Non
     redis.Redis.from_url(url).delete(prefix + "portal")
 
 
+def _take_a_slot_and_die(url: str, prefix: str) -> None:
+    RedisInflightLimiter(url, prefix=prefix).acquire("portal", 1, max_wait=0, ttl=600)
+    os._exit(0)  # as a SIGKILLed worker: the slot is never released
+
+
+@pytest.mark.redis
+def test_inflight_a_dead_process_of_this_machine_frees_its_slot_at_once() -> None:
+    """A killed worker's slot would stay taken for its whole TTL (the deadline plus 5 s); a
+    process on the same machine finds the holder gone and frees it when the cap is full."""
+    url = redis_or_skip()
+    prefix = f"b24:if:test:{uuid.uuid4().hex}:"
+    child = multiprocessing.get_context("spawn").Process(
+        target=_take_a_slot_and_die, args=(url, prefix)
+    )
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    connection = redis.Redis.from_url(url)
+    assert connection.zcard(prefix + "portal") == 1  # held by the dead process
+    inflight = RedisInflightLimiter(url, prefix=prefix)
+    slot = inflight.acquire("portal", 1, max_wait=0, ttl=600)  # at once, not in 10 minutes
+    assert connection.zrange(prefix + "portal", 0, -1) == [slot.encode()]
+    inflight.release("portal", slot)
+    live = RedisInflightLimiter(url, prefix=prefix).acquire("portal", 1, max_wait=0, ttl=600)
+    with pytest.raises(InflightTimeout):  # a live process's slot is never taken away
+        inflight.acquire("portal", 1, max_wait=0.2, ttl=600)
+    inflight.release("portal", live)
+    connection.delete(prefix + "portal")
+
+
 @pytest.mark.redis
 def test_inflight_is_shared_by_processes_through_redis() -> None:
     url = redis_or_skip()
