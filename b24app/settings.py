@@ -115,6 +115,30 @@ B24_ALLOW_PRIVATE_PORTALS = env.bool("B24_ALLOW_PRIVATE_PORTALS", default=False)
 B24_RATE_LIMIT = env.str("B24_RATE_LIMIT", default="50/2")
 # Seconds to wait for an answer from Bitrix24 (REST and OAuth) once connected.
 B24_HTTP_READ_TIMEOUT = env.float("B24_HTTP_READ_TIMEOUT", default=20.0)
+
+
+def _positive(name: str, default: float, kind=float):
+    """A positive number from the environment, or a start-up error naming the variable."""
+    raw = env.str(name, default=str(default))
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < float("inf"):
+        what = "whole number" if kind is int else "number"
+        raise ImproperlyConfigured(f"{name} must be a positive {what}, not {raw!r}.")
+    return value
+
+
+# Wall-clock limit on one call to Bitrix24 (REST or OAuth): connect, send and the whole answer.
+B24_HTTP_DEADLINE = _positive("B24_HTTP_DEADLINE", 25.0)
+# The largest answer read from Bitrix24, in bytes; a longer one is refused, its connection closed.
+B24_HTTP_MAX_BODY = _positive("B24_HTTP_MAX_BODY", 8 * 1024 * 1024, int)
+# Per-portal circuit breaker: transport failures in a row that open it, and its cool-down (s).
+B24_BREAKER_FAILURES = _positive("B24_BREAKER_FAILURES", 5, int)
+B24_BREAKER_COOLDOWN = _positive("B24_BREAKER_COOLDOWN", 30.0)
+# Requests in flight to one portal at once, across every process (shared through Redis).
+B24_PORTAL_MAX_INFLIGHT = _positive("B24_PORTAL_MAX_INFLIGHT", 10, int)
 if B24_ALLOW_PRIVATE_PORTALS:
     # oauthlib refuses http:// token endpoints unless told otherwise; only for local portals.
     os.environ.setdefault("OAUTHLIB_INSECURE_TRANSPORT", "1")

@@ -84,6 +84,33 @@ def _fresh_token_methods():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_portal_breakers():
+    """Each test starts with every portal host's circuit breaker closed and no request in
+    flight: fake portals listen on ephemeral loopback ports, which a later test (or run) may
+    get again. Breaker and in-flight state lives in the process and, with REDIS_URL, in Redis
+    (`b24:cb:*`, `b24:if:*`)."""
+    services = sys.modules.get("b24app.portals.services")
+    if services is not None:
+        services._breaker_for.cache_clear()
+        services._inflight_for.cache_clear()
+    from django.conf import settings
+
+    if settings.configured and settings.REDIS_URL:  # not configured: the emulator's own tests
+        import redis
+
+        try:
+            connection = redis.Redis.from_url(
+                settings.REDIS_URL, socket_connect_timeout=0.5, socket_timeout=0.5
+            )
+            for pattern in ("b24:cb:*", "b24:if:*"):
+                for key in connection.scan_iter(pattern):
+                    connection.delete(key)
+        except redis.RedisError:
+            pass  # no Redis: the breakers decide in-process, and those were just replaced
+    yield
+
+
 @pytest.fixture
 def fake(settings):
     """A fake Bitrix24 (OAuth server + portals) on loopback, trusted by the app's settings."""

@@ -23,9 +23,13 @@ every log record. Protocol references (§) point to ``bitrix24-protocol.md``.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import math
+import os
 import re
+import socket
 import threading
 import time
 import uuid
@@ -42,6 +46,12 @@ from requests.adapters import HTTPAdapter
 from requests_oauthlib import OAuth2Session
 
 from b24app.logs import SecretMaskingFilter
+from b24app.portals.breaker import (
+    BreakerOpen,
+    CircuitBreaker,
+    InflightLimiter,
+    InflightTimeout,
+)
 from b24app.portals.netguard import (
     BitrixError,
     GuardedAdapter,
@@ -369,6 +379,11 @@ def _retry_after_seconds(header: str | None) -> float | None:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
+def _has_error_code(body: Any) -> bool:
+    """Is this a Bitrix24 error body (either shape of §5.2 / §6)?"""
+    return isinstance(body, dict) and body.get("error") not in (None, "")
+
+
 def _json_body(response: requests.Response) -> Any:
     try:
         return response.json()
@@ -378,6 +393,15 @@ def _json_body(response: requests.Response) -> Any:
 
 def _transport_error(exc: requests.RequestException, host: str) -> BitrixError:
     name = type(exc).__name__
+    if isinstance(exc, _ResponseTooLarge):
+        return BitrixUnavailable(
+            "RESPONSE_TOO_LARGE", f"{host} answered more than {exc.limit} bytes; connection closed"
+        )
+    if isinstance(exc, _DeadlineExceeded):
+        return BitrixUnavailable(
+            "DEADLINE_EXCEEDED",
+            f"no complete answer from {host} within {exc.seconds:g}s; connection closed",
+        )
     if isinstance(exc, requests.Timeout):
         return BitrixUnavailable("TIMEOUT", f"{name} talking to {host}")
     if isinstance(exc, requests.ConnectionError):
@@ -421,6 +445,10 @@ class BitrixConfig:
 
     ``oauth_servers`` (``B24_OAUTH_SERVERS``) is normalised to bare origins; a comma-separated
     string is accepted. ``allow_private`` is ``B24_ALLOW_PRIVATE_PORTALS``.
+
+    ``deadline`` (``B24_HTTP_DEADLINE``) bounds one exchange on the wall clock: connecting,
+    sending and reading the whole answer. ``max_body_bytes`` (``B24_HTTP_MAX_BODY``) is the
+    largest answer read; a longer one is refused and its connection closed.
     """
 
     client_id: str
@@ -430,8 +458,16 @@ class BitrixConfig:
     connect_timeout: float = 3.05
     read_timeout: float = 20.0
     user_agent: str = "b24-results/0.1"
+    deadline: float = 25.0
+    max_body_bytes: int = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.deadline, int | float) and math.isfinite(self.deadline)):
+            raise ValueError("deadline must be a number of seconds")
+        if self.deadline <= 0:
+            raise ValueError("deadline must be a positive number of seconds")
+        if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be a positive whole number of bytes")
         servers = self.oauth_servers
         if isinstance(servers, str):
             servers = tuple(part for part in servers.split(",") if part.strip())
@@ -452,7 +488,8 @@ class BitrixConfig:
             f"client_secret={mask_secret(self.client_secret)!r}, "
             f"oauth_servers={self.oauth_servers!r}, allow_private={self.allow_private!r}, "
             f"connect_timeout={self.connect_timeout!r}, read_timeout={self.read_timeout!r}, "
-            f"user_agent={self.user_agent!r})"
+            f"user_agent={self.user_agent!r}, deadline={self.deadline!r}, "
+            f"max_body_bytes={self.max_body_bytes!r})"
         )
 
 
@@ -540,14 +577,251 @@ def _bare_origin(url: str, *, allow_http: bool, paths: tuple[str, ...]) -> str:
     return str(origin)
 
 
+# --- transport: a deadline and a size cap on every exchange -------------------------------------
+#
+# ``requests`` has a connect and a read timeout, and the read timeout applies to each read: a
+# server that sends one byte every few seconds keeps a caller for as long as it likes. Every
+# exchange (REST and OAuth) therefore runs under a wall-clock deadline: a watchdog thread shuts
+# down the sockets the exchange uses when it passes, which ends a blocked connect, send or read at
+# once, and the exchange fails with DEADLINE_EXCEEDED. The answer is streamed and refused beyond
+# ``max_body_bytes`` (RESPONSE_TOO_LARGE), its connection closed rather than drained.
+
+
+class _DeadlineExceeded(requests.Timeout):
+    """The exchange did not finish within the deadline; its connection was shut down."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no complete answer within {seconds:g}s")
+        self.seconds = seconds
+
+
+class _ResponseTooLarge(requests.RequestException):
+    """The answer is longer than the cap; its connection was closed."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"answer longer than {limit} bytes")
+        self.limit = limit
+
+
+DEADLINE_SLACK_S = 0.05
+"""A timeout that fires this close to the deadline counts as the deadline."""
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class _Deadline:
+    """One exchange's wall-clock limit and the sockets it used (shut down when it passes)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expires = time.monotonic() + seconds
+        self.expired = False
+        self.cancelled = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+
+    def remaining(self) -> float:
+        return self.expires - time.monotonic()
+
+    def passed(self) -> bool:
+        """Expired, or so nearly that a timeout cut to what was left has just fired."""
+        return self.expired or self.remaining() < DEADLINE_SLACK_S
+
+    def timeout(self, config: BitrixConfig) -> tuple[float, float]:
+        """``(connect, read)`` for ``requests``: the configured ones, within what is left."""
+        left = max(0.01, self.remaining())
+        return (min(config.connect_timeout, left), min(config.read_timeout, left))
+
+    def attach(self, sock: socket.socket | None) -> None:
+        if sock is None:
+            return
+        with self._lock:
+            if not self.expired:
+                if all(known is not sock for known in self._sockets):
+                    self._sockets.append(sock)
+                return
+        _shutdown(sock)
+
+    def expire(self) -> None:
+        with self._lock:
+            if self.cancelled:
+                return
+            self.expired = True
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            _shutdown(sock)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            self._sockets = []
+
+
+class _Watchdog:
+    """One daemon thread per process that expires the deadlines that pass."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # a forked worker starts its own
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Deadline]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, deadline: _Deadline) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (deadline.expires, next(self._order), deadline))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="b24-deadline-watchdog", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    while self._heap and self._heap[0][2].cancelled:
+                        heapq.heappop(self._heap)
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    delay = self._heap[0][0] - time.monotonic()
+                    if delay <= 0:
+                        deadline = heapq.heappop(self._heap)[2]
+                        break
+                    self._cond.wait(delay)
+            deadline.expire()
+
+
+_watchdog = _Watchdog()
+_exchange_state = threading.local()
+
+
+def _attach_to_deadline(sock: socket.socket | None) -> None:
+    deadline = getattr(_exchange_state, "deadline", None)
+    if deadline is not None:
+        deadline.attach(sock)
+
+
+class _DeadlineConnectionMixin:
+    """Hands every socket a request is sent on to the current exchange's deadline."""
+
+    sock: socket.socket | None
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        _attach_to_deadline(self.sock)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _attach_to_deadline(self.sock)  # a kept-alive connection; a new one attaches on connect
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+_deadline_pools: dict[type, type] = {}
+
+
+def _with_deadline(pool_class: type) -> type:
+    if pool_class not in _deadline_pools:
+        connection_class = type(
+            f"Deadline{pool_class.ConnectionCls.__name__}",
+            (_DeadlineConnectionMixin, pool_class.ConnectionCls),
+            {},
+        )
+        _deadline_pools[pool_class] = type(
+            f"Deadline{pool_class.__name__}", (pool_class,), {"ConnectionCls": connection_class}
+        )
+    return _deadline_pools[pool_class]
+
+
+class _DeadlineAdapterMixin:
+    """Pools whose connections report their sockets to the exchange's deadline."""
+
+    poolmanager: Any
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)  # type: ignore[misc]
+        self.poolmanager.pool_classes_by_scheme = {
+            scheme: _with_deadline(pool_class)
+            for scheme, pool_class in self.poolmanager.pool_classes_by_scheme.items()
+        }
+
+
+class _DeadlineAdapter(_DeadlineAdapterMixin, HTTPAdapter):
+    pass
+
+
+class _GuardedDeadlineAdapter(_DeadlineAdapterMixin, GuardedAdapter):
+    pass
+
+
+def _read_capped(response: requests.Response, limit: int) -> None:
+    """Read the streamed answer into ``response.content``, refusing more than ``limit`` bytes
+    (after decompression); a refused answer's connection is closed, not drained."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.strip().isdigit() and int(declared) > limit:
+        response.close()
+        raise _ResponseTooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_content(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            response.close()
+            raise _ResponseTooLarge(limit)
+        chunks.append(chunk)
+    response._content = b"".join(chunks)
+
+
+def _bounded_request(
+    send: Callable[..., requests.Response], config: BitrixConfig
+) -> requests.Response:
+    """``send(timeout=…, stream=True)`` and read the whole answer, within ``config.deadline``
+    and ``config.max_body_bytes``. Raises ``requests`` exceptions (:class:`_DeadlineExceeded`
+    and :class:`_ResponseTooLarge` among them) for :func:`_transport_error`."""
+    deadline = _Deadline(config.deadline)
+    outer = getattr(_exchange_state, "deadline", None)
+    _exchange_state.deadline = deadline
+    _watchdog.arm(deadline)
+    try:
+        try:
+            response = send(timeout=deadline.timeout(config), stream=True)
+            _read_capped(response, config.max_body_bytes)
+        except Exception as exc:
+            # A socket shut under a read surfaces as whatever the layer reading it makes of an
+            # early end (a protocol error, a reset, an SSL error): the deadline is the cause.
+            # A read timeout cut to what was left of the deadline is the deadline too.
+            if deadline.passed() and not isinstance(exc, _ResponseTooLarge | BitrixError):
+                raise _DeadlineExceeded(config.deadline) from None
+            if isinstance(exc, requests.RequestException) or not isinstance(exc, OSError):
+                raise
+            raise requests.ConnectionError(type(exc).__name__) from None
+        if deadline.expired:  # an answer without a length, cut short by the shutdown
+            response.close()
+            raise _DeadlineExceeded(config.deadline)
+        return response
+    finally:
+        deadline.cancel()
+        _exchange_state.deadline = outer
+
+
 def build_session(config: BitrixConfig, *, pool_maxsize: int = 32) -> requests.Session:
     """A ``requests.Session`` for Bitrix24; share one per process.
 
     Unless ``allow_private`` is on, every connection's peer address is checked when it connects
-    (:class:`~b24app.portals.netguard.GuardedAdapter`). Retries are left to the callers.
+    (:class:`~b24app.portals.netguard.GuardedAdapter`). Retries are left to the callers. Its
+    connections report to the deadline of the exchange that uses them (:func:`_bounded_request`).
     """
     session = requests.Session()
-    adapter_class = HTTPAdapter if config.allow_private else GuardedAdapter
+    adapter_class = _DeadlineAdapter if config.allow_private else _GuardedDeadlineAdapter
     for prefix in ("https://", "http://"):
         session.mount(prefix, adapter_class(pool_connections=16, pool_maxsize=pool_maxsize))
     session.headers["User-Agent"] = config.user_agent
@@ -668,7 +942,24 @@ class _TokenMethods:
 
 
 _token_methods = _TokenMethods()
+
 _OTHER_METHOD: dict[TokenMethod, TokenMethod] = {"post": "get", "get": "post"}
+
+
+class _OAuthTokenSession(OAuth2Session):
+    """requests-oauthlib's session with every request under the transport's deadline and size
+    cap (:func:`_bounded_request`), as the app's own requests are."""
+
+    transport_config: BitrixConfig
+
+    def request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
+        kwargs.pop("timeout", None)
+        kwargs.pop("stream", None)
+        parent = super().request
+        return _bounded_request(
+            lambda **transport: parent(method, url, *args, **kwargs, **transport),
+            self.transport_config,
+        )
 
 
 class OAuthServer:
@@ -806,7 +1097,8 @@ class OAuthServer:
         """The authorization-code request through requests-oauthlib's ``fetch_token``."""
         host = urlsplit(origin).netloc
         secrets = (code, self._config.client_secret)
-        oauth = OAuth2Session(self._config.client_id)
+        oauth = _OAuthTokenSession(self._config.client_id)
+        oauth.transport_config = self._config
         # Reuse the shared session's (guarded) adapters; the shared session owns and closes them.
         for prefix, adapter in self._session.adapters.items():
             oauth.mount(prefix, adapter)
@@ -831,7 +1123,6 @@ class OAuthServer:
                 client_secret=self._config.client_secret,
                 include_client_id=True,
                 method=how.upper(),
-                timeout=self._config.timeout,
                 headers=headers,
             )
         except requests.RequestException as exc:
@@ -869,13 +1160,11 @@ class OAuthServer:
         failure: BitrixError
         fields = {"params" if how == "get" else "data": dict(data)}
         try:
-            response = self._session.request(
-                how.upper(),
-                url,
-                **fields,
-                headers=headers,
-                timeout=self._config.timeout,
-                allow_redirects=False,
+            response = _bounded_request(
+                lambda **transport: self._session.request(
+                    how.upper(), url, **fields, headers=headers, allow_redirects=False, **transport
+                ),
+                self._config,
             )
         except requests.RequestException as exc:
             failure = _token_transport_error(method, host, exc, started=started, how=how)
@@ -899,6 +1188,9 @@ WRITE_SUFFIXES = (".add", ".update", ".delete", ".addfromchatmessage")
 QUERY_LIMIT_PENALTY_SHARE = 0.5
 """After ``QUERY_LIMIT_EXCEEDED`` (and no ``Retry-After``) pause the portal for the time its
 bucket needs to drain this share of the burst (25 s × 0.5 for 50/2), at least 1 s."""
+
+INFLIGHT_TTL_MARGIN_S = 5.0
+"""An in-flight slot lives this much longer than the deadline of the request that holds it."""
 
 MAX_LIST_ITEMS = 5000
 """Most items one listing reads, whatever a portal answers (a task has far fewer results)."""
@@ -939,6 +1231,12 @@ class BitrixClient:
     * ``limiter``/``limiter_key`` (the portal's ``member_id``)/``rate`` (burst, per second) pace
       every request; ``limiter_max_wait`` bounds the wait for a slot (``None``: wait as long as
       it takes), beyond it :class:`BitrixUnavailable` ``RATE_LIMITED`` is raised.
+    * ``breaker`` (a :class:`~b24app.portals.breaker.CircuitBreaker`, keyed by the portal's
+      host) fails calls to a host that keeps failing at once with :class:`BitrixUnavailable`
+      ``PORTAL_UNREACHABLE`` (``retry_after``: the rest of its cool-down), before any wait.
+    * ``inflight`` caps the requests in flight to the portal (``limiter_key``) at
+      ``max_inflight``; a caller that gets no slot within ``limiter_max_wait`` (without one:
+      the deadline) gets :class:`BitrixUnavailable` ``PORTAL_BUSY``.
     """
 
     def __init__(
@@ -954,6 +1252,9 @@ class BitrixClient:
         rate: tuple[int, float] = (50, 2.0),
         limiter_max_wait: float | None = 30.0,
         session: requests.Session | None = None,
+        breaker: CircuitBreaker | None = None,
+        inflight: InflightLimiter | None = None,
+        max_inflight: int = 10,
     ) -> None:
         self._config = config
         self._origin = check_base_url(client_endpoint, allow_private=config.allow_private)
@@ -965,6 +1266,11 @@ class BitrixClient:
         self._burst, self._rate = rate
         self._limiter_max_wait = limiter_max_wait
         self._session = session if session is not None else build_session(config)
+        self._breaker = breaker
+        self._inflight = inflight
+        if max_inflight < 1:
+            raise ValueError("max_inflight must be at least 1")
+        self._max_inflight = max_inflight
         self._operating_reset_at: dict[str, int] = {}
         self.last_time: Mapping[str, Any] | None = None
         """The ``time`` block of the last successful response (§6.3)."""
@@ -1137,39 +1443,100 @@ class BitrixClient:
     def _send(
         self, method: str, api: Api, params: dict[str, Any], headers: dict[str, str]
     ) -> tuple[requests.Response, float, float]:
-        """Acquire a rate-limit slot and POST once; returns (response, started, seconds waited)."""
-        waited = self._acquire_slot()
+        """Pass the host's breaker, acquire a rate-limit and an in-flight slot and POST once,
+        reading the whole answer within the deadline and size cap; returns (response, started,
+        seconds waited). Transport failures and 5xx answers without a Bitrix24 error body count
+        against the host's breaker, any other answer closes it."""
         host = urlsplit(self._origin).netloc
         started = time.monotonic()
+        probe = self._pass_breaker(method, api, host, started)
+        sent, waited = False, 0.0
         try:
-            response = self._session.post(
-                self._url(method, api),
-                json={**params, "auth": self._access_token},
-                headers=headers,
-                timeout=self._config.timeout,
-                allow_redirects=False,
-            )
+            waited, slot = self._acquire_slot()
+            started = time.monotonic()
+            sent = True
+            try:
+                response = _bounded_request(
+                    lambda **transport: self._session.post(
+                        self._url(method, api),
+                        json={**params, "auth": self._access_token},
+                        headers=headers,
+                        allow_redirects=False,
+                        **transport,
+                    ),
+                    self._config,
+                )
+            finally:
+                if slot is not None and self._inflight is not None:
+                    self._inflight.release(self._limiter_key, slot)
         except requests.RequestException as exc:
             error = _transport_error(exc, host)
             _log_exchange(
                 method, api, host, status=None, started=started, error=error.code, waited=waited
             )
+            if self._breaker is not None and isinstance(error, BitrixUnavailable):
+                self._breaker.failed(host)
             raise error from exc
+        except BaseException:
+            if self._breaker is not None and not sent:
+                self._breaker.abandoned(host, probe)
+            raise
+        if self._breaker is not None:
+            if response.status_code >= 500 and not _has_error_code(_json_body(response)):
+                self._breaker.failed(host)
+            else:
+                self._breaker.succeeded(host)
         return response, started, waited
 
-    def _acquire_slot(self) -> float:
-        if self._limiter is None:
-            return 0.0
+    def _pass_breaker(self, method: str, api: Api, host: str, started: float) -> bool:
+        """Fail fast while the host's breaker is open; True when this call is its probe."""
+        if self._breaker is None:
+            return False
         try:
-            return self._limiter.acquire(
-                self._limiter_key, self._burst, self._rate, max_wait=self._limiter_max_wait
+            return self._breaker.before(host)
+        except BreakerOpen as exc:
+            _log_exchange(
+                method, api, host, status=None, started=started, error="PORTAL_UNREACHABLE"
             )
-        except RateLimitTimeout as exc:
             raise BitrixUnavailable(
-                "RATE_LIMITED",
-                "no request slot for this portal within the allowed wait",
+                "PORTAL_UNREACHABLE",
+                f"{host} failed repeatedly; no request is sent to it for a while",
+                retry_after=exc.retry_after,
+            ) from None
+
+    def _acquire_slot(self) -> tuple[float, str | None]:
+        """A rate-limit slot, then an in-flight one: (seconds waited, in-flight slot id)."""
+        waited = 0.0
+        if self._limiter is not None:
+            try:
+                waited = self._limiter.acquire(
+                    self._limiter_key, self._burst, self._rate, max_wait=self._limiter_max_wait
+                )
+            except RateLimitTimeout as exc:
+                raise BitrixUnavailable(
+                    "RATE_LIMITED",
+                    "no request slot for this portal within the allowed wait",
+                    retry_after=exc.retry_after,
+                ) from exc
+        if self._inflight is None:
+            return waited, None
+        wait = self._config.deadline
+        if self._limiter_max_wait is not None:
+            wait = min(wait, self._limiter_max_wait)
+        try:
+            slot = self._inflight.acquire(
+                self._limiter_key,
+                self._max_inflight,
+                max_wait=wait,
+                ttl=self._config.deadline + INFLIGHT_TTL_MARGIN_S,
+            )
+        except InflightTimeout as exc:
+            raise BitrixUnavailable(
+                "PORTAL_BUSY",
+                f"{self._max_inflight} requests to this portal are in flight already",
                 retry_after=exc.retry_after,
             ) from exc
+        return waited, slot
 
     def _follow_domain_change(self, response: requests.Response) -> None:
         location = urljoin(response.url, response.headers["Location"])

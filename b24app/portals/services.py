@@ -35,6 +35,12 @@ from b24app.portals.bitrix import (
     build_session,
     oauth_origin_for,
 )
+from b24app.portals.breaker import (
+    CircuitBreaker,
+    InflightLimiter,
+    breaker_from_url,
+    inflight_from_url,
+)
 from b24app.portals.models import Account, EventReceipt, Portal
 from b24app.portals.netguard import check_base_url, client_endpoint_for
 from b24app.portals.ratelimit import (
@@ -109,17 +115,23 @@ def bitrix_config() -> BitrixConfig:
         tuple(settings.B24_OAUTH_SERVERS),
         settings.B24_ALLOW_PRIVATE_PORTALS,
         settings.B24_HTTP_READ_TIMEOUT,
+        settings.B24_HTTP_DEADLINE,
+        settings.B24_HTTP_MAX_BODY,
     )
 
 
 @lru_cache(maxsize=4)
-def _config(client_id, client_secret, oauth_servers, allow_private, read_timeout) -> BitrixConfig:
+def _config(
+    client_id, client_secret, oauth_servers, allow_private, read_timeout, deadline, max_body
+) -> BitrixConfig:
     return BitrixConfig(
         client_id=client_id,
         client_secret=client_secret,
         oauth_servers=oauth_servers,
         allow_private=allow_private,
         read_timeout=read_timeout,
+        deadline=deadline,
+        max_body_bytes=max_body,
     )
 
 
@@ -139,6 +151,28 @@ def _limiter_for(redis_url: str) -> RateLimiter:
 
 def rate_limiter() -> RateLimiter:
     return _limiter_for(settings.REDIS_URL)
+
+
+@lru_cache(maxsize=4)
+def _breaker_for(redis_url: str, failures: int, cooldown: float) -> CircuitBreaker:
+    return breaker_from_url(redis_url or None, failures, cooldown)
+
+
+def circuit_breaker() -> CircuitBreaker:
+    """The per-portal-host breaker, shared through Redis when REDIS_URL is set."""
+    return _breaker_for(
+        settings.REDIS_URL, settings.B24_BREAKER_FAILURES, settings.B24_BREAKER_COOLDOWN
+    )
+
+
+@lru_cache(maxsize=4)
+def _inflight_for(redis_url: str) -> InflightLimiter:
+    return inflight_from_url(redis_url or None)
+
+
+def inflight_limiter() -> InflightLimiter:
+    """The per-portal cap on requests in flight, shared through Redis when REDIS_URL is set."""
+    return _inflight_for(settings.REDIS_URL)
 
 
 def oauth_server() -> OAuthServer:
@@ -669,6 +703,9 @@ def _client(
         rate=rate,
         limiter_max_wait=limiter_max_wait,
         session=http_session(),
+        breaker=circuit_breaker(),
+        inflight=inflight_limiter(),
+        max_inflight=settings.B24_PORTAL_MAX_INFLIGHT,
     )
 
 

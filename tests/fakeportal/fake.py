@@ -8,6 +8,7 @@ import time
 from . import oauth
 from .portal import FakePortal
 from .server import Listener
+from .transport import TransportFaults
 
 DEFAULT_CLIENT_ID = "app.fake0000000001.00000001"
 DEFAULT_CLIENT_SECRET = "fake-secret-0000000000000000000000000000000000000000"
@@ -58,6 +59,8 @@ class FakeBitrix:
         self.app_info_user_id: object = None
         self._clock_offset = 0.0
         self._token_failures: list[dict] = []
+        # Drip, huge answers, never answering, for the OAuth server: see transport.py.
+        self.transport = TransportFaults()
         self._listener: Listener | None = None
 
     # ---- lifecycle

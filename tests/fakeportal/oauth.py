@@ -308,6 +308,12 @@ def handle_server(fake, req: Request) -> Response:
         "time": fake.now(),
     }
     path = req.path
+    if fake.transport.unresponsive:
+        record["injected"] = "unresponsive"
+        with fake.lock:
+            fake.requests.append(record)
+        fake.transport.hold(fake._listener)
+        return DROP
     if path.rstrip("/") == "/oauth/token":
         record["method_name"] = "oauth.token"
         resp = token_endpoint(fake, req)
@@ -319,6 +325,8 @@ def handle_server(fake, req: Request) -> Response:
             {"error": "ERROR_METHOD_NOT_FOUND", "error_description": "Method not found!"}, 404
         )
     record["status"] = None if resp is DROP else resp.status
+    if resp is not DROP:
+        resp = fake.transport.shape(resp, record)
     with fake.lock:
         fake.requests.append(record)
     return resp

@@ -23,6 +23,7 @@ from .state import (
     Task,
     User,
 )
+from .transport import TransportFaults
 from .util import iso, issued, make_tz, new_hex, new_token, php_json
 
 TASK_CARD_PLACEMENTS = ("TASK_VIEW_TAB", "TASK_VIEW_SIDEBAR", "TASK_VIEW_TOP_PANEL")
@@ -107,6 +108,8 @@ class FakePortal:
         # Id used as event_handler_id for events sent to the app card's handler URL.
         self.card_handler_id = self.next_id("event_binding")
         self._failures: list[dict] = []
+        # Drip, huge answers, never answering: see transport.py.
+        self.transport = TransportFaults()
         self._listeners: list[Listener] = [self._new_listener(port)]
         self._aliases: list[Listener] = []
         self._redirect_origin: str | None = None
@@ -764,7 +767,15 @@ class FakePortal:
             "time": self.fake.now(),
             "injected": None,
         }
+        if self.transport.unresponsive and req.path.startswith("/rest/"):
+            record["injected"] = "unresponsive"
+            with self.lock:
+                self.requests.append(record)
+            self.transport.hold(listener)
+            return DROP
         resp = self._route(req, listener, record)
+        if resp is not DROP and record["api"] in ("classic", "v3"):
+            resp = self.transport.shape(resp, record)
         # A lost_response was carried out: its status is what the portal did, not what the
         # client got (nothing; `injected` says so).
         record["status"] = record.pop("done_status", None) if resp is DROP else resp.status

@@ -12,6 +12,8 @@ import json
 import logging
 import socket
 import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
@@ -75,6 +77,14 @@ class Response:
     status: int = 200
     body: bytes = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
+    # How the body travels (transport switches, see transport.py): `drip_s` writes it one byte
+    # at a time with that pause between bytes; `stream` (with `stream_length`, or chunked
+    # without) produces it piece by piece instead of `body`; `on_sent(bytes, complete)` learns
+    # how much of it the client took before it went away.
+    drip_s: float | None = None
+    stream: Callable[[], Iterable[bytes]] | None = None
+    stream_length: int | None = None
+    on_sent: Callable[[int, bool], None] | None = None
 
     @classmethod
     def json(cls, payload, status: int = 200, headers=None) -> Response:
@@ -195,17 +205,48 @@ class _Handler(BaseHTTPRequestHandler):
         if resp is DROP or listener.down:
             self._drop()
             return
+        sent, complete = 0, False
         try:
             self.send_response(resp.status)
             for key, value in resp.headers:
                 self.send_header(key, value)
-            self.send_header("Content-Length", str(len(resp.body)))
+            chunked = resp.stream is not None and resp.stream_length is None
+            if chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                length = len(resp.body) if resp.stream is None else resp.stream_length
+                self.send_header("Content-Length", str(length))
             self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(resp.body)
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
+            if self.command != "HEAD":
+                pieces = [resp.body] if resp.stream is None else resp.stream()
+                for piece in pieces:
+                    if resp.drip_s is not None:
+                        for index in range(len(piece)):
+                            if listener.down:
+                                raise ConnectionResetError("listener stopped")
+                            time.sleep(resp.drip_s)
+                            self._write(piece[index : index + 1], chunked)
+                            sent += 1
+                    elif piece:
+                        self._write(piece, chunked)
+                        sent += len(piece)
+                if chunked:
+                    self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+            complete = True
+        except (BrokenPipeError, ConnectionResetError, OSError):
             self.close_connection = True
+        finally:
+            if resp.on_sent is not None:
+                resp.on_sent(sent, complete)
+
+    def _write(self, data: bytes, chunked: bool) -> None:
+        if chunked:
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        else:
+            self.wfile.write(data)
+        self.wfile.flush()
 
     def _drop(self):
         self.close_connection = True

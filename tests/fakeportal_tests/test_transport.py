@@ -149,3 +149,95 @@ def test_requests_are_recorded(portal, anna):
     assert second["api"] == "classic" and second["method_name"] == "user.admin"
     assert second["query"]["auth"] == anna["access_token"] and second["http_method"] == "GET"
     assert portal.calls(api="v3") == [first]
+
+
+# --- transport switches (transport.py) ---------------------------------------------------------
+
+
+def _wait_for(predicate, seconds=10.0):
+    import time
+
+    give_up = time.monotonic() + seconds
+    while time.monotonic() < give_up:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_drip_sends_the_body_one_byte_at_a_time(portal, anna):
+    import time
+
+    portal.transport.drip_interval_s = 0.01
+    started = time.monotonic()
+    # Every read gets a byte well within a short read timeout, however long the body takes.
+    resp = requests.post(
+        portal.url + "/rest/profile", json={"auth": anna["access_token"]}, timeout=(2, 0.5)
+    )
+    took = time.monotonic() - started
+    assert resp.status_code == 200 and resp.json()["result"]["ID"] == "1"
+    assert took >= 0.01 * len(resp.content)  # every byte waited for its pause
+    record = portal.requests[-1]
+    assert _wait_for(lambda: record.get("body_complete") is True)
+    assert record["sent_bytes"] == len(resp.content)
+    portal.transport.off()
+    started = time.monotonic()
+    classic(portal, "profile", anna["access_token"])
+    assert time.monotonic() - started < took / 2
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_huge_body_is_valid_json_of_the_given_size(portal, anna, declared):
+    portal.transport.huge_body_bytes = 3_000_000
+    portal.transport.huge_body_declared = declared
+    resp = classic(portal, "profile", anna["access_token"])
+    assert resp.status_code == 200 and len(resp.content) == 3_000_000
+    assert resp.json()["result"] == "x" * (3_000_000 - len('{"result":""}'))
+    assert ("Content-Length" in resp.headers) is declared
+    assert (resp.headers.get("Transfer-Encoding") == "chunked") is not declared
+    record = portal.requests[-1]
+    assert _wait_for(lambda: record.get("body_complete") is True)
+    assert record["sent_bytes"] == 3_000_000
+
+
+def test_huge_body_records_a_client_that_went_away(portal, anna):
+    portal.transport.huge_body_bytes = 200_000_000
+    with requests.post(
+        portal.url + "/rest/profile", json={"auth": anna["access_token"]}, stream=True, timeout=5
+    ) as resp:
+        resp.raw.read(100_000)
+    record = portal.requests[-1]
+    assert _wait_for(lambda: "body_complete" in record)
+    assert record["body_complete"] is False and record["sent_bytes"] < 100_000_000
+
+
+def test_unresponsive_accepts_records_and_never_answers_until_switched_off(portal, anna):
+    portal.transport.unresponsive = True
+    with pytest.raises(requests.ReadTimeout):
+        classic_timeout = (2, 0.5)
+        requests.post(
+            portal.url + "/rest/profile",
+            json={"auth": anna["access_token"]},
+            timeout=classic_timeout,
+        )
+    assert portal.requests[-1]["injected"] == "unresponsive"
+    assert portal.requests[-1]["method_name"] is None  # never routed
+    portal.transport.unresponsive = False
+    assert classic(portal, "profile", anna["access_token"]).status_code == 200
+
+
+def test_the_oauth_server_has_the_same_switches(fake, portal, anna):
+    from .support import refresh
+
+    fake.transport.unresponsive = True
+    with pytest.raises(requests.ReadTimeout):
+        requests.post(fake.oauth_url + "/oauth/token/", data={}, timeout=(2, 0.5))
+    assert fake.requests[-1]["injected"] == "unresponsive"
+    fake.transport.off()
+    fake.transport.huge_body_bytes = 1_000_000
+    resp = refresh(fake, anna["refresh_token"])
+    assert len(resp.content) == 1_000_000
+    fake.transport.off()
+    fake.transport.drip_interval_s = 0.01
+    resp = requests.post(fake.oauth_url + "/rest/app.info", data={}, timeout=(2, 0.5))
+    assert resp.status_code == 401 and resp.json()["error"] == "NO_AUTH_FOUND"

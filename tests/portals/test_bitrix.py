@@ -1324,4 +1324,5 @@ def test_build_session_guards_connections_unless_private_allowed(config) -> None
     assert isinstance(guarded.get_adapter("https://portal.bitrix24.com/"), GuardedAdapter)
     lan = build_session(BitrixConfig(client_id=CLIENT_ID, client_secret=SECRET, allow_private=True))
     adapter = lan.get_adapter("http://10.0.0.5/")
-    assert type(adapter) is HTTPAdapter
+    assert isinstance(adapter, HTTPAdapter)
+    assert not isinstance(adapter, GuardedAdapter)
