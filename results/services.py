@@ -53,6 +53,10 @@ instead, so no worker sits on one portal's budget while other portals' changes w
 the queue (head-of-line blocking)."""
 DEFERRED = "RATE_LIMITED"
 """`last_error` of a change re-queued for its turn: the code of our own limiter's refusal."""
+NOT_SENT = frozenset({DEFERRED, "PORTAL_BUSY"})
+"""Refusals of our own, before anything was sent: the portal's request budget spoken for, or its
+requests in flight at the cap. Such a change takes its turn (as `DEFERRED`); it says nothing
+about the portal, which is not made to back off for it."""
 BACKOFF_BASE_S = 2.0
 BACKOFF_CAP_S = 300.0
 """The backoff of a portal Bitrix24 is unavailable for (and of an account waiting for its user):
@@ -696,8 +700,9 @@ def result_change_deliver(*, change_id: int, limiter_max_wait: float | None = No
             raise BitrixAuthError("PORTAL_BLOCKED", "portal blocked by its operator")
         result_id = _send(change, limiter_max_wait)
     except BitrixUnavailable as exc:
-        updates.update(last_error=exc.code[:120], last_error_message="")
-        portal_wide = exc.code != DEFERRED and not isinstance(exc, AccountAwaitingSignIn)
+        code = DEFERRED if exc.code in NOT_SENT else exc.code
+        updates.update(last_error=code[:120], last_error_message="")
+        portal_wide = code != DEFERRED and not isinstance(exc, AccountAwaitingSignIn)
         if portal_wide:
             updates["next_attempt_at"] = _portal_unavailable(
                 change.portal_id, exc, probe=turn == PROBE
@@ -709,7 +714,7 @@ def result_change_deliver(*, change_id: int, limiter_max_wait: float | None = No
                 state=ResultChange.State.FAILED,
                 last_error_message=str(_("Bitrix24 was unreachable for too long. Press Retry.")),
             )
-        elif exc.code == DEFERRED:
+        elif code == DEFERRED:
             deferred_for = float(exc.retry_after or 0)
             updates["attempts"] = F("attempts") - 1
         elif not portal_wide:

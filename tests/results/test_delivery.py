@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.db import connection
+from django.test import override_settings
 from django.utils import timezone
 
 from b24app.portals.models import Account
@@ -463,6 +464,34 @@ def test_result_change_whose_portal_budget_is_taken_is_requeued_for_its_turn_not
 
     assert texts(portal, task) == ["Turn 0", "Turn 1", "Turn 2"]
     assert [len(applied(portal, c.idempotency_key)) for c in changes] == [1, 1, 1]
+
+
+@pytest.mark.django_db
+def test_result_change_whose_portal_has_its_requests_in_flight_at_the_cap_takes_its_turn(
+    client, fake, portal, task, celery_eager
+):
+    """Requests in flight to the portal at the cap (B24_PORTAL_MAX_INFLIGHT): nothing is sent,
+    so the change takes its turn like one whose request budget is spoken for, and the portal
+    is not made to back off (it did not fail)."""
+    from b24app.portals.services import inflight_limiter
+
+    change = _queued_change(client, portal, task)
+    sent_before = len(writes(portal))
+    outbox_before = list(PortalOutbox.objects.values("failures", "resume_at"))
+    slot = inflight_limiter().acquire(portal.member_id, 1, max_wait=0, ttl=60)
+    try:
+        with override_settings(B24_PORTAL_MAX_INFLIGHT=1):
+            deferred = services.result_change_deliver(change_id=change.pk)
+    finally:
+        inflight_limiter().release(portal.member_id, slot)
+
+    assert deferred.state == ResultChange.State.QUEUED
+    assert deferred.last_error == services.DEFERRED and deferred.attempts == change.attempts
+    assert len(writes(portal)) == sent_before
+    assert list(PortalOutbox.objects.values("failures", "resume_at")) == outbox_before
+    _time_passes(portal, deferred)
+    assert services.result_change_deliver(change_id=change.pk).state == "saved"
+    assert len(applied(portal, change.idempotency_key)) == 1
 
 
 # --- the lease: one attempt at a time --------------------------------------------------------
