@@ -15,7 +15,7 @@ from datetime import timedelta
 from functools import lru_cache
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, OperationalError, connection, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
@@ -53,8 +53,10 @@ from b24app.portals.ratelimit_db import DatabaseLeakyBucket
 
 logger = logging.getLogger("b24app.portals")
 
-LOCK_TIMEOUT = "15s"
-"""How long a caller waits for another caller's token refresh before giving up."""
+REFRESH_LOCK_MARGIN_S = 5.0
+LOCK_NOT_AVAILABLE = "55P03"
+"""PostgreSQL's SQLSTATE for a lock wait that ran out (`lock_timeout`)."""
+REFRESH_BUSY_RETRY_S = 5.0
 
 APP_CREDENTIAL_ERRORS = frozenset({"invalid_client", "wrong_client"})
 """OAuth-server answers about the app's own credentials, never about one user's token."""
@@ -387,10 +389,21 @@ def _tokens_apply(account: Account, tokens: TokenSet, *, from_frame: bool = Fals
     account.last_refresh_error = ""
 
 
+def refresh_lock_wait_s() -> float:
+    """How long a caller waits for another caller's token refresh of the same account: longer
+    than that refresh can hold the lock, which is two token requests (a POST, and a GET once
+    the server proved it reads no POST body), each within the transport's deadline."""
+    return 2 * bitrix_config().deadline + REFRESH_LOCK_MARGIN_S
+
+
 def _lock_timeout() -> None:
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            cursor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            cursor.execute(f"SET LOCAL lock_timeout = '{round(refresh_lock_wait_s() * 1000)}ms'")
+
+
+def _lock_timed_out(exc: OperationalError) -> bool:
+    return getattr(exc.__cause__, "sqlstate", None) == LOCK_NOT_AVAILABLE
 
 
 class AccountAwaitingSignIn(BitrixUnavailable):
@@ -432,20 +445,34 @@ def account_tokens_refresh(*, account_id: int, seen_version: int | None = None) 
     An account without a refresh token (its user's frame came without `REFRESH_ID`) makes no
     token call: it waits for its user (`AccountAwaitingSignIn`), like one whose renewal was lost.
     """
-    with transaction.atomic():
-        _lock_timeout()
-        account = Account.objects.select_for_update().select_related("portal").get(pk=account_id)
-        if seen_version is not None and account.token_version != seen_version:
-            return account
-        _refusable(account)
-        if account.can_refresh:
-            failure = _refresh_token_spend(account)
-        else:
-            # Bitrix24 opened the frame without REFRESH_ID: nothing to spend, so no token call.
-            # Like a lost renewal, only the user's next visit (or the open frame's refreshAuth)
-            # brings access back; meanwhile their work waits instead of failing.
-            failure = AccountAwaitingSignIn(NO_REFRESH_REASON)
-            _account_wait(account, NO_REFRESH_REASON)
+    try:
+        with transaction.atomic():
+            _lock_timeout()
+            account = (
+                Account.objects.select_for_update().select_related("portal").get(pk=account_id)
+            )
+            if seen_version is not None and account.token_version != seen_version:
+                return account
+            _refusable(account)
+            if account.can_refresh:
+                failure = _refresh_token_spend(account)
+            else:
+                # Bitrix24 opened the frame without REFRESH_ID: nothing to spend, so no token
+                # call. Like a lost renewal, only the user's next visit (or the open frame's
+                # refreshAuth) brings access back; meanwhile their work waits, not fails.
+                failure = AccountAwaitingSignIn(NO_REFRESH_REASON)
+                _account_wait(account, NO_REFRESH_REASON)
+    except OperationalError as exc:
+        if not _lock_timed_out(exc):
+            raise
+        # Another caller's refresh of this account outlasted its deadline: nothing is known
+        # yet, so this caller is busy, not refused (a web request says "try again", a task
+        # retries).
+        raise BitrixUnavailable(
+            "REFRESH_BUSY",
+            "another renewal of this user's tokens is still under way",
+            retry_after=REFRESH_BUSY_RETRY_S,
+        ) from exc
     if failure is not None:
         logger.warning(
             "token refresh failed portal=%s user=%s error=%s",

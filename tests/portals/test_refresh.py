@@ -613,3 +613,48 @@ def test_refresh_by_get_leaves_no_secret_in_log_records_or_errors(fake, portal, 
         secrets = {fake.client_secret, *fake.refresh_tokens, *fake.access_tokens}
     assert refresh_token in secrets
     assert not [text for text in texts for secret in secrets if secret in text]  # ...masked
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_refresh_lock_wait_outlasts_a_refresh_and_running_out_is_busy_not_a_crash(
+    client, fake, portal, settings
+):
+    """A waiter for another caller's refresh waits longer than that refresh may take (two token
+    requests within the transport's deadline); if the holder outlasts even that, the waiter is
+    told Bitrix24 is busy (a retry), never an uncaught database error (a 500)."""
+    assert install(client, portal).status_code == 200
+    account = Account.objects.get(user_id=1)
+    settings.B24_HTTP_DEADLINE = 0.5
+    wait_s = services.refresh_lock_wait_s()
+    assert wait_s > 2 * 0.5
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_the_row() -> None:
+        from django.db import connection as own
+        from django.db import transaction
+
+        try:
+            with transaction.atomic():
+                Account.objects.select_for_update().get(pk=account.pk)
+                holding.set()
+                release.wait(wait_s + 30)
+        finally:
+            own.close()
+
+    holder = threading.Thread(target=hold_the_row)
+    holder.start()
+    try:
+        assert holding.wait(30)
+        started = time.monotonic()
+        with pytest.raises(services.BitrixUnavailable) as caught:
+            services.account_tokens_refresh(account_id=account.pk)
+        waited = time.monotonic() - started
+    finally:
+        release.set()
+        holder.join(30)
+    assert caught.value.code == "REFRESH_BUSY" and caught.value.retry_after
+    assert waited >= wait_s - 0.5  # it waited the whole lock wait first
+    assert _refresh_calls(fake) == []  # nothing was spent
+    refreshed = services.account_tokens_refresh(account_id=account.pk)
+    assert refreshed.token_version == account.token_version + 1
