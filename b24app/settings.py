@@ -244,9 +244,11 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
 }
-# Serve straight from the apps' static folders when collectstatic has not run (tests, `make run`).
-WHITENOISE_USE_FINDERS = True
-WHITENOISE_MANIFEST_STRICT = False
+# Straight from the apps' static folders only while debugging (`make run`). Otherwise from what
+# collectstatic wrote (a deployment's build step; the tests' and benches' servers do it too),
+# through its manifest: a file missing from it is an error, not a page without its script.
+WHITENOISE_USE_FINDERS = DEBUG
+WHITENOISE_MANIFEST_STRICT = not DEBUG
 
 # --- Security -----------------------------------------------------------------------------------
 

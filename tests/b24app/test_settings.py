@@ -178,3 +178,16 @@ def test_settings_celery_runs_inline_without_a_broker(settings):
     assert settings.CELERY_TASK_SERIALIZER == "json"
     assert settings.CELERY_TASK_ACKS_LATE is True
     assert settings.CELERY_WORKER_PREFETCH_MULTIPLIER == 1
+
+
+@pytest.mark.parametrize("debug", ["true", "false"])
+def test_settings_static_files_come_from_the_apps_folders_only_while_debugging(debug):
+    """In production the collected files and their manifest are the truth: a file missing
+    from them is an error at once, not a page that quietly lacks its script."""
+    code = (
+        "import django; django.setup(); from django.conf import settings as s; "
+        "print(s.WHITENOISE_USE_FINDERS, s.WHITENOISE_MANIFEST_STRICT)"
+    )
+    result = _run_python(_production(DJANGO_SECRET_KEY=GOOD_SECRET, DJANGO_DEBUG=debug), code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == (["True", "False"] if debug == "true" else ["False", "True"])
