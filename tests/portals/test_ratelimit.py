@@ -282,12 +282,14 @@ def test_database_leaky_bucket_penalize_holds_every_process_back(db_key, db_limi
 
 
 def _sessions_opened_since(moment) -> int:
-    """Sessions on the test database opened at or after ``moment`` and still open (so that
-    others closing meanwhile, e.g. by garbage collection, do not count)."""
+    """Client sessions on the test database opened at or after ``moment`` and still open (so
+    that others closing meanwhile, e.g. by garbage collection, do not count, nor an autovacuum
+    worker that PostgreSQL starts on the database meanwhile)."""
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT count(*) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND backend_start >= %s",
+            " WHERE datname = current_database() AND backend_start >= %s"
+            " AND backend_type = 'client backend'",
             [moment],
         )
         return cursor.fetchone()[0]
