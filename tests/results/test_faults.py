@@ -377,7 +377,7 @@ TASKS = 10
 FAST_S, SLOW_S = 0.02, 0.6
 """Portal latency while the workers deliver, and while a kill is lined up (a write that started
 under SLOW_S is still on the wire when the kill lands)."""
-BEAT_S = 2
+BEAT_S = 10
 """The sweep's interval here: the beat's 60 s, on a faster clock."""
 
 
