@@ -341,7 +341,7 @@ def account_tokens_store(
     if is_admin is not None:
         account.is_admin = is_admin
     if display_name:
-        account.display_name = display_name.replace("\x00", "")[:255]
+        account.display_name = _stored_name(display_name)
     account.last_seen_at = timezone.now()
     account.save()
     return account
@@ -912,6 +912,11 @@ def portal_install(*, auth: dict[str, str], app_url: str) -> Portal:
 
 def _profile_name(profile: dict) -> str:
     return " ".join(part for part in (profile.get("NAME"), profile.get("LAST_NAME")) if part)
+
+
+def _stored_name(name: str) -> str:
+    """A person's name as `Account.display_name` holds it (no NUL, at most 255 characters)."""
+    return name.replace("\x00", "")[:255]
 
 
 # --- bindings ----------------------------------------------------------------------------------
@@ -1624,7 +1629,7 @@ def _account_seen(account: Account, profile: dict) -> Account:
     """The person opened the app again while their stored tokens hold: what `profile` says
     about them is remembered, their tokens are kept."""
     account.is_admin = bool(profile.get("ADMIN"))
-    account.display_name = _profile_name(profile).replace("\x00", "")[:255] or account.display_name
+    account.display_name = _stored_name(_profile_name(profile)) or account.display_name
     account.last_seen_at = timezone.now()
     account.save(update_fields=["is_admin", "display_name", "last_seen_at", "updated_at"])
     return account
