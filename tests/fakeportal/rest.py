@@ -113,7 +113,7 @@ def authenticate(portal, auth_value, webhook: tuple[int, str] | None) -> AuthCon
     if token is None or token.member_id != portal.member_id:
         raise ClassicError("NO_AUTH_FOUND")
     if token.revoked:
-        # [UNCONFIRMED] §10.9: the code for a token killed by uninstalling the app
+        # [UNCONFIRMED] §6: the code for a token killed by uninstalling the app
         # is not documented. Emulator guess: 401 invalid_token ("Unable to get
         # application by token"); clients then try a refresh, which fails with
         # invalid_grant.
