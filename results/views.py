@@ -413,7 +413,7 @@ def change_retry(request, fr: Frame, change_id: int):
             return JsonResponse({"error": str(exc.message)}, status=exc.status)
         return _render_screen(request, fr, task_id, error=exc.message, status=exc.status)
     change = services.result_change_deliver(
-        change_id=change.pk, limiter_max_wait=services.WEB_LIMITER_WAIT_S
+        change_id=change.pk, limiter_max_wait=WEB_LIMITER_WAIT_S
     )
     return _change_accepted(request, fr, change)
 
@@ -427,9 +427,7 @@ def changes_state(request, fr: Frame):
     if services.delivers_inline():
         # No worker in inline mode: the open screen's polling is what retries due changes.
         for change_id in selectors.result_changes_due(account=fr.account):
-            services.result_change_deliver(
-                change_id=change_id, limiter_max_wait=services.WEB_LIMITER_WAIT_S
-            )
+            services.result_change_deliver(change_id=change_id, limiter_max_wait=WEB_LIMITER_WAIT_S)
     changes = selectors.result_changes_of(account=fr.account, ids=ids)
     return JsonResponse({"changes": [_change_state(request, fr, change) for change in changes]})
 
