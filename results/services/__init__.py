@@ -13,7 +13,11 @@ The modules, each importable on its own:
 - `delivery`: one delivery attempt of a change;
 - `outbox`: a portal that backs off as one, and the turns in its request budget;
 - `schedule`: when queued changes are handed to the workers (the Celery tasks);
-- `backoff`: the delivery's timings.
+- `backoff`: the delivery's timings;
+- `frames`: frame requests, and the admin's "Bind again".
+
+Services answer with domain outcomes and exceptions; the HTTP statuses they become are the
+view layer's (`results.http`).
 """
 
 from results.services.backoff import (
@@ -32,19 +36,34 @@ from results.services.backoff import (
 from results.services.changes import (
     MAX_TEXT_LENGTH,
     PURGE_BATCH,
+    ChangeNotFound,
     QueueFull,
     ResultError,
+    result_change_resend,
     result_change_retry,
     result_change_submit,
     result_changes_purge,
     result_changes_resume,
 )
-from results.services.delivery import result_change_deliver
+from results.services.delivery import result_change_deliver, result_changes_poll
+from results.services.frames import (
+    Frame,
+    Rebind,
+    RebindOutcome,
+    frame_issue,
+    frame_open,
+    frame_renew,
+    frame_resolve,
+    portal_rebind,
+)
 from results.services.reading import (
     ResultItem,
     ScreenUnavailable,
+    TaskResults,
+    Unreadable,
     result_item_of_change,
     results_fetch,
+    results_for_screen,
     results_pending_only,
 )
 from results.services.schedule import (
@@ -74,24 +93,38 @@ __all__ = [
     "NOT_SENT",
     "PORTAL_LIMIT_CODES",
     "PURGE_BATCH",
+    "ChangeNotFound",
+    "Frame",
     "QueueFull",
+    "Rebind",
+    "RebindOutcome",
     "ResultError",
     "ResultItem",
     "ScreenUnavailable",
+    "TaskResults",
+    "Unreadable",
     "backoff_delay",
     "delivers_inline",
+    "frame_issue",
+    "frame_open",
+    "frame_renew",
+    "frame_resolve",
     "portal_drain_claim",
     "portal_drain_done",
+    "portal_rebind",
     "result_change_deliver",
+    "result_change_resend",
     "result_change_retry",
     "result_change_schedule",
     "result_change_submit",
     "result_changes_drain",
     "result_changes_drain_step",
+    "result_changes_poll",
     "result_changes_purge",
     "result_changes_resume",
     "result_changes_sweep",
     "result_item_of_change",
     "results_fetch",
+    "results_for_screen",
     "results_pending_only",
 ]

@@ -25,20 +25,22 @@ MAX_TEXT_LENGTH = 10_000
 
 
 class ResultError(Exception):
-    """Input refused before anything was written or sent; `message` is for the person."""
+    """A change refused before anything was written or sent; `message` is for the person,
+    `task_id` the task it was for, when known."""
 
-    status = 400
-
-    def __init__(self, message) -> None:
+    def __init__(self, message, *, task_id: int | None = None) -> None:
         super().__init__(str(message))
         self.message = message
+        self.task_id = task_id
 
 
 class QueueFull(ResultError):
     """Too many changes wait to reach Bitrix24 (the person's, or the portal's): refused, and
     nothing stored, until some are delivered."""
 
-    status = 429
+
+class ChangeNotFound(ResultError):
+    """No such change of this person's."""
 
 
 def _clean_text(text: str) -> str:
@@ -140,7 +142,11 @@ def result_change_retry(*, change_id: int, account: Account) -> ResultChange:
     change when the person or the portal has too many changes queued."""
     change = ResultChange.objects.get(pk=change_id, account=account)
     if change.state == ResultChange.State.FAILED:
-        _queue_room(account)
+        try:
+            _queue_room(account)
+        except QueueFull as exc:
+            exc.task_id = change.task_id
+            raise
     change = ResultChange.objects.select_for_update().get(pk=change_id, account=account)
     if change.state == ResultChange.State.FAILED:
         change.state = ResultChange.State.QUEUED
@@ -152,6 +158,16 @@ def result_change_retry(*, change_id: int, account: Account) -> ResultChange:
             change.created_at = timezone.now()
         change.save()
     return change
+
+
+def result_change_resend(*, change_id: int, account: Account) -> ResultChange:
+    """`Retry`: queue the person's change again (`result_change_retry`) and try it once now,
+    as a new change is (`ChangeNotFound` if it is not theirs, `QueueFull` as for a new one)."""
+    try:
+        change = result_change_retry(change_id=change_id, account=account)
+    except ResultChange.DoesNotExist as exc:
+        raise ChangeNotFound(_("Unknown change.")) from exc
+    return result_change_deliver(change_id=change.pk, limiter_max_wait=WEB_LIMITER_WAIT_S)
 
 
 def result_changes_resume(*, account: Account) -> int:

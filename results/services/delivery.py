@@ -25,8 +25,10 @@ from b24app.portals.bitrix import (
     BitrixUnavailable,
     BitrixValidationError,
 )
-from b24app.portals.models import Portal
+from b24app.portals.models import Account, Portal
+from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S
 from b24app.portals.services import AccountAwaitingSignIn, account_client, portal_rate
+from results import selectors
 from results.models import ResultChange
 from results.services.backoff import (
     CLOCK_SKEW,
@@ -49,6 +51,7 @@ from results.services.outbox import (
 )
 from results.services.reading import parse_time
 from results.services.schedule import (
+    delivers_inline,
     result_change_schedule_on_commit,
     result_changes_drain_on_commit,
 )
@@ -262,3 +265,12 @@ def result_change_deliver(*, change_id: int, limiter_max_wait: float | None = No
     if drains:
         result_changes_drain_on_commit(change.portal_id)
     return change
+
+
+def result_changes_poll(*, account: Account, ids: list[int]) -> list[ResultChange]:
+    """The states of the person's changes an open screen waits for. Inline mode has no worker:
+    this polling is what delivers the person's due changes first (`delivers_inline`)."""
+    if delivers_inline():
+        for change_id in selectors.result_changes_due(account=account):
+            result_change_deliver(change_id=change_id, limiter_max_wait=WEB_LIMITER_WAIT_S)
+    return selectors.result_changes_of(account=account, ids=ids)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from django.utils import timezone
@@ -40,13 +41,30 @@ LIST_SELECT = [
 ]
 
 
-class ScreenUnavailable(Exception):
-    """The results could not be read from Bitrix24; `message` is for the person."""
+class Unreadable(enum.Enum):
+    """Why a task's results could not be read."""
 
-    def __init__(self, message, *, status: int = 503) -> None:
+    SIGNED_OUT = "signed_out"  # the account waits for its user to open the app again
+    BUSY = "busy"  # Bitrix24 (or the portal's request budget) is busy
+    FAILED = "failed"  # Bitrix24 answered with an error of its own
+    NO_ACCESS = "no_access"  # Bitrix24 says the person may not see the task
+    SESSION_ENDED = "session_ended"  # the person's Bitrix24 tokens were refused
+    NOT_FOUND = "not_found"  # no such task
+
+    @property
+    def transient(self) -> bool:
+        """Bitrix24 could not answer now (busy or down), rather than answered no."""
+        return self in (Unreadable.SIGNED_OUT, Unreadable.BUSY, Unreadable.FAILED)
+
+
+class ScreenUnavailable(Exception):
+    """The results could not be read from Bitrix24: `message` is for the person, `reason`
+    says why (`Unreadable`)."""
+
+    def __init__(self, message, *, reason: Unreadable = Unreadable.FAILED) -> None:
         super().__init__(str(message))
         self.message = message
-        self.status = status
+        self.reason = reason
 
 
 @dataclass
@@ -107,23 +125,30 @@ def results_fetch(*, account: Account, task_id: int) -> list[ResultItem]:
         )
     except AccountAwaitingSignIn as exc:
         raise ScreenUnavailable(
-            _("Bitrix24 needs you to sign in again. Reopen the app; your changes are kept.")
+            _("Bitrix24 needs you to sign in again. Reopen the app; your changes are kept."),
+            reason=Unreadable.SIGNED_OUT,
         ) from exc
     except BitrixUnavailable as exc:
-        raise ScreenUnavailable(_("Bitrix24 is busy right now. Try again in a minute.")) from exc
+        raise ScreenUnavailable(
+            _("Bitrix24 is busy right now. Try again in a minute."), reason=Unreadable.BUSY
+        ) from exc
     except BitrixAccessDenied as exc:
         raise ScreenUnavailable(
-            _("You do not have access to this task in Bitrix24."), status=403
+            _("You do not have access to this task in Bitrix24."), reason=Unreadable.NO_ACCESS
         ) from exc
     except (BitrixAuthError, BitrixTokenExpired) as exc:
         raise ScreenUnavailable(
             _("Your Bitrix24 session has ended. Reopen the app."),
-            status=403,
+            reason=Unreadable.SESSION_ENDED,
         ) from exc
     except BitrixValidationError as exc:
-        raise ScreenUnavailable(_("This task was not found in Bitrix24."), status=404) from exc
+        raise ScreenUnavailable(
+            _("This task was not found in Bitrix24."), reason=Unreadable.NOT_FOUND
+        ) from exc
     except BitrixError as exc:
-        raise ScreenUnavailable(_("Bitrix24 could not show the results right now.")) from exc
+        raise ScreenUnavailable(
+            _("Bitrix24 could not show the results right now."), reason=Unreadable.FAILED
+        ) from exc
     _result_page_remember(account.portal, listing.largest_page)
     names = portal_user_names(account.portal)
     items = [item for raw in listing.items if isinstance(raw, dict) and (item := _item(raw, names))]
@@ -198,3 +223,24 @@ def _with_pending_changes(
                     item.text = change.text_after
                 item.pending_delete = change.action == ResultChange.Action.DELETE
     return list(reversed(added)) + items
+
+
+@dataclass
+class TaskResults:
+    """What the screen shows of a task: its results, or why they could not be read (then, if
+    Bitrix24 was only busy or down, at least the person's own recent changes)."""
+
+    items: list[ResultItem] = field(default_factory=list)
+    unavailable: ScreenUnavailable | None = None
+
+
+def results_for_screen(*, account: Account, task_id: int) -> TaskResults:
+    """The task's results for the screen (`results_fetch`). When they cannot be read because
+    Bitrix24 is busy or down, what the person did is kept in sight (`results_pending_only`)."""
+    try:
+        return TaskResults(items=results_fetch(account=account, task_id=task_id))
+    except ScreenUnavailable as exc:
+        items = (
+            results_pending_only(account=account, task_id=task_id) if exc.reason.transient else []
+        )
+        return TaskResults(items=items, unavailable=exc)
