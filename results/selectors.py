@@ -7,8 +7,11 @@ from datetime import timedelta
 from django.db.models import Exists, F, OuterRef, Q, Window
 from django.db.models.functions import RowNumber
 from django.utils import timezone
+from django.utils.translation import gettext as _
+from django.utils.translation import pgettext
 
 from b24app.portals.models import Account, Portal
+from b24app.portals.selectors import portal_last_refreshed_at
 from results.models import PortalOutbox, ResultChange
 
 SHOW_FAILED_FOR = timedelta(days=1)
@@ -92,3 +95,37 @@ def result_changes_expired(*, before, limit: int) -> list[int]:
 
 def portal_user_names(portal: Portal) -> dict[int, str]:
     return dict(portal.accounts.exclude(display_name="").values_list("user_id", "display_name"))
+
+
+def _connection_state(portal: Portal) -> tuple[str, str]:
+    """The portal's state and a neutral reason, as the portal's people may read them. The
+    recorded `state_reason` is for operators (the admin): it names operators and carries
+    Bitrix24's codes, so it never reaches the screen."""
+    if portal.state == Portal.State.ACTIVE:
+        return pgettext("connection state", "Active"), ""
+    if portal.state == Portal.State.BLOCKED and portal.blocked_by_operator:
+        return pgettext("connection state", "Blocked"), _("Blocked by the app's operator.")
+    if portal.state == Portal.State.BLOCKED:
+        return pgettext("connection state", "Blocked"), _(
+            "Waiting for the administrator who installed the app to open it again."
+        )
+    if portal.state == Portal.State.UNINSTALLED:
+        return pgettext("connection state", "Uninstalled"), _(
+            "The app was removed from this Bitrix24."
+        )
+    return pgettext("connection state", "New"), _("Waiting for the installation to finish.")
+
+
+def portal_connection(portal: Portal) -> dict:
+    """What a portal admin sees of the app's connection: read from what the app recorded, so
+    the page costs no call to Bitrix24 (the bindings are read by their own check)."""
+    state, reason = _connection_state(portal)
+    return {
+        "state": state,
+        "reason": reason,
+        "last_refreshed_at": portal_last_refreshed_at(portal),
+        "bindings": portal.bindings,
+        "bindings_label": portal.get_bindings_display(),
+        "bindings_detail": portal.bindings_detail,
+        "bindings_checked_at": portal.bindings_checked_at,
+    }

@@ -17,9 +17,10 @@ from django.test import override_settings
 from django.utils import timezone
 
 from b24app.portals.models import Account
-from b24app.portals.services import rate_limiter
+from b24app.portals.services import portal_rate, rate_limiter
 from results import services
 from results.models import PortalOutbox, ResultChange
+from results.services import delivery
 from results.tasks import result_change_deliver_task, result_changes_sweep_task
 from tests.results.support import (
     acting_user,
@@ -440,7 +441,7 @@ def test_result_change_whose_portal_budget_is_taken_is_requeued_for_its_turn_not
     limiter's next free slot, without counting as an attempt. At its turn it is sent, once."""
     changes = [_queued_change(client, portal, task, text=f"Turn {n}") for n in range(3)]
     sent_before = len(writes(portal))
-    _, rate = services.portal_rate(changes[0].portal)
+    _, rate = portal_rate(changes[0].portal)
     interval = timedelta(seconds=1 / rate)
     budget_back = timezone.now() + timedelta(seconds=3)
     # Taken for 3 s: more than the 2 intervals a worker may sleep (1 s at 2/s), less than the
@@ -529,13 +530,13 @@ def test_result_change_deliver_while_another_attempt_holds_the_lease_sends_nothi
     change = _queued_change(client, portal, task)
     portal.latency_s = 1.5  # the first attempt is still waiting for Bitrix24
     in_flight = threading.Event()
-    send = services._send
+    send = delivery._send
 
     def send_and_signal(*args, **kwargs):
         in_flight.set()
         return send(*args, **kwargs)
 
-    monkeypatch.setattr(services, "_send", send_and_signal)
+    monkeypatch.setattr(delivery, "_send", send_and_signal)
     outcome: dict = {}
 
     first = _deliver_in_thread(change.pk, outcome, "first")
@@ -592,16 +593,16 @@ def test_result_change_resent_after_a_crash_is_replayed_and_applied_once(
     client, fake, portal, task, celery_eager, monkeypatch
 ):
     change = _queued_change(client, portal, task, text="Applied before the crash")
-    send = services._send
+    send = delivery._send
 
     def send_then_die(*args, **kwargs):
         send(*args, **kwargs)
         raise WorkerKilled
 
-    monkeypatch.setattr(services, "_send", send_then_die)
+    monkeypatch.setattr(delivery, "_send", send_then_die)
     with pytest.raises(WorkerKilled):
         result_change_deliver_task.delay(change.pk)
-    monkeypatch.setattr(services, "_send", send)
+    monkeypatch.setattr(delivery, "_send", send)
 
     # Bitrix24 has the result; the app never learnt it and still owns the change.
     [item] = portal.results(task)

@@ -17,10 +17,12 @@ from django.conf import settings as django_settings
 from django.db import connection
 from django.utils import timezone
 
+from b24app.portals.bitrix import BitrixUnavailable
 from b24app.portals.models import Account, Portal
 from b24app.portals.services import rate_limiter
 from results import selectors, services
 from results.models import PortalOutbox, ResultChange
+from results.services import backoff
 from results.tasks import result_changes_purge_task, result_changes_sweep_task
 from tests.results.support import (
     add,
@@ -245,7 +247,7 @@ def test_queue_cap_holds_under_concurrent_posts(client, fake, portal, celery_eag
 def test_portal_down_costs_one_attempt_per_backoff_step_and_drains_when_back(
     client, fake, portal, celery_eager, monkeypatch, settings
 ):
-    monkeypatch.setattr(services, "JITTER", Ceiling())
+    monkeypatch.setattr(backoff, "JITTER", Ceiling())
     # The backoff steps pass by moving the outbox's times, not the wall clock the transport's
     # circuit breaker counts its cool-down on: keep the breaker out of this count.
     settings.B24_BREAKER_FAILURES = 1000
@@ -303,7 +305,7 @@ def test_portal_down_costs_one_attempt_per_backoff_step_and_drains_when_back(
 
 
 def test_portal_backoff_is_exponential_capped_and_jittered_from_its_source():
-    exc = services.BitrixUnavailable("HTTP_503", "down")
+    exc = BitrixUnavailable("HTTP_503", "down")
     now = timezone.now()
 
     class Floor:
@@ -317,7 +319,7 @@ def test_portal_backoff_is_exponential_capped_and_jittered_from_its_source():
     assert top[-1] == services.BACKOFF_CAP_S
     assert bottom[:2] == [1.0, 2.0] and bottom[-1] == services.BACKOFF_CAP_S / 2
     # A portal's own Retry-After wins over a shorter backoff.
-    later = services.BitrixUnavailable("QUERY_LIMIT_EXCEEDED", "busy", retry_after=40)
+    later = BitrixUnavailable("QUERY_LIMIT_EXCEEDED", "busy", retry_after=40)
     assert services.backoff_delay(1, later, now=now, rand=Ceiling()) == 40
 
 
@@ -391,7 +393,7 @@ def _drain_steps(portal, changes, sent, drains, tasks) -> None:
     assert sent == changes[:50]
     [(args, countdown)] = drains
     portal_id, previous, since = args
-    assert previous == changes[:50] and countdown == tasks.DRAIN_STEP_MIN_S
+    assert previous == changes[:50] and countdown == services.DRAIN_STEP_MIN_S
     result_changes_sweep_task()  # the next sweep: no second drain of the same portal
     assert len(drains) == 1
 

@@ -1,0 +1,246 @@
+"""Reading a task's results from Bitrix24, with the person's undelivered changes laid over them."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+from b24app.portals.bitrix import (
+    BitrixAccessDenied,
+    BitrixAuthError,
+    BitrixError,
+    BitrixTokenExpired,
+    BitrixUnavailable,
+    BitrixValidationError,
+)
+from b24app.portals.models import Account, Portal
+from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S  # every web path's wait for a slot
+from b24app.portals.services import AccountAwaitingSignIn, account_client
+from results.models import ResultChange
+from results.selectors import portal_user_names, result_changes_pending
+
+LIST_PAGE_SIZE = 50
+"""Results asked for per page. The documentation gives no default or maximum for
+`tasks.task.result.list`, so the listing learns what the portal really returns (`list_v3`)."""
+RESULT_PAGE_MEMORY = timedelta(days=1)
+"""How long what was learnt of a portal's page size is trusted before it is learnt again."""
+LIST_SELECT = [
+    "id",
+    "taskId",
+    "text",
+    "authorId",
+    "author",
+    "createdAt",
+    "updatedAt",
+    "status",
+    "rights",
+]
+
+
+class Unreadable(enum.Enum):
+    """Why a task's results could not be read."""
+
+    SIGNED_OUT = "signed_out"  # the account waits for its user to open the app again
+    BUSY = "busy"  # Bitrix24 (or the portal's request budget) is busy
+    FAILED = "failed"  # Bitrix24 answered with an error of its own
+    NO_ACCESS = "no_access"  # Bitrix24 says the person may not see the task
+    SESSION_ENDED = "session_ended"  # the person's Bitrix24 tokens were refused
+    NOT_FOUND = "not_found"  # no such task
+
+    @property
+    def transient(self) -> bool:
+        """Bitrix24 could not answer now (busy or down), rather than answered no."""
+        return self in (Unreadable.SIGNED_OUT, Unreadable.BUSY, Unreadable.FAILED)
+
+
+class ScreenUnavailable(Exception):
+    """The results could not be read from Bitrix24: `message` is for the person, `reason`
+    says why (`Unreadable`)."""
+
+    def __init__(self, message, *, reason: Unreadable = Unreadable.FAILED) -> None:
+        super().__init__(str(message))
+        self.message = message
+        self.reason = reason
+
+
+@dataclass
+class ResultItem:
+    id: int
+    text: str
+    author_id: int
+    author_name: str
+    created_at: datetime | None
+    updated_at: datetime | None
+    closed: bool
+    can_edit: bool
+    can_remove: bool
+    change: ResultChange | None = None
+    pending_delete: bool = False
+
+
+def parse_time(value) -> datetime | None:
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _item(raw: dict, names: dict[int, str]) -> ResultItem | None:
+    try:
+        result_id = int(raw["id"])
+        author_id = int(raw.get("authorId") or 0)
+    except (KeyError, TypeError, ValueError):
+        return None
+    author = raw.get("author") if isinstance(raw.get("author"), dict) else {}
+    rights = raw.get("rights") if isinstance(raw.get("rights"), dict) else {}
+    return ResultItem(
+        id=result_id,
+        text=str(raw.get("text") or ""),
+        author_id=author_id,
+        author_name=str(author.get("name") or names.get(author_id) or f"#{author_id}"),
+        created_at=parse_time(raw.get("createdAt")),
+        updated_at=parse_time(raw.get("updatedAt")),
+        closed=str(raw.get("status")) == "closed",
+        can_edit=rights.get("edit") is True,
+        can_remove=rights.get("remove") is True,
+    )
+
+
+def results_fetch(*, account: Account, task_id: int) -> list[ResultItem]:
+    """The task's results as `account`'s user sees them (their own token), newest first, with
+    this user's undelivered changes laid over them."""
+    try:
+        listing = account_client(account, limiter_max_wait=WEB_LIMITER_WAIT_S).list_v3(
+            "tasks.task.result.list",
+            {"filter": [["taskId", task_id]], "select": LIST_SELECT, "order": {"id": "DESC"}},
+            page_size=LIST_PAGE_SIZE,
+            known_page=_known_result_page(account.portal),
+        )
+    except AccountAwaitingSignIn as exc:
+        raise ScreenUnavailable(
+            _("Bitrix24 needs you to sign in again. Reopen the app; your changes are kept."),
+            reason=Unreadable.SIGNED_OUT,
+        ) from exc
+    except BitrixUnavailable as exc:
+        raise ScreenUnavailable(
+            _("Bitrix24 is busy right now. Try again in a minute."), reason=Unreadable.BUSY
+        ) from exc
+    except BitrixAccessDenied as exc:
+        raise ScreenUnavailable(
+            _("You do not have access to this task in Bitrix24."), reason=Unreadable.NO_ACCESS
+        ) from exc
+    except (BitrixAuthError, BitrixTokenExpired) as exc:
+        raise ScreenUnavailable(
+            _("Your Bitrix24 session has ended. Reopen the app."),
+            reason=Unreadable.SESSION_ENDED,
+        ) from exc
+    except BitrixValidationError as exc:
+        raise ScreenUnavailable(
+            _("This task was not found in Bitrix24."), reason=Unreadable.NOT_FOUND
+        ) from exc
+    except BitrixError as exc:
+        raise ScreenUnavailable(
+            _("Bitrix24 could not show the results right now."), reason=Unreadable.FAILED
+        ) from exc
+    _result_page_remember(account.portal, listing.largest_page)
+    names = portal_user_names(account.portal)
+    items = [item for raw in listing.items if isinstance(raw, dict) and (item := _item(raw, names))]
+    items.sort(key=lambda item: item.id, reverse=True)  # ids grow with creation: newest first
+    return _with_pending_changes(items, account=account, task_id=task_id)
+
+
+def _known_result_page(portal: Portal) -> int:
+    """The page size this portal was seen to return, while that knowledge is fresh."""
+    seen_at = portal.result_page_seen_at
+    if seen_at is None or timezone.now() - seen_at > RESULT_PAGE_MEMORY:
+        return 0
+    return portal.result_page_seen
+
+
+def _result_page_remember(portal: Portal, largest: int) -> None:
+    """Keep what a listing learnt of the portal's page size: written when it grows, or once
+    its day is over (a portal whose cap changed is relearnt then), never on every open."""
+    known = _known_result_page(portal)
+    if largest == 0 or (known and largest <= known):
+        return
+    now = timezone.now()
+    Portal.objects.filter(pk=portal.pk).update(result_page_seen=largest, result_page_seen_at=now)
+    portal.result_page_seen, portal.result_page_seen_at = largest, now
+
+
+def results_pending_only(*, account: Account, task_id: int) -> list[ResultItem]:
+    """When Bitrix24 cannot be read: at least this person's own recent changes (their new
+    results, queued or just saved), so nothing they did vanishes from the screen."""
+    return _with_pending_changes([], account=account, task_id=task_id, complete=False)
+
+
+def result_item_of_change(*, change: ResultChange, account: Account | None = None) -> ResultItem:
+    """The result a person added, as the screen shows it before Bitrix24's list has it: their
+    text under their name, with the change's state. What they may do with it (`rights`) is
+    Bitrix24's to say, so it offers nothing until the list is read again."""
+    account = account or change.account
+    return ResultItem(
+        id=change.result_id or 0,
+        text=change.text_after,
+        author_id=account.user_id,
+        author_name=account.display_name or f"#{account.user_id}",
+        created_at=change.created_at,
+        updated_at=None,
+        closed=False,
+        can_edit=False,
+        can_remove=False,
+        change=change,
+    )
+
+
+def _with_pending_changes(
+    items, *, account: Account, task_id: int, complete: bool = True
+) -> list[ResultItem]:
+    """Show what this person changed but Bitrix24 has not confirmed yet (or refused). With a
+    `complete` list from Bitrix24, a saved new result is already in it; without one, show it."""
+    changes = result_changes_pending(account=account, task_id=task_id)
+    by_id = {item.id: item for item in items}
+    added: list[ResultItem] = []
+    for change in changes:
+        if change.state == ResultChange.State.SAVED and change.action == ResultChange.Action.DELETE:
+            continue
+        if change.action == ResultChange.Action.ADD and change.result_id not in by_id:
+            if change.state == ResultChange.State.SAVED and complete:
+                continue
+            added.append(result_item_of_change(change=change, account=account))
+        elif change.result_id in by_id:
+            item = by_id[change.result_id]
+            item.change = change
+            if change.state == ResultChange.State.QUEUED:
+                if change.action == ResultChange.Action.UPDATE:
+                    item.text = change.text_after
+                item.pending_delete = change.action == ResultChange.Action.DELETE
+    return list(reversed(added)) + items
+
+
+@dataclass
+class TaskResults:
+    """What the screen shows of a task: its results, or why they could not be read (then, if
+    Bitrix24 was only busy or down, at least the person's own recent changes)."""
+
+    items: list[ResultItem] = field(default_factory=list)
+    unavailable: ScreenUnavailable | None = None
+
+
+def results_for_screen(*, account: Account, task_id: int) -> TaskResults:
+    """The task's results for the screen (`results_fetch`). When they cannot be read because
+    Bitrix24 is busy or down, what the person did is kept in sight (`results_pending_only`)."""
+    try:
+        return TaskResults(items=results_fetch(account=account, task_id=task_id))
+    except ScreenUnavailable as exc:
+        items = (
+            results_pending_only(account=account, task_id=task_id) if exc.reason.transient else []
+        )
+        return TaskResults(items=items, unavailable=exc)
