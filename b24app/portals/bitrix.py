@@ -46,6 +46,8 @@ from requests.adapters import HTTPAdapter
 from requests_oauthlib import OAuth2Session
 
 from b24app.logs import SecretMaskingFilter
+from b24app.masking import mask_secret
+from b24app.masking import redact as _redact
 from b24app.portals.breaker import (
     BreakerOpen,
     CircuitBreaker,
@@ -245,26 +247,6 @@ def _error_class(code: str, status: int | None) -> type[BitrixError]:
         if status == 403:
             return BitrixAccessDenied
     return BitrixError
-
-
-def mask_secret(value: str | None) -> str:
-    """Loggable form of a token or secret: the first 4 characters and ``***`` (§9.1)."""
-    if not value:
-        return ""
-    return f"{value[:4]}***" if len(value) >= 8 else "***"
-
-
-# Token-like runs: 24+ letters and digits with at least one of each (Bitrix24 tokens are 32-70
-# such characters). Localised words and error codes (with "_") do not match.
-_TOKEN_LIKE = re.compile(r"\b(?=[A-Za-z]*[0-9])(?=[0-9]*[A-Za-z])[A-Za-z0-9]{24,}\b")
-
-
-def _redact(text: str, secrets: Iterable[str]) -> str:
-    """Mask the given secrets and anything that looks like a token in server-provided text."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, mask_secret(secret))
-    return _TOKEN_LIKE.sub(lambda match: mask_secret(match.group()), text)
 
 
 @dataclass(frozen=True)
