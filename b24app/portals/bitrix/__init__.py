@@ -23,8 +23,9 @@ every log record. Protocol references (§) point to ``bitrix24-protocol.md``.
 Modules, lowest first: ``constants``, ``errors`` (the typed errors and how an answer maps to
 one), ``netguard`` (which URLs and peers may get a token), ``config`` (:class:`BitrixConfig`,
 :class:`TokenSet`), ``transport`` (deadline, size cap, sessions), ``oauth``
-(:class:`OAuthServer`) and ``client`` (:class:`BitrixClient`). Import from this package unless a
-name is not exported.
+(:class:`OAuthServer`), ``client`` (:class:`BitrixClient`) and ``methods`` (the methods the
+app calls and the shapes of their answers). Import from this package unless a name is not
+exported.
 """
 
 from b24app.portals.bitrix.client import WRITE_SUFFIXES, BitrixClient, V3Listing
@@ -40,6 +41,7 @@ from b24app.portals.bitrix.errors import (
     BitrixAccessDenied,
     BitrixAuthError,
     BitrixError,
+    BitrixInvalidResponse,
     BitrixTokenExpired,
     BitrixUnavailable,
     BitrixValidationError,
@@ -63,6 +65,7 @@ __all__ = [
     "BitrixClient",
     "BitrixConfig",
     "BitrixError",
+    "BitrixInvalidResponse",
     "BitrixTokenExpired",
     "BitrixUnavailable",
     "BitrixValidationError",

@@ -29,6 +29,7 @@ __all__ = [
     "BitrixAccessDenied",
     "BitrixAuthError",
     "BitrixError",
+    "BitrixInvalidResponse",
     "BitrixTokenExpired",
     "BitrixUnavailable",
     "BitrixValidationError",
@@ -101,6 +102,11 @@ class BitrixTokenExpired(BitrixError):
 
 class BitrixAccessDenied(BitrixError):
     """The token works but this user or app may not do this (rights, scope, auth type)."""
+
+
+class BitrixInvalidResponse(BitrixError):
+    """A success answer whose ``result`` has not the shape the method documents (code
+    ``INVALID_RESPONSE``): a portal may answer anything."""
 
 
 class BitrixValidationError(BitrixError):
