@@ -1,47 +1,15 @@
 """Logging to stdout, one line per event, with secrets masked.
 
-Bitrix24 hands the app bearer secrets in many shapes: `AUTH_ID`/`REFRESH_ID` form fields,
-`auth[...]` event keys, `auth` in JSON bodies, `access_token=` in query strings, OAuth token
-responses. Code must never log them; this filter is the net under that rule. It masks
-
-- the value of any key that names a secret (in `key=value`, `"key": "value"`, `key: value` forms;
-  `code` included: the OAuth authorization code arrives in the callback's query string),
-- free-standing strings shaped like Bitrix24 tokens (long hex runs such as `AUTH_ID`, 32-char
-  lowercase alphanumerics that are not plain hex such as event `access_token`s),
-- the configured `DJANGO_SECRET_KEY`, `B24_FRAME_SIGNING_KEY`, `B24_HEALTH_TOKEN` and
-  `B24_CLIENT_SECRET` values wherever they appear.
-
-A masked value keeps its first four characters (as the Bitrix24 security guide suggests) so an
-operator can still tell two tokens apart.
+Code must never log a secret; :class:`SecretMaskingFilter` is the net under that rule: it masks
+every record with :func:`b24app.masking.mask_secrets` (what it masks is described there).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from datetime import UTC, datetime
 
-MASK = "***"
-
-# Names of fields that hold secrets (not secrets themselves).
-_SECRET_FIELD_NAMES = (
-    r"access_token|refresh_token|application_token|client_secret|auth_id|refresh_id|"
-    r"auth|code|password|secret|token|authorization"
-)
-# key=value (query strings, form bodies, reprs) and "key": "value" / 'key': 'value' (JSON, dicts);
-# bracket keys like auth[access_token] are matched through their inner name.
-_KEYED = re.compile(
-    r"""(?P<key>(?<![A-Za-z0-9_])(?:"""
-    + _SECRET_FIELD_NAMES
-    + r""")\]?)(?P<sep>["']?\s*[:=]\s*["']?)(?P<value>[^\s"'&,;)}\]]{4,})""",
-    re.IGNORECASE,
-)
-# AUTH_ID / REFRESH_ID style: 40+ hex characters.
-_LONG_HEX = re.compile(r"(?<![0-9A-Za-z])[0-9a-f]{40,}(?![0-9A-Za-z])", re.IGNORECASE)
-# Event-style tokens: 32 lowercase alphanumerics with at least one non-hex letter (member_id and
-# other plain-hex ids stay readable).
-_EVENT_TOKEN = re.compile(r"(?<![0-9A-Za-z])(?=[0-9a-z]{32}(?![0-9A-Za-z]))[0-9a-z]*[g-z][0-9a-z]*")
-
+from b24app.masking import mask_secrets
 
 CLAIMED_ID_CHARS = 8
 
@@ -55,38 +23,6 @@ def claimed_id(value: object) -> str:
     """
     text = str(value)
     return text if len(text) <= CLAIMED_ID_CHARS else text[:CLAIMED_ID_CHARS] + "…"
-
-
-def _mask_value(value: str) -> str:
-    return value[:4] + MASK
-
-
-def _configured_secrets() -> list[str]:
-    try:
-        from django.conf import settings
-
-        candidates = [
-            settings.SECRET_KEY,
-            settings.B24_FRAME_SIGNING_KEY,
-            settings.B24_HEALTH_TOKEN,
-            settings.B24_CLIENT_SECRET,
-            *settings.B24_TOKEN_KEYS,
-        ]
-    except Exception:  # settings not configured (e.g. a bare script); keyed masking still applies
-        return []
-    return [secret for secret in candidates if secret and len(secret) >= 8]
-
-
-def mask_secrets(text: str) -> str:
-    """Return `text` with every secret-looking value masked."""
-    for secret in _configured_secrets():
-        if secret in text:
-            text = text.replace(secret, MASK)
-    text = _KEYED.sub(
-        lambda m: m.group("key") + m.group("sep") + _mask_value(m.group("value")), text
-    )
-    text = _LONG_HEX.sub(lambda m: _mask_value(m.group(0)), text)
-    return _EVENT_TOKEN.sub(lambda m: _mask_value(m.group(0)), text)
 
 
 class SecretMaskingFilter(logging.Filter):

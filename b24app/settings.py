@@ -16,6 +16,8 @@ from celery.schedules import crontab
 from cryptography.fernet import Fernet
 from django.core.exceptions import ImproperlyConfigured
 
+from b24app.portals.bitrix.constants import DEFAULT_OAUTH_SERVERS
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -107,9 +109,7 @@ B24_CLIENT_SECRET = env.str("B24_CLIENT_SECRET", default="")
 B24_APP_URL = env.str("B24_APP_URL", default="").rstrip("/")
 B24_OAUTH_SERVERS = tuple(
     server.rstrip("/")
-    for server in env.list(
-        "B24_OAUTH_SERVERS", default=["https://oauth.bitrix.info", "https://oauth.bitrix24.tech"]
-    )
+    for server in env.list("B24_OAUTH_SERVERS", default=list(DEFAULT_OAUTH_SERVERS))
 )
 B24_ALLOW_PRIVATE_PORTALS = env.bool("B24_ALLOW_PRIVATE_PORTALS", default=False)
 B24_RATE_LIMIT = env.str("B24_RATE_LIMIT", default="50/2")

@@ -13,7 +13,8 @@ from django.utils.html import format_html
 from django.utils.http import urlencode
 
 from b24app.adminlists import PortalRowsAdmin
-from b24app.portals import crypto, selectors, services
+from b24app.masking import mask_secret
+from b24app.portals import selectors, services
 from b24app.portals.bitrix import BitrixError
 from b24app.portals.models import Account, Portal
 
@@ -23,11 +24,11 @@ class MaskedTokens:
 
     @admin.display(description="access token")
     def access_token_masked(self, account: Account) -> str:
-        return crypto.mask(account.access_token) if account.access_token_encrypted else "—"
+        return mask_secret(account.access_token) if account.access_token_encrypted else "—"
 
     @admin.display(description="refresh token")
     def refresh_token_masked(self, account: Account) -> str:
-        return crypto.mask(account.refresh_token) if account.refresh_token_encrypted else "—"
+        return mask_secret(account.refresh_token) if account.refresh_token_encrypted else "—"
 
 
 class AccountInline(MaskedTokens, admin.TabularInline):

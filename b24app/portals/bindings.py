@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from b24app.portals.bitrix import BitrixClient
+from b24app.portals.bitrix import BitrixClient, methods
 
 TASK_TAB = "TASK_VIEW_TAB"
 TASK_TAB_TITLES = {"en": "Results", "ru": "Результаты"}
@@ -54,18 +54,12 @@ class Bound:
 
 def bindings_read(client: BitrixClient) -> Bound:
     """`placement.get` and `event.get`, reduced to what tells our bindings apart."""
-    placements = client.call("placement.get") or []
-    events = client.call("event.get") or []
     return Bound(
         placements=frozenset(
-            (str(item.get("placement", "")).upper(), str(item.get("handler", "")))
-            for item in (placements if isinstance(placements, list) else [])
-            if isinstance(item, dict)
+            (binding.name, binding.handler) for binding in methods.placements_list(client)
         ),
         events=frozenset(
-            (str(item.get("event", "")).upper(), str(item.get("handler", "")))
-            for item in (events if isinstance(events, list) else [])
-            if isinstance(item, dict)
+            (binding.name, binding.handler) for binding in methods.events_list(client)
         ),
     )
 
@@ -73,17 +67,9 @@ def bindings_read(client: BitrixClient) -> Bound:
 def binding_add(client: BitrixClient, name: str, app_url: str) -> None:
     """Bind one of :data:`BINDINGS` to this app at ``app_url``."""
     if name == TASK_TAB:
-        client.call(
-            "placement.bind",
-            {
-                "PLACEMENT": TASK_TAB,
-                "HANDLER": app_url + APP_PATH,
-                "TITLE": TASK_TAB_TITLES["en"],
-                "LANG_ALL": {lang: {"TITLE": title} for lang, title in TASK_TAB_TITLES.items()},
-            },
-        )
+        methods.placement_bind(client, TASK_TAB, app_url + APP_PATH, TASK_TAB_TITLES)
     else:
-        client.call("event.bind", {"event": name, "handler": app_url + EVENTS_PATH})
+        methods.event_bind(client, name, app_url + EVENTS_PATH)
 
 
 def bindings_ensure(client: BitrixClient, app_url: str) -> list[str]:

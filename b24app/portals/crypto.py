@@ -67,8 +67,3 @@ def fingerprint(secret: str) -> str:
     """A one-way SHA-256 of a high-entropy secret (the 128-bit `application_token`): enough to
     compare against in constant time, useless to anyone who reads the database."""
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def mask(value: str) -> str:
-    """What an operator may see of a secret: its first four characters."""
-    return f"{value[:4]}***" if value else ""

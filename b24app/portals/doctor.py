@@ -29,9 +29,12 @@ from b24app.portals.bitrix import (
     BitrixAuthError,
     BitrixClient,
     BitrixError,
+    BitrixInvalidResponse,
     BitrixUnavailable,
     BitrixValidationError,
+    methods,
 )
+from b24app.portals.bitrix.methods import TaskResult, TrustedAppInfo
 from b24app.portals.models import Account, Portal
 from b24app.portals.ratelimit import BACKGROUND_LIMITER_WAIT_S
 
@@ -88,7 +91,7 @@ class _Run:
     def __init__(self, *, portal: Portal, account: Account) -> None:
         self.portal = portal
         self.account = account
-        self.info: dict | None = None
+        self.info: TrustedAppInfo | None = None
 
     def guarded(self, name: str, check: Callable[[], Check]) -> Check:
         """Run one check; a Bitrix24 that cannot answer now, or a token that no longer works,
@@ -119,12 +122,11 @@ class _Run:
             return Check(name, "unknown", f"{self.portal.oauth_server} unreachable ({exc.code})")
         except BitrixError as exc:
             return Check(name, "differs", f"app.info refused the stored token ({exc.code})")
-        self.info = info
-        install = info.get("install") if isinstance(info.get("install"), dict) else {}
+        self.info = methods.trusted_app_info_parse(info)
         seen = {
-            "client_id": str(info.get("client_id", "")),
-            "member_id": str(install.get("member_id", "")),
-            "installed": bool(install.get("installed")),
+            "client_id": self.info.client_id,
+            "member_id": self.info.member_id,
+            "installed": self.info.installed,
         }
         wrong = [
             f"{key} {value!r}"
@@ -179,7 +181,7 @@ class _Run:
     def scope(self) -> Check:
         name = "scope"
         # The tokens renewed a moment ago say what is granted now; app.info said it before.
-        granted = str(self.account.scope or (self.info or {}).get("scope") or "")
+        granted = str(self.account.scope or (self.info.scope if self.info else ""))
         scopes = {part.strip() for part in granted.split(",") if part.strip()}
         if not granted:
             return Check(name, "unknown", "neither app.info nor the tokens named the scope")
@@ -215,19 +217,9 @@ class _Run:
         client = self.client()
 
         def page(limit: int, offset: int) -> list:
-            result = client.call_v3(
-                LIST,
-                {
-                    "filter": [["taskId", task_id]],
-                    "select": ["id"],
-                    "order": {"id": "ASC"},
-                    "pagination": {"limit": limit, "offset": offset},
-                },
+            return methods.task_results_page(
+                client, task_id, limit=limit, offset=offset, order={"id": "ASC"}
             )
-            items = result.get("items") if isinstance(result, dict) else None
-            if not isinstance(items, list):
-                raise BitrixError("INVALID_RESPONSE", f"{LIST} returned no items list")
-            return items
 
         try:
             first = page(LARGEST_PAGE, 0)
@@ -267,10 +259,10 @@ class _Run:
 
     def _writes(self, task_id: int, made: set[int]) -> Iterator[Check]:
         add_key = f"doctor-{uuid.uuid4().hex}"
-        body = {"fields": {"taskId": task_id, "text": PROBE_TEXT}}
+        body = (task_id, PROBE_TEXT)
         client = self.client()
         try:
-            first = _item_id(client.call_v3("tasks.task.result.add", body, idempotency_key=add_key))
+            first = _item_id(methods.task_result_add(client, *body, idempotency_key=add_key))
         except BitrixUnavailable as exc:
             yield Check("write add", "unknown", f"Bitrix24 busy ({exc.code})")
             return
@@ -296,34 +288,33 @@ class _Run:
         name = "write update"
         text = PROBE_TEXT + " (edited)"
         try:
-            result = client.call_v3(
-                "tasks.task.result.update",
-                {"id": result_id, "fields": {"text": text}},
-                idempotency_key=f"doctor-{uuid.uuid4().hex}",
+            item = methods.task_result_update(
+                client, result_id, text, idempotency_key=f"doctor-{uuid.uuid4().hex}"
             )
         except BitrixUnavailable:
             raise
         except BitrixError as exc:
             return Check(name, "differs", f"tasks.task.result.update refused ({exc.code})")
-        item = result.get("item") if isinstance(result, dict) else None
-        if isinstance(item, dict) and item.get("text") not in (None, text):
+        if item is not None and item.text not in (None, text):
             return Check(name, "differs", "the answer carries another text")
         return Check(name, "ok", f"result {result_id} edited by its author")
 
-    def _replay(self, client: BitrixClient, body: dict, key: str, first: int, made: set[int]):
+    def _replay(
+        self, client: BitrixClient, body: tuple[int, str], key: str, first: int, made: set[int]
+    ) -> Check:
         name = "write replay"
-        again = _item_id(client.call_v3("tasks.task.result.add", body, idempotency_key=key))
+        again = _item_id(methods.task_result_add(client, *body, idempotency_key=key))
         made.add(again)
         if again == first:
             return Check(name, "ok", "the same key and body were replayed, not applied again")
         return Check(name, "differs", f"the same key and body were applied twice ({again})")
 
-    def _replay_refreshed(self, body: dict, key: str, first: int, made: set[int]) -> Check:
+    def _replay_refreshed(
+        self, body: tuple[int, str], key: str, first: int, made: set[int]
+    ) -> Check:
         name = "write replay, new auth"
         try:
-            again = _item_id(
-                self.client().call_v3("tasks.task.result.add", body, idempotency_key=key)
-            )
+            again = _item_id(methods.task_result_add(self.client(), *body, idempotency_key=key))
         except BitrixValidationError as exc:
             if exc.code == IDEMPOTENCY_KEY_REUSED:
                 return Check(
@@ -347,10 +338,8 @@ class _Run:
         client = self.client()
         for result_id in sorted(made):
             try:
-                client.call_v3(
-                    "tasks.task.result.delete",
-                    {"id": result_id},
-                    idempotency_key=f"doctor-{uuid.uuid4().hex}",
+                methods.task_result_delete(
+                    client, result_id, idempotency_key=f"doctor-{uuid.uuid4().hex}"
                 )
             except BitrixUnavailable:
                 raise
@@ -365,21 +354,17 @@ class _Run:
         try:
             client = self.client()
             for result_id in sorted(made):
-                client.call_v3(
-                    "tasks.task.result.delete",
-                    {"id": result_id},
-                    idempotency_key=f"doctor-{uuid.uuid4().hex}",
+                methods.task_result_delete(
+                    client, result_id, idempotency_key=f"doctor-{uuid.uuid4().hex}"
                 )
         except BitrixError:
             pass
 
 
-def _item_id(result) -> int:
-    item = result.get("item") if isinstance(result, dict) else None
-    try:
-        return int(item["id"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BitrixError("INVALID_RESPONSE", "the answer carries no result id") from exc
+def _item_id(item: TaskResult | None) -> int:
+    if item is None:
+        raise BitrixInvalidResponse("INVALID_RESPONSE", "the answer carries no result id")
+    return item.id
 
 
 def _id(item) -> str:

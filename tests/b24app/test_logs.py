@@ -2,7 +2,8 @@ import logging
 
 import pytest
 
-from b24app.logs import OneLineFormatter, SecretMaskingFilter, mask_secrets
+from b24app.logs import OneLineFormatter, SecretMaskingFilter
+from b24app.masking import mask_secret, mask_secrets
 
 FRAME_AUTH_ID = "4991e86600715db20058f18a00000001302a076f538759f623791a7dece3ebd357ae95"
 EVENT_ACCESS = "s6p6eclrvim6da22ft9ch94ekreb52lv"
@@ -169,3 +170,9 @@ def test_mask_secrets_hides_token_request_values_by_their_key_whatever_their_sha
     assert "Unusual-Shape" not in masked
     assert "refresh_token=Rt.U***" in masked and "code=Cd.U***" in masked
     assert "client_secret=Cs.U***" in masked
+
+
+def test_mask_secret_keeps_four_characters_of_a_long_value_and_none_of_a_short_one():
+    assert mask_secret("51856fefc120afa4b628cc82d3935cce") == "5185***"
+    assert mask_secret("short") == "***"
+    assert mask_secret("") == "" and mask_secret(None) == ""

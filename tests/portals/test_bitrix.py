@@ -17,6 +17,7 @@ import requests
 import responses
 from requests.adapters import HTTPAdapter
 
+from b24app.masking import mask_secret
 from b24app.portals.bitrix import (
     BitrixAccessDenied,
     BitrixAuthError,
@@ -30,10 +31,9 @@ from b24app.portals.bitrix import (
     TokenSet,
     UnsafeURL,
     build_session,
-    mask_secret,
     oauth_origin_for,
 )
-from b24app.portals.netguard import GuardedAdapter
+from b24app.portals.bitrix.netguard import GuardedAdapter
 from b24app.portals.ratelimit import RateLimitTimeout
 
 TOKEN = "s6p6eclrvim6da22ft9ch94ekreb52lv"

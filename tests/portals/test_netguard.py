@@ -11,10 +11,9 @@ from collections.abc import Callable, Iterator
 import pytest
 import requests
 
-from b24app.portals.bitrix import BitrixError
-from b24app.portals.netguard import (
+from b24app.portals.bitrix import BitrixError, UnsafeURL
+from b24app.portals.bitrix.netguard import (
     GuardedAdapter,
-    UnsafeURL,
     address_refusal,
     check_base_url,
     client_endpoint_for,

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from b24app.portals.netguard import address_refusal
+from b24app.portals.bitrix.netguard import address_refusal
 
 CANARY_CANDIDATES = ("127.0.0.1", "127.0.0.2", "127.1.2.3", "127.255.255.254", "::1")
 ACCEPT_READ_TIMEOUT_S = 0.5

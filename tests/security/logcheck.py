@@ -158,7 +158,7 @@ class LogCheck:
         terminalreporter.write_sep("=", "issued Bitrix24 tokens found in log lines", red=True)
         terminalreporter.write_line(
             f"{len(self.leaks)} log line(s) carry a token a fake Bitrix24 issued in this run. "
-            "Logs must never contain a token: mask it or do not log it (b24app/logs.py)."
+            "Logs must never contain a token: mask it or do not log it (b24app/masking.py)."
         )
         for leak in self.leaks[:50]:
             terminalreporter.write_line(f"{leak.where}: token {leak.token_prefix} in: {leak.line}")

@@ -31,8 +31,8 @@ import pytest
 from django.core import signing
 from django.test import Client
 
+from b24app.portals.bitrix.netguard import address_refusal
 from b24app.portals.models import Portal
-from b24app.portals.netguard import address_refusal
 from b24app.portals.views import OAUTH_SESSION_KEY, OAUTH_STATE_SALT
 from tests.portals.support import post_event, post_frame
 from tests.results.support import frame_post, installed, open_screen

@@ -10,10 +10,6 @@ A resolve-time check alone can be defeated by DNS rebinding (the name resolves t
 address while being checked and to ``127.0.0.1`` when the connection is made), so
 :class:`GuardedAdapter` repeats the address check on the socket's real peer right after it
 connects and before a single byte of the request is sent.
-
-This module is the lowest layer of the Bitrix24 transport, so it also defines :class:`BitrixError`,
-the base of every error the transport raises; import the errors from
-:mod:`b24app.portals.bitrix`, which re-exports it.
 """
 
 from __future__ import annotations
@@ -29,11 +25,11 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from b24app.portals.bitrix.errors import UnsafeURL
+
 __all__ = [
-    "BitrixError",
     "GuardedAdapter",
     "Origin",
-    "UnsafeURL",
     "address_refusal",
     "check_base_url",
     "client_endpoint_for",
@@ -104,36 +100,6 @@ _IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 # NAT64 well-known prefix (RFC 6052): the last 32 bits are an IPv4 address.
 _NAT64_PREFIX = ipaddress.IPv6Network("64:ff9b::/96")
 _TEREDO = ipaddress.IPv6Network("2001::/32")
-
-
-class BitrixError(Exception):
-    """Base of every error raised while talking to Bitrix24.
-
-    ``code`` is the Bitrix24 error code (or a code of ours such as ``TIMEOUT``) and is what callers
-    branch on; ``description`` is developer text and ``status`` the HTTP status when there was a
-    response. Neither ever contains a token or secret: the transport redacts them before raising.
-    """
-
-    def __init__(self, code: str, description: str = "", *, status: int | None = None) -> None:
-        super().__init__(code, description)
-        self.code = code
-        self.description = description
-        self.status = status
-
-    def __str__(self) -> str:
-        where = f" (HTTP {self.status})" if self.status is not None else ""
-        text = f": {self.description}" if self.description else ""
-        return f"{self.code}{where}{text}"
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(code={self.code!r}, status={self.status!r}, "
-            f"description={self.description!r})"
-        )
-
-
-class UnsafeURL(BitrixError):
-    """A URL or peer address that must not receive a request (SSRF guard)."""
 
 
 class Origin(NamedTuple):
