@@ -14,6 +14,7 @@ from b24app.portals.services.accounts import (
     CREDENTIALS_EVIDENCE,
     LOCK_NOT_AVAILABLE,
     NO_REFRESH_REASON,
+    REENCRYPT_BATCH,
     REFRESH_BUSY_RETRY_S,
     REFRESH_LOCK_MARGIN_S,
     REMOVED_CODES,
@@ -22,6 +23,7 @@ from b24app.portals.services.accounts import (
     account_client,
     account_tokens_refresh,
     account_tokens_store,
+    accounts_reencrypt,
     refresh_lock_wait_s,
 )
 from b24app.portals.services.clients import (
@@ -49,6 +51,7 @@ from b24app.portals.services.exceptions import (
     FrameRefused,
     NotConfigured,
     PortalError,
+    ReencryptStopped,
     VerificationFailed,
 )
 from b24app.portals.services.frames import (
@@ -98,10 +101,12 @@ __all__ = [
     "NO_REFRESH_REASON",
     "NotConfigured",
     "PortalError",
+    "REENCRYPT_BATCH",
     "REFRESH_BUSY_RETRY_S",
     "REFRESH_LOCK_MARGIN_S",
     "REFRESH_TOKEN_DAYS",
     "REMOVED_CODES",
+    "ReencryptStopped",
     "Removal",
     "UNPROVEN_REASON",
     "VerificationFailed",
@@ -110,6 +115,7 @@ __all__ = [
     "account_client",
     "account_tokens_refresh",
     "account_tokens_store",
+    "accounts_reencrypt",
     "application_token_matches",
     "auth_verify",
     "bitrix_config",

@@ -21,7 +21,7 @@ from b24app.portals.bitrix import (
 from b24app.portals.models import Account, Portal
 from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S
 from b24app.portals.services.clients import bitrix_config, oauth_server
-from b24app.portals.services.exceptions import AccountAwaitingSignIn
+from b24app.portals.services.exceptions import AccountAwaitingSignIn, ReencryptStopped
 from b24app.portals.services.portals import _portal_client
 
 logger = logging.getLogger("b24app.portals")
@@ -376,3 +376,43 @@ def _profile_name(profile: dict) -> str:
 def _stored_name(name: str) -> str:
     """A person's name as `Account.display_name` holds it (no NUL, at most 255 characters)."""
     return name.replace("\x00", "")[:255]
+
+
+REENCRYPT_BATCH = 500
+"""Accounts `accounts_reencrypt` locks and rewrites in one transaction."""
+
+
+def accounts_reencrypt(*, batch: int = REENCRYPT_BATCH) -> int:
+    """Re-encrypt every account's tokens under the first of B24_TOKEN_KEYS (`b24 rotate-keys`);
+    the number of accounts re-encrypted.
+
+    `batch` accounts at a time, in id order, each batch in a short transaction of its own that
+    locks only those accounts: a token refresh waits for one batch at most, never for the whole
+    run. A token no key decrypts raises `ReencryptStopped`; its batch is left as it was, and the
+    batches before it stay re-encrypted (the same keys read them)."""
+    done, after = 0, 0
+    while True:
+        try:
+            with transaction.atomic():
+                accounts = list(
+                    Account.objects.select_for_update()
+                    .filter(pk__gt=after)
+                    .exclude(access_token_encrypted="", refresh_token_encrypted="")
+                    .order_by("pk")[:batch]
+                )
+                for account in accounts:
+                    account.access_token_encrypted = crypto.reencrypt(
+                        account.access_token_encrypted
+                    )
+                    account.refresh_token_encrypted = crypto.reencrypt(
+                        account.refresh_token_encrypted
+                    )
+                Account.objects.bulk_update(
+                    accounts, ["access_token_encrypted", "refresh_token_encrypted"]
+                )
+        except crypto.TokenKeyError as exc:
+            raise ReencryptStopped(str(exc), done=done) from exc
+        if not accounts:
+            return done
+        done += len(accounts)
+        after = accounts[-1].pk

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.utils.translation import gettext_lazy as _
 
+from b24app.portals import crypto
 from b24app.portals.bitrix import BitrixUnavailable
 
 AWAITING_SIGN_IN_RETRY_S = 300.0
@@ -49,3 +50,12 @@ class FrameRefused(PortalError):
 
 BUSY_MESSAGE = _("Bitrix24 is busy right now. Try again in a minute.")
 """What a person reads when a web request found the portal's request budget spoken for."""
+
+
+class ReencryptStopped(crypto.TokenKeyError):
+    """A stored token no key of B24_TOKEN_KEYS decrypts stopped `accounts_reencrypt`; `done`
+    accounts, in the batches before, were re-encrypted already."""
+
+    def __init__(self, message: str, *, done: int) -> None:
+        super().__init__(message)
+        self.done = done
