@@ -39,6 +39,7 @@ from b24app.portals.services.clients import (
 from b24app.portals.services.events import (
     EVENT_RECEIPT_DAYS,
     REFRESH_TOKEN_DAYS,
+    EventKind,
     EventOutcome,
     Removal,
     event_handle,
@@ -68,6 +69,7 @@ from b24app.portals.services.install import (
 )
 from b24app.portals.services.operator import (
     portal_reconnect,
+    portal_reconnect_start,
     portal_tokens_refresh,
     portal_verify,
 )
@@ -94,6 +96,7 @@ __all__ = [
     "BUSY_MESSAGE",
     "CREDENTIALS_EVIDENCE",
     "EVENT_RECEIPT_DAYS",
+    "EventKind",
     "EventOutcome",
     "FRAME_TOKEN_MARGIN",
     "FrameRefused",
@@ -137,6 +140,7 @@ __all__ = [
     "portal_install",
     "portal_rate",
     "portal_reconnect",
+    "portal_reconnect_start",
     "portal_tokens_refresh",
     "portal_unblock",
     "portal_uninstall",

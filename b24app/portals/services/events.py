@@ -48,14 +48,30 @@ EVENT_RECEIPT_DAYS = 7
 """How long an applied event is remembered against copies of it (retrying proxies, replays)."""
 
 
+class EventKind:
+    """What became of a lifecycle event, for its sender (`EventOutcome.kind`)."""
+
+    APPLIED = "applied"
+    """Applied now, or already (a copy)."""
+    UNCONFIRMED = "unconfirmed"
+    """Taken note of and nothing changed: an uninstall the app's tokens do not confirm."""
+    MALFORMED = "malformed"
+    """Not an event this app takes."""
+    REFUSED = "refused"
+    """Not shown to come from Bitrix24."""
+    UNAVAILABLE = "unavailable"
+    """Could not be checked now (Bitrix24 busy, the app not configured): a resend may be."""
+
+
 @dataclass(frozen=True)
 class EventOutcome:
-    status: int
+    kind: str
+    """One of `EventKind`."""
     code: str
 
     @property
     def accepted(self) -> bool:
-        return self.status < 300
+        return self.kind in (EventKind.APPLIED, EventKind.UNCONFIRMED)
 
 
 def _event_tokens(auth: dict, verified: VerifiedAuth, user_id: int) -> TokenSet | None:
@@ -247,39 +263,39 @@ def event_handle(*, event: str, data: dict, auth: dict, app_url: str = "") -> Ev
     event = event.upper()
     member_id = str(auth.get("member_id", ""))
     if not is_member_id(member_id):
-        return EventOutcome(401, "unknown_portal")
+        return EventOutcome(EventKind.REFUSED, "unknown_portal")
     digest = _event_digest(event, member_id, auth)
     if EventReceipt.objects.filter(digest=digest).exists():
         logger.info("%s copy portal=%s: already applied", event, member_id)
-        return EventOutcome(200, "duplicate")
+        return EventOutcome(EventKind.APPLIED, "duplicate")
     if event == "ONAPPUNINSTALL":
         portal = Portal.objects.filter(member_id=member_id).first()
         if portal is None or not application_token_matches(
             portal, str(auth.get("application_token", ""))
         ):
-            return EventOutcome(401, "invalid_application_token")
+            return EventOutcome(EventKind.REFUSED, "invalid_application_token")
         verdict, detail = _uninstall_verdict(portal)
         clean = str(data.get("CLEAN", "0")).strip().lower() in ("1", "y", "true")
         if verdict == Removal.FORGED:
             logger.warning("ONAPPUNINSTALL refused portal=%s: %s", member_id, detail)
-            return EventOutcome(401, "app_still_installed")
+            return EventOutcome(EventKind.REFUSED, "app_still_installed")
         if verdict == Removal.UNCONFIRMED:
             # Keep the data: a plain user knows APPLICATION_TOKEN. A genuine removal leaves the
             # tokens dead anyway; the operator confirms it in the admin.
             _uninstall_unconfirmed(portal, clean=clean, detail=detail)
             logger.warning("ONAPPUNINSTALL not confirmed portal=%s: %s", member_id, detail)
-            return EventOutcome(202, "uninstall_unconfirmed")
+            return EventOutcome(EventKind.UNCONFIRMED, "uninstall_unconfirmed")
         with transaction.atomic():
             if not _event_receipt_take(digest, event, member_id):
-                return EventOutcome(200, "duplicate")
+                return EventOutcome(EventKind.APPLIED, "duplicate")
             portal_uninstall(portal=portal, clean=clean)
         logger.info("uninstalled portal=%s clean=%s", member_id, clean)
-        return EventOutcome(200, "uninstalled")
+        return EventOutcome(EventKind.APPLIED, "uninstalled")
     if event not in ("ONAPPINSTALL", "ONAPPUPDATE"):
-        return EventOutcome(400, "unsupported_event")
+        return EventOutcome(EventKind.MALFORMED, "unsupported_event")
     application_token = str(auth.get("application_token", ""))
     if not application_token:
-        return EventOutcome(400, "missing_application_token")
+        return EventOutcome(EventKind.MALFORMED, "missing_application_token")
     try:
         verified = auth_verify(
             access_token=str(auth.get("access_token", "")),
@@ -289,13 +305,13 @@ def event_handle(*, event: str, data: dict, auth: dict, app_url: str = "") -> Ev
         )
         sender = _event_sender(auth, verified)
     except VerificationFailed as exc:
-        status = 503 if exc.code in ("unavailable", "not_configured") else 401
-        return EventOutcome(status, exc.code)
+        unavailable = exc.code in ("unavailable", "not_configured")
+        return EventOutcome(EventKind.UNAVAILABLE if unavailable else EventKind.REFUSED, exc.code)
     tokens = _event_tokens(auth, verified, sender)
     with transaction.atomic():
         if not _event_receipt_take(digest, event, member_id):
             logger.info("%s copy portal=%s: already applied", event, member_id)
-            return EventOutcome(200, "duplicate")
+            return EventOutcome(EventKind.APPLIED, "duplicate")
         portal = portal_upsert(verified=verified, application_token=application_token)
         account = None
         if tokens is not None:
@@ -316,4 +332,4 @@ def event_handle(*, event: str, data: dict, auth: dict, app_url: str = "") -> Ev
                 after_update=True,
             )
     logger.info("%s applied portal=%s", event, member_id)
-    return EventOutcome(200, event.lower())
+    return EventOutcome(EventKind.APPLIED, event.lower())

@@ -25,6 +25,16 @@ from b24app.portals.services.portals import _portal_client
 logger = logging.getLogger("b24app.portals")
 
 
+def portal_reconnect_start(*, portal: Portal, state: str) -> str:
+    """Where an operator's browser goes to start a reconnect: the portal's OAuth authorization
+    page, carrying the signed `state` back to the callback. Raises `PortalError`."""
+    require_configured()
+    try:
+        return oauth_server().authorize_url(portal.base_url, state)
+    except BitrixError as exc:
+        raise PortalError(str(exc)) from exc
+
+
 def portal_reconnect(*, portal: Portal, code: str, operator: str) -> Account:
     """Finish the authorization-code flow an operator started: store the authorizing user's
     tokens as the portal's connection and make a portal blocked by a dead token active again.

@@ -59,9 +59,7 @@ class Command(BaseCommand):
             )
 
     def _portals(self, state: str | None) -> None:
-        portals = selectors.portals_overview()
-        if state:
-            portals = portals.filter(state=state)
+        portals = selectors.portals_overview(state=state)
         header = ("DOMAIN", "MEMBER_ID", "STATE", "APP", "ACCOUNTS", "LAST SEEN", "REASON / ERROR")
         rows = [header]
         for portal in portals:
