@@ -23,6 +23,7 @@ from b24app.portals.bitrix import (
 )
 from b24app.portals.models import Account, EventReceipt, Portal
 from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S, parse_rate
+from b24app.portals.selectors import portal_live_accounts, portal_uninstall_witnesses
 from b24app.portals.services.accounts import (
     APP_CREDENTIAL_ERRORS,
     REMOVED_CODES,
@@ -135,8 +136,6 @@ def _uninstall_verdict(portal: Portal) -> tuple[str, str]:
     or a refresh token the OAuth server itself issued (or that came with a verified install)
     refused though it is not old and no renewal with it was lost. A failed refresh of any other
     token, no such account, or no answer proves nothing: unconfirmed."""
-    from b24app.portals.selectors import portal_live_accounts, portal_uninstall_witnesses
-
     witnesses = portal_uninstall_witnesses(portal)
     witness_ids = {account.pk for account in witnesses}
     revoked: list[str] = []

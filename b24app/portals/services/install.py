@@ -17,6 +17,7 @@ from b24app.portals.bindings import binding_add, bindings_ensure, bindings_read
 from b24app.portals.bitrix import BitrixError, BitrixUnavailable, TokenSet
 from b24app.portals.models import Account, Portal
 from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S, parse_rate
+from b24app.portals.selectors import portal_admin_account
 from b24app.portals.services.accounts import _profile_name, account_client, account_tokens_store
 from b24app.portals.services.clients import _client
 from b24app.portals.services.exceptions import BUSY_MESSAGE, PortalError
@@ -147,8 +148,6 @@ def portal_bindings_check(
     after an update, when Bitrix24 may still drop bindings) leaves the check due, so the next
     chance reads them again. `BitrixUnavailable` is raised for a retry (or, from a web request,
     a busy answer); other refusals are recorded. `limiter_max_wait` as for `account_client`."""
-    from b24app.portals.selectors import portal_admin_account
-
     portal = Portal.objects.get(pk=portal_id)
     account = (
         Account.objects.select_related("portal").filter(pk=account_id, portal_id=portal_id).first()

@@ -12,6 +12,7 @@ from django.utils.translation import gettext_lazy as _
 from b24app.portals.bitrix import BitrixError, BitrixUnavailable
 from b24app.portals.models import Account, Portal
 from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S
+from b24app.portals.selectors import portal_connection_account
 from b24app.portals.services.accounts import (
     _profile_name,
     account_client,
@@ -102,8 +103,6 @@ def portal_reconnect(*, portal: Portal, code: str, operator: str) -> Account:
 
 def portal_verify(*, portal: Portal) -> str:
     """Check the connection with `app.info` through the portal's connection account."""
-    from b24app.portals.selectors import portal_connection_account
-
     account = portal_connection_account(portal)
     if account is None:
         raise PortalError(_("No user of this portal has working tokens; reconnect via OAuth."))
