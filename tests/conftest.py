@@ -90,10 +90,10 @@ def _fresh_portal_breakers():
     flight: fake portals listen on ephemeral loopback ports, which a later test (or run) may
     get again. Breaker and in-flight state lives in the process and, with REDIS_URL, in Redis
     (`b24:cb:*`, `b24:if:*`)."""
-    services = sys.modules.get("b24app.portals.services")
-    if services is not None:
-        services._breaker_for.cache_clear()
-        services._inflight_for.cache_clear()
+    clients = sys.modules.get("b24app.portals.services.clients")
+    if clients is not None:
+        clients._breaker_for.cache_clear()
+        clients._inflight_for.cache_clear()
     from django.conf import settings
 
     if settings.configured and settings.REDIS_URL:  # not configured: the emulator's own tests

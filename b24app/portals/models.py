@@ -2,7 +2,7 @@
 
 A portal is its `member_id`; the domain is an attribute that can change. Each Bitrix24 user who
 opened the app (or installed it) has an `Account` holding that user's tokens, encrypted with
-`B24_TOKEN_KEYS`. Writes go through `services.py`; reads through `selectors.py`.
+`B24_TOKEN_KEYS`. Writes go through `services/`; reads through `selectors.py`.
 """
 
 from __future__ import annotations

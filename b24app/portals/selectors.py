@@ -18,16 +18,18 @@ KEEPALIVE_BATCH = 10_000
 with 29 days left before their tokens die."""
 
 
-def portals_overview() -> QuerySet[Portal]:
-    """Portals with their number of accounts (`accounts_count`) and their accounts' latest
-    refresh error (`latest_refresh_error`, "" when none), for the admin and the CLI.
+def portals_overview(*, state: str | None = None) -> QuerySet[Portal]:
+    """Portals (in `state`, when given) with their number of accounts (`accounts_count`) and
+    their accounts' latest refresh error (`latest_refresh_error`, "" when none), for the admin
+    and the CLI.
 
     Both are correlated subqueries rather than a join with GROUP BY: a page of 100 portals reads
     only those portals' accounts (through the account's portal index), and the paginator's
     COUNT(*) leaves them out; the join aggregated every account on every page.
     """
     accounts = Account.objects.filter(portal=OuterRef("pk")).order_by()
-    return Portal.objects.annotate(
+    portals = Portal.objects.filter(state=state) if state else Portal.objects.all()
+    return portals.annotate(
         accounts_count=Coalesce(
             Subquery(accounts.values("portal").annotate(count=Count("pk")).values("count")), 0
         ),
@@ -40,6 +42,11 @@ def portals_overview() -> QuerySet[Portal]:
             Value(""),
         ),
     ).order_by("domain")
+
+
+def portal_by_member_id(member_id: str) -> Portal | None:
+    """The portal with this member_id, if the app knows one."""
+    return Portal.objects.filter(member_id=member_id).first()
 
 
 def portal_by_name(name: str) -> Portal | None:

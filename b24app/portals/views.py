@@ -12,7 +12,7 @@ from django.contrib.admin.views.decorators import staff_member_required
 from django.core import signing
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponseBadRequest, JsonResponse
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import translation
 from django.views.decorators.csrf import csrf_exempt
@@ -21,8 +21,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from b24app.framing import allow_portal_framing, claimed_portal_origin
 from b24app.languages import frame_language
 from b24app.logs import claimed_id
-from b24app.portals import services
-from b24app.portals.bitrix import BitrixError
+from b24app.portals import selectors, services
 from b24app.portals.forms import bracket_decode
 from b24app.portals.models import Portal
 from b24app.portals.ratelimit import busy_retry_after_s
@@ -40,6 +39,16 @@ INSTALL_FIELDS = (
     "APPLICATION_TOKEN",
     "member_id",
 )
+
+
+EVENT_STATUS = {
+    services.EventKind.APPLIED: 200,
+    services.EventKind.UNCONFIRMED: 202,
+    services.EventKind.MALFORMED: 400,
+    services.EventKind.REFUSED: 401,
+    services.EventKind.UNAVAILABLE: 503,
+}
+"""The HTTP status a lifecycle event's sender gets for each kind of outcome."""
 
 
 def app_url(request) -> str:
@@ -94,6 +103,7 @@ def events(request):
         auth=auth,
         app_url=app_url(request),
     )
+    status = EVENT_STATUS[outcome.kind]
     if not outcome.accepted:
         logger.warning(
             "event refused event=%s member_id=%s error=%s",
@@ -101,13 +111,13 @@ def events(request):
             claimed_id(auth.get("member_id", "")),
             outcome.code,
         )
-        response = JsonResponse({"status": "error", "error": outcome.code}, status=outcome.status)
-        if outcome.status == 503:  # Bitrix24 or its OAuth server busy (for whoever resends)
+        response = JsonResponse({"status": "error", "error": outcome.code}, status=status)
+        if status == 503:  # Bitrix24 or its OAuth server busy (for whoever resends)
             response["Retry-After"] = str(busy_retry_after_s(None))
         return response
     return JsonResponse(
         {"status": "ok", "message": "event accepted", "outcome": outcome.code},
-        status=outcome.status,
+        status=status,
     )
 
 
@@ -135,9 +145,9 @@ def oauth_start(request):
     so never from another site) starts the flow. A GET changes nothing, not even the session."""
     source = request.POST if request.method == "POST" else request.GET
     member_id = source.get("portal", "")
-    if not services.is_member_id(member_id):
+    portal = selectors.portal_by_member_id(member_id) if services.is_member_id(member_id) else None
+    if portal is None:
         raise Http404("No such portal")
-    portal = get_object_or_404(Portal, member_id=member_id)
     if request.method == "GET":
         context = {
             **admin.site.each_context(request),
@@ -149,9 +159,8 @@ def oauth_start(request):
     nonce = secrets.token_urlsafe(16)
     state = signing.dumps({"m": portal.member_id, "n": nonce}, salt=OAUTH_STATE_SALT)
     try:
-        services.require_configured()
-        authorize = services.oauth_server().authorize_url(portal.base_url, state)
-    except (services.PortalError, BitrixError) as exc:
+        authorize = services.portal_reconnect_start(portal=portal, state=state)
+    except services.PortalError as exc:
         messages.error(request, f"Cannot start the OAuth reconnect: {exc}")
         return redirect(reverse("admin:portals_portal_change", args=[portal.pk]))
     # The state is good only in this session: the callback compares its nonce with this one.
@@ -173,7 +182,9 @@ def oauth_callback(request):
         return HttpResponseBadRequest("This reconnect was not started from this browser.")
     if not services.is_member_id(str(state.get("m", ""))):
         return HttpResponseBadRequest("The reconnect link is invalid or expired; start again.")
-    portal = get_object_or_404(Portal, member_id=state["m"])
+    portal = selectors.portal_by_member_id(state["m"])
+    if portal is None:
+        raise Http404("No such portal")
     if request.GET.get("member_id") not in (None, portal.member_id):
         return HttpResponseBadRequest("Bitrix24 answered for another portal.")
     try:
@@ -183,7 +194,7 @@ def oauth_callback(request):
     except services.PortalError as exc:
         messages.error(request, exc.message)
     else:
-        portal.refresh_from_db()
+        portal = selectors.portal_by_member_id(portal.member_id)
         if portal.blocked_by_operator:
             messages.warning(
                 request,

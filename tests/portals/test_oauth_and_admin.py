@@ -1,6 +1,7 @@
 """OAuth reconnect, the operator admin and the `b24` command: repair paths, no token shown."""
 
 import re
+from datetime import timedelta
 from io import StringIO
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -11,9 +12,13 @@ from django.contrib.auth.models import Permission
 from django.core import signing
 from django.core.management import call_command
 from django.core.management.base import CommandError
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from b24app.portals import services
+from b24app.portals.bitrix import TokenSet
 from b24app.portals.models import Account, Portal
 from b24app.portals.views import OAUTH_SESSION_KEY, OAUTH_STATE_SALT
 from tests.portals.support import install, issued_tokens, kill_installer_tokens, post_frame
@@ -239,6 +244,64 @@ def test_command_rotate_keys_with_a_missing_key_changes_nothing(client, portal, 
     with pytest.raises(CommandError):
         call_command("b24", "rotate-keys", stdout=StringIO())
     assert Account.objects.values_list("access_token_encrypted", flat=True).get() == before
+
+
+def _accounts_of_five(portal) -> list[Account]:
+    """The installer and four more users of the portal, in id order."""
+    install(Client(), portal)
+    stored = Portal.objects.get()
+    for user_id in range(2, 6):
+        services.account_tokens_store(
+            portal=stored,
+            user_id=user_id,
+            tokens=TokenSet(
+                access_token=f"access-{user_id}",
+                refresh_token=f"refresh-{user_id}",
+                expires_at=timezone.now() + timedelta(hours=1),
+                scope="task",
+                member_id=stored.member_id,
+                user_id=user_id,
+                client_endpoint=stored.client_endpoint,
+                server_endpoint=stored.oauth_server + "/rest/",
+                status="L",
+            ),
+        )
+    return list(Account.objects.order_by("pk"))
+
+
+def test_reencrypt_goes_through_every_account_batch_by_batch(portal, settings):
+    accounts = _accounts_of_five(portal)
+    before = {a.pk: (a.access_token, a.refresh_token) for a in accounts}
+    new_key = Fernet.generate_key().decode()
+    settings.B24_TOKEN_KEYS = [new_key, *settings.B24_TOKEN_KEYS]
+
+    with CaptureQueriesContext(connection) as queries:
+        assert services.accounts_reencrypt(batch=2) == 5
+
+    # Batches of 2, 2 and 1 accounts, and the read that finds none left.
+    assert sum("LIMIT 2" in query["sql"] for query in queries) == 4
+    settings.B24_TOKEN_KEYS = [new_key]
+    after = {a.pk: (a.access_token, a.refresh_token) for a in Account.objects.all()}
+    assert after == before
+
+
+def test_reencrypt_stops_at_the_batch_with_a_token_no_key_reads(portal, settings):
+    accounts = _accounts_of_five(portal)
+    foreign = Fernet(Fernet.generate_key()).encrypt(b"someone else's").decode()
+    Account.objects.filter(pk=accounts[2].pk).update(access_token_encrypted=foreign)
+    stored = dict(Account.objects.values_list("pk", "refresh_token_encrypted"))
+    new_key = Fernet.generate_key().decode()
+    settings.B24_TOKEN_KEYS = [new_key, *settings.B24_TOKEN_KEYS]
+
+    with pytest.raises(services.ReencryptStopped) as stopped:
+        services.accounts_reencrypt(batch=2)
+
+    assert stopped.value.done == 2
+    settings.B24_TOKEN_KEYS = [new_key]
+    for account in Account.objects.filter(pk__in=[a.pk for a in accounts[:2]]):
+        assert account.refresh_token  # the first batch: readable under the new key alone
+    later = Account.objects.filter(pk__in=[a.pk for a in accounts[2:]])
+    assert {a.pk: a.refresh_token_encrypted for a in later} == {a.pk: stored[a.pk] for a in later}
 
 
 def test_admin_refuses_a_malformed_rate_limit(admin_client, client, portal):

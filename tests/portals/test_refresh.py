@@ -18,7 +18,7 @@ from django.db import connection
 from django.utils import timezone
 
 from b24app.portals import services
-from b24app.portals.bitrix import BitrixAuthError, BitrixError
+from b24app.portals.bitrix import BitrixAuthError, BitrixError, BitrixUnavailable, TokenSet
 from b24app.portals.models import Account, Portal, RateBucket
 from tests.appserver import free_port
 from tests.portals.support import install, post_frame
@@ -108,7 +108,7 @@ def test_refresh_transient_fault_blocks_nobody_and_costs_one_call_at_most(
     never came, so the retry's `invalid_grant` is our own lost renewal, not a revocation."""
     portal.expire_access_tokens()
     fake.fail_token_next(count=1, error=fault)
-    with pytest.raises(services.BitrixUnavailable):
+    with pytest.raises(BitrixUnavailable):
         services.account_client(installed).call("profile")
     account = Account.objects.get(pk=installed.pk)
     assert account.state == Account.State.ACTIVE
@@ -140,7 +140,7 @@ def test_refresh_waiting_account_is_given_access_back_by_its_users_next_visit(
     portal.expire_access_tokens()
     fake.fail_token_next(count=1, error="lost_response")
     for _ in range(2):
-        with pytest.raises(services.BitrixUnavailable):
+        with pytest.raises(BitrixUnavailable):
             services.account_client(Account.objects.get(pk=installed.pk)).call("profile")
     assert Account.objects.get(pk=installed.pk).state == Account.State.WAITING
 
@@ -159,7 +159,7 @@ def test_refresh_invalid_grant_after_a_confirmed_refresh_still_blocks(fake, port
     after it blocks as usual."""
     portal.expire_access_tokens()
     fake.fail_token_next(count=1, error="500")
-    with pytest.raises(services.BitrixUnavailable):
+    with pytest.raises(BitrixUnavailable):
         services.account_client(installed).call("profile")
     services.account_client(Account.objects.get(pk=installed.pk)).call("profile")
     portal.expire_access_tokens()
@@ -236,7 +236,7 @@ def test_refresh_storm_twenty_users_ten_callers_each_never_mix_tokens(client, fa
         services.account_tokens_store(
             portal=stored,
             user_id=user_id,
-            tokens=services.TokenSet.from_response(tokens),
+            tokens=TokenSet.from_response(tokens),
         )
     accounts = {a.pk: a.user_id for a in Account.objects.all()}
     assert len(accounts) == 20
@@ -599,7 +599,7 @@ def test_refresh_by_get_leaves_no_secret_in_log_records_or_errors(fake, portal, 
         endpoint = fake.server_endpoint
         refresh_token = Account.objects.get(pk=installed.pk).refresh_token
         fake.stop()
-        with pytest.raises(services.BitrixUnavailable) as caught:
+        with pytest.raises(BitrixUnavailable) as caught:
             services.oauth_server().refresh(endpoint, refresh_token)
     finally:
         logging.getLogger("urllib3").removeHandler(early)
@@ -647,7 +647,7 @@ def test_refresh_lock_wait_outlasts_a_refresh_and_running_out_is_busy_not_a_cras
     try:
         assert holding.wait(30)
         started = time.monotonic()
-        with pytest.raises(services.BitrixUnavailable) as caught:
+        with pytest.raises(BitrixUnavailable) as caught:
             services.account_tokens_refresh(account_id=account.pk)
         waited = time.monotonic() - started
     finally:

@@ -63,6 +63,21 @@ def test_portals_overview_counts_only_what_a_page_shows(django_assert_num_querie
     ]
 
 
+def test_portals_overview_in_one_state_only():
+    active, blocked = _portal(1), _portal(2, Portal.State.BLOCKED)
+    _account(blocked, 1)
+
+    assert [p.pk for p in selectors.portals_overview(state=Portal.State.BLOCKED)] == [blocked.pk]
+    assert selectors.portals_overview(state=Portal.State.BLOCKED).get().accounts_count == 1
+    assert [p.pk for p in selectors.portals_overview()] == [active.pk, blocked.pk]
+
+
+def test_portal_by_member_id():
+    portal = _portal(1)
+    assert selectors.portal_by_member_id(portal.member_id) == portal
+    assert selectors.portal_by_member_id(f"{2:032x}") is None
+
+
 def test_keepalive_batch_is_the_oldest_idle_accounts_ids_and_versions(monkeypatch):
     portal, blocked_portal = _portal(1), _portal(2, state=Portal.State.BLOCKED)
     now = timezone.now()

@@ -629,9 +629,9 @@ def test_a_dripping_tenant_does_not_hold_up_another_tenants_calls_in_shared_work
 
 
 def _app_client(portal, token: str, wait: float | None = 0.2) -> BitrixClient:
-    from b24app.portals import services
+    from b24app.portals.services import clients
 
-    return services._client(
+    return clients._client(
         portal.client_endpoint,
         token,
         member_id=portal.member_id,

@@ -8,6 +8,7 @@ import responses
 from django.utils import timezone
 
 from b24app.portals import services
+from b24app.portals.bitrix import TokenSet
 from b24app.portals.models import Account, Portal
 from b24app.portals.tasks import accounts_keepalive_task
 from tests.portals.support import install, issued_tokens, post_event, uninstall_body
@@ -133,7 +134,7 @@ def test_keepalive_refreshes_only_idle_accounts(client, fake, portal, celery_eag
     install(client, portal)
     stored = Portal.objects.get()
     boris = services.account_tokens_store(
-        portal=stored, user_id=2, tokens=services.TokenSet.from_response(portal.issue_tokens(2))
+        portal=stored, user_id=2, tokens=TokenSet.from_response(portal.issue_tokens(2))
     )
     Account.objects.filter(pk=boris.pk).update(
         tokens_issued_at=timezone.now() - timedelta(days=151)

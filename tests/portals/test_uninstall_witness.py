@@ -13,6 +13,7 @@ import pytest
 from django.utils import timezone
 
 from b24app.portals import services
+from b24app.portals.bitrix import BitrixError
 from b24app.portals.models import Account, Portal
 from results.models import ResultChange
 from tests.portals.support import install, kill_installer_tokens, post_event, post_frame
@@ -201,7 +202,7 @@ def test_a_redirect_to_another_tenant_is_followed_once_and_never_stored(client, 
     home = (Portal.objects.get().domain, Portal.objects.get().client_endpoint)
     portal.redirect_to(other.url)
 
-    with pytest.raises(services.BitrixError):
+    with pytest.raises(BitrixError):
         _installer_client().call("profile")  # the other portal does not know the token
 
     assert (Portal.objects.get().domain, Portal.objects.get().client_endpoint) == home

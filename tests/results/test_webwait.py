@@ -23,6 +23,7 @@ from b24app.portals.ratelimit import (
     BUSY_RETRY_AFTER_S,
     WEB_LIMITER_WAIT_S,
 )
+from b24app.portals.services import accounts, clients
 from b24app.portals.tasks import portal_bindings_check_task
 from results.models import ResultChange
 from results.tasks import result_change_deliver_task
@@ -75,7 +76,7 @@ class RecordingLimiter:
 @pytest.fixture
 def limiter(monkeypatch):
     recording = RecordingLimiter(services.rate_limiter())
-    monkeypatch.setattr(services, "rate_limiter", lambda: recording)
+    monkeypatch.setattr(clients, "rate_limiter", lambda: recording)  # what `_client` calls
     return recording
 
 
@@ -108,7 +109,7 @@ def assert_busy(response) -> None:
 def test_web_wait_is_a_few_hundred_milliseconds_and_background_keeps_its_budget():
     assert 0 < WEB_LIMITER_WAIT_S <= 0.5
     assert BACKGROUND_LIMITER_WAIT_S >= 10
-    assert services.WEB_LIMITER_WAIT_S == WEB_LIMITER_WAIT_S  # the web paths' one constant
+    assert accounts.WEB_LIMITER_WAIT_S == WEB_LIMITER_WAIT_S  # the web paths' one constant
 
 
 def test_frame_open_with_the_budget_held_answers_busy_in_the_frames_language(

@@ -5,10 +5,8 @@ checks a live portal for what the app relies on (see `b24app/portals/doctor.py`)
 from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
-from django.db import transaction
 
-from b24app.portals import crypto, selectors
-from b24app.portals.models import Account
+from b24app.portals import selectors, services
 
 
 class Command(BaseCommand):
@@ -61,9 +59,7 @@ class Command(BaseCommand):
             )
 
     def _portals(self, state: str | None) -> None:
-        portals = selectors.portals_overview()
-        if state:
-            portals = portals.filter(state=state)
+        portals = selectors.portals_overview(state=state)
         header = ("DOMAIN", "MEMBER_ID", "STATE", "APP", "ACCOUNTS", "LAST SEEN", "REASON / ERROR")
         rows = [header]
         for portal in portals:
@@ -86,22 +82,13 @@ class Command(BaseCommand):
         self.stdout.write(f"{len(rows) - 1} portal(s)")
 
     def _rotate_keys(self) -> None:
-        done = 0
         try:
-            with transaction.atomic():
-                for account in Account.objects.select_for_update().exclude(
-                    access_token_encrypted="", refresh_token_encrypted=""
-                ):
-                    account.access_token_encrypted = crypto.reencrypt(
-                        account.access_token_encrypted
-                    )
-                    account.refresh_token_encrypted = crypto.reencrypt(
-                        account.refresh_token_encrypted
-                    )
-                    account.save(
-                        update_fields=["access_token_encrypted", "refresh_token_encrypted"]
-                    )
-                    done += 1
-        except crypto.TokenKeyError as exc:
+            done = services.accounts_reencrypt()
+        except services.ReencryptStopped as exc:
+            if exc.done:
+                raise CommandError(
+                    f"{exc} The {exc.done} account(s) before it were re-encrypted under the first "
+                    "key; no other was changed."
+                ) from exc
             raise CommandError(f"{exc} Nothing was changed.") from exc
         self.stdout.write(f"Re-encrypted the tokens of {done} account(s) under the first key.")

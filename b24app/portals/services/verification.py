@@ -1,0 +1,113 @@
+"""Checks of what Bitrix24 sends: a member_id's form, an access token vouched for by an
+allow-listed OAuth server (`app.info`), a posted `application_token`."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from django.utils.translation import gettext_lazy as _
+
+from b24app.ids import parse_id
+from b24app.portals import crypto
+from b24app.portals.bitrix import BitrixError, BitrixUnavailable, UnsafeURL, oauth_origin_for
+from b24app.portals.models import Portal
+from b24app.portals.netguard import check_base_url, client_endpoint_for
+from b24app.portals.services.clients import oauth_server, require_configured
+from b24app.portals.services.exceptions import VerificationFailed
+
+_MEMBER_ID_CHARS = frozenset("0123456789abcdefABCDEF")
+
+
+def is_member_id(value: str) -> bool:
+    """A portal's member_id as Bitrix24 sends it: 1 to 64 hex characters."""
+    return 0 < len(value) <= 64 and set(value) <= _MEMBER_ID_CHARS
+
+
+@dataclass(frozen=True)
+class VerifiedAuth:
+    """What the OAuth server vouched for about an access token."""
+
+    oauth_server: str
+    member_id: str
+    domain: str
+    client_endpoint: str
+    user_id: int | None
+    status: str
+    scope: str
+    installed: bool
+
+
+def auth_verify(
+    *, access_token: str, member_id: str, domain: str | None, server_endpoint: str | None
+) -> VerifiedAuth:
+    """Ask an allow-listed OAuth server's `app.info` whether `access_token` was issued to this
+    app for portal `member_id` (and `domain`, when given). Raises `VerificationFailed`.
+
+    Without a `server_endpoint` (older frame POSTs lack it) every allow-listed server is asked
+    in turn; a token only ever goes to servers on `B24_OAUTH_SERVERS`.
+    """
+    config = require_configured()
+    if not access_token or not member_id:
+        raise VerificationFailed(_("The request carries no Bitrix24 authorization."))
+    try:
+        origins = (
+            (oauth_origin_for(server_endpoint, config),)
+            if server_endpoint
+            else config.oauth_servers
+        )
+    except UnsafeURL as exc:
+        raise VerificationFailed(
+            _("The request names an OAuth server this app does not trust."), code="untrusted_server"
+        ) from exc
+    info, origin, unavailable = None, None, False
+    for origin in origins:
+        try:
+            info = oauth_server().app_info(origin, access_token)
+            break
+        except BitrixUnavailable:
+            unavailable = True
+        except BitrixError:
+            continue  # this server does not know the token
+    if info is None:
+        if unavailable:
+            raise VerificationFailed(
+                _("Bitrix24 could not confirm the request right now; try again."),
+                code="unavailable",
+            )
+        raise VerificationFailed(_("Bitrix24 did not confirm the authorization."), code="rejected")
+    install = info.get("install") if isinstance(info.get("install"), dict) else {}
+    if str(info.get("client_id", "")) != config.client_id:
+        raise VerificationFailed(_("The authorization was issued to another app."), code="mismatch")
+    if str(install.get("member_id", "")) != member_id:
+        raise VerificationFailed(_("The authorization belongs to another portal."), code="mismatch")
+    vouched_domain = str(install.get("domain", "")).lower()
+    if domain is not None and vouched_domain != domain.lower():
+        raise VerificationFailed(_("The authorization belongs to another domain."), code="mismatch")
+    try:
+        base = check_base_url(
+            str(install.get("client_endpoint") or f"https://{vouched_domain}/rest/"),
+            allow_private=config.allow_private,
+        )
+    except UnsafeURL as exc:
+        raise VerificationFailed(
+            _("The portal's address is not one this app may talk to."), code="unsafe_portal"
+        ) from exc
+    user_id = info.get("user_id")
+    return VerifiedAuth(
+        oauth_server=origin,
+        member_id=member_id,
+        domain=vouched_domain,
+        client_endpoint=client_endpoint_for(base),
+        user_id=parse_id(user_id) or None,
+        status=str(install.get("status") or ""),
+        scope=str(info.get("scope") or install.get("scope") or ""),
+        installed=bool(install.get("installed")),
+    )
+
+
+def application_token_matches(portal: Portal, application_token: str) -> bool:
+    """Constant-time check of a posted `application_token` against the stored fingerprint."""
+    if not portal.application_token_hash or not application_token:
+        return False
+    return hmac.compare_digest(portal.application_token_hash, crypto.fingerprint(application_token))
