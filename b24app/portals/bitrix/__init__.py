@@ -18,7 +18,7 @@ Errors are all :class:`BitrixError` subclasses chosen by error code and HTTP sta
 message text, which is localised). Tokens and the client secret never appear in log records,
 error messages or reprs, nor in URLs, save one case: a token request to an OAuth server that
 reads no POST body goes by GET with a query string (see :class:`OAuthServer`); it is masked in
-every log record. Protocol references (§) point to ``bitrix24-protocol.md``.
+every log record. Protocol references (§) point to ``docs/PROTOCOL.md``.
 
 Modules, lowest first: ``constants``, ``errors`` (the typed errors and how an answer maps to
 one), ``netguard`` (which URLs and peers may get a token), ``config`` (:class:`BitrixConfig`,

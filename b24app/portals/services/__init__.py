@@ -1,8 +1,8 @@
 """Writes about portals and accounts: install, lifecycle events, OAuth reconnect, token refresh.
 
-Every HTTP exchange goes through `bitrix.py`. No transaction is held open across an HTTP call,
-except the token refresh under its row lock (short, bounded by the client's timeouts and the
-database's lock timeout).
+Every HTTP exchange goes through `b24app.portals.bitrix`. No transaction is held open across an
+HTTP call, except the token refresh under its row lock (short, bounded by the client's timeouts
+and the database's lock timeout).
 
 The modules, lowest first (each imports only those before it): `exceptions`, `clients` (the
 process-wide plumbing), `verification`, `portals`, `accounts` (the token store), `install` (and

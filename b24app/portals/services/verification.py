@@ -10,9 +10,15 @@ from django.utils.translation import gettext_lazy as _
 
 from b24app.ids import parse_id
 from b24app.portals import crypto
-from b24app.portals.bitrix import BitrixError, BitrixUnavailable, UnsafeURL, oauth_origin_for
+from b24app.portals.bitrix import (
+    BitrixError,
+    BitrixUnavailable,
+    UnsafeURL,
+    check_base_url,
+    client_endpoint_for,
+    oauth_origin_for,
+)
 from b24app.portals.models import Portal
-from b24app.portals.netguard import check_base_url, client_endpoint_for
 from b24app.portals.services.clients import oauth_server, require_configured
 from b24app.portals.services.exceptions import VerificationFailed
 
