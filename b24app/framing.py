@@ -16,6 +16,7 @@ from dataclasses import asdict
 from csp.constants import HEADER
 from csp.middleware import CSPMiddleware
 from csp.utils import build_policy
+from django.conf import settings
 from django.http import HttpResponse
 
 _ATTRIBUTE = "_b24_frame_ancestor"
@@ -76,8 +77,8 @@ class FramePolicyMiddleware(CSPMiddleware):
     def process_response(self, request, response):
         written = _take(response, HEADER)
         response = super().process_response(request, response)
-        exempt = getattr(response, "_csp_exempt", False)
-        if HEADER not in response and not exempt:
+        debug_page = settings.DEBUG and response.status_code in (404, 500)
+        if debug_page and HEADER not in response and not getattr(response, "_csp_exempt", False):
             parts = self.get_policy_parts(request=request, response=response)
             policy = build_policy(**asdict(parts))
             if policy:
