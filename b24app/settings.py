@@ -181,13 +181,14 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
+    "csp",
     "b24app.portals",
     "results",
 ]
 
 MIDDLEWARE = [
-    # Outermost, so that every response carries the frame policy, error pages of the
-    # middlewares below (a disallowed host, say) included.
+    # django-csp's CSPMiddleware (b24app.framing), outermost, so that every response carries
+    # the frame policy, error pages of the middlewares below (a disallowed host, say) included.
     "b24app.framing.FramePolicyMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django.middleware.security.SecurityMiddleware",
@@ -255,6 +256,10 @@ WHITENOISE_MANIFEST_STRICT = not DEBUG
 # Pages are forbidden in frames (X-Frame-Options and CSP frame-ancestors 'none'), except the frame
 # views, which allow exactly the verified portal's origin (b24app.framing).
 X_FRAME_OPTIONS = "DENY"
+# django-csp: the policy of every response is `frame-ancestors 'none'` and nothing else
+# (default-src is django-csp's default otherwise). The screen writes its own fuller policy
+# (results.views.CSP); `allow_portal_framing` replaces frame-ancestors per response.
+CONTENT_SECURITY_POLICY = {"DIRECTIVES": {"default-src": None, "frame-ancestors": ["'none'"]}}
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 SESSION_COOKIE_HTTPONLY = True

@@ -55,3 +55,49 @@ def test_error_pages_of_middleware_forbid_framing_too(client):
     assert response.status_code == 400
     assert response["Content-Security-Policy"] == "frame-ancestors 'none'"
     assert response["X-Frame-Options"] == "DENY"
+
+
+def _through_the_middleware(response, path="/b24/app/"):
+    from django.test import RequestFactory
+
+    from b24app.framing import FramePolicyMiddleware
+
+    return FramePolicyMiddleware(lambda request: response)(RequestFactory().get(path))
+
+
+def test_a_views_own_policy_keeps_its_directives_and_gets_frame_ancestors_last():
+    from django.http import HttpResponse
+
+    from b24app.framing import allow_portal_framing
+
+    own = "default-src 'self'; object-src 'none'"
+    plain = HttpResponse(headers={"Content-Security-Policy": own})
+    assert _through_the_middleware(plain)["Content-Security-Policy"] == (
+        f"{own}; frame-ancestors 'none'"
+    )
+    framed = allow_portal_framing(
+        HttpResponse(headers={"Content-Security-Policy": own, "X-Frame-Options": "DENY"}),
+        "https://portal.bitrix24.com",
+    )
+    answered = _through_the_middleware(framed)
+    assert answered["Content-Security-Policy"] == (
+        f"{own}; frame-ancestors https://portal.bitrix24.com"
+    )
+    assert "X-Frame-Options" not in answered
+
+
+def test_debug_error_pages_forbid_framing_too(settings):
+    """django-csp leaves the 404 and 500 pages alone while DEBUG is on; the frame rule holds."""
+    from django.http import HttpResponseNotFound, HttpResponseServerError
+
+    from b24app.framing import allow_portal_framing
+
+    settings.DEBUG = True
+    for response in (HttpResponseNotFound(), HttpResponseServerError()):
+        assert _through_the_middleware(response)["Content-Security-Policy"] == (
+            "frame-ancestors 'none'"
+        )
+    framed = allow_portal_framing(HttpResponseNotFound(), "https://portal.bitrix24.com")
+    assert _through_the_middleware(framed)["Content-Security-Policy"] == (
+        "frame-ancestors https://portal.bitrix24.com"
+    )

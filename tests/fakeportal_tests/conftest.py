@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from tests.fakeportal import FakeBitrix
 
-from tests.fakeportal import FakeBitrix  # noqa: E402
-
-from .support import CLIENT_ID, CLIENT_SECRET, AppCatcher  # noqa: E402
+from .support import CLIENT_ID, CLIENT_SECRET, AppCatcher
 
 
 @pytest.fixture(scope="session", autouse=True)

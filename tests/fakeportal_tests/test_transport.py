@@ -168,7 +168,7 @@ def _wait_for(predicate, seconds=10.0):
 def test_drip_sends_the_body_one_byte_at_a_time(portal, anna):
     import time
 
-    portal.transport.drip_interval_s = 0.01
+    portal.transport.drip_interval_s = 0.003
     started = time.monotonic()
     # Every read gets a byte well within a short read timeout, however long the body takes.
     resp = requests.post(
@@ -176,7 +176,7 @@ def test_drip_sends_the_body_one_byte_at_a_time(portal, anna):
     )
     took = time.monotonic() - started
     assert resp.status_code == 200 and resp.json()["result"]["ID"] == "1"
-    assert took >= 0.01 * len(resp.content)  # every byte waited for its pause
+    assert took >= 0.003 * len(resp.content)  # every byte waited for its pause
     record = portal.requests[-1]
     assert _wait_for(lambda: record.get("body_complete") is True)
     assert record["sent_bytes"] == len(resp.content)
@@ -238,6 +238,6 @@ def test_the_oauth_server_has_the_same_switches(fake, portal, anna):
     resp = refresh(fake, anna["refresh_token"])
     assert len(resp.content) == 1_000_000
     fake.transport.off()
-    fake.transport.drip_interval_s = 0.01
+    fake.transport.drip_interval_s = 0.003
     resp = requests.post(fake.oauth_url + "/rest/app.info", data={}, timeout=(2, 0.5))
     assert resp.status_code == 401 and resp.json()["error"] == "NO_AUTH_FOUND"

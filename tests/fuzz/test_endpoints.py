@@ -29,9 +29,10 @@ The oracles ("does this request carry a genuine, current credential, and for wha
 independent of the app's code: they ask the fake which tokens it issued, to whom, and whether
 they are still live, and compare with the genuine values the world was built with.
 
-Environment: `FUZZ_EXAMPLES=<n>` examples per test (default DEFAULT_EXAMPLES, sized for CI:
-about 2,200 generated cases in all, plus the pinned @example cases, in about a minute);
-`FUZZ_SHRINK=0` skips shrinking; `FUZZ_SHRINK_SECONDS` caps it (default 20, see conftest.py).
+Environment: the Hypothesis profile (tests/fuzz/profiles.py: 100 examples per test in CI, 200
+elsewhere, `HYPOTHESIS_PROFILE` picks another), `FUZZ_EXAMPLES=<n>` examples per test instead
+of the profile's count; `FUZZ_SHRINK=0` skips shrinking; `FUZZ_SHRINK_SECONDS` caps it (default
+20, see conftest.py).
 `pytest --hypothesis-show-statistics` shows how often each status was reached with and
 without a credential.
 """
@@ -55,7 +56,7 @@ from django.core import signing
 from django.core.exceptions import SuspiciousOperation
 from django.db import transaction
 from django.test import Client
-from hypothesis import HealthCheck, Phase, event, example, given
+from hypothesis import Phase, event, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
@@ -64,18 +65,14 @@ from b24app.portals.models import Account, Portal
 from results.models import ResultChange
 from tests.portals.support import install, post_frame
 
+from .profiles import fuzz_profile
+
 pytestmark = pytest.mark.django_db
 
-DEFAULT_EXAMPLES = 200
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES") or DEFAULT_EXAMPLES)
 SHRINK = os.environ.get("FUZZ_SHRINK", "1") != "0"
 FUZZ = hypothesis_settings(
-    hypothesis_settings.get_profile("b24app-fuzz"),
-    max_examples=EXAMPLES,
+    fuzz_profile(),
     phases=[phase for phase in Phase if SHRINK or phase != Phase.shrink],
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 UNLIMITED = "1000000/1000000"
 FRAME_TOKEN_ATTR = re.compile(r'data-frame-token="([^"]+)"')
