@@ -2,9 +2,10 @@
 
 Reports the database, the broker (when `CELERY_BROKER_URL` is set), the shared Redis store of the
 rate limiter (when `REDIS_URL` is set) and the token keys (can tokens be encrypted and decrypted).
-200 `ok` when every configured part is usable; 200 `degraded` when only Redis is down (the rate
-limiter then paces through the database, slower but still under every portal's limit, and says
-so); 503 otherwise.
+200 `ok` when every configured part is usable; 200 `degraded` when only Redis is down, or when
+this process's rate limiter still paces on its own after an outage (until its next try of
+Redis): each process then paces at a reduced rate, slower but still under every portal's limit,
+and web requests leave changes queued for the worker; 503 otherwise.
 
 The URL is public and anonymous, so it stays cheap and tells a stranger nothing of use:
 
@@ -35,6 +36,8 @@ from django.views.decorators.http import require_GET
 CHECK_TIMEOUT_S = 2.0
 CACHE_SECONDS = 5.0
 """How long a broker or Redis probe's outcome is reused by this process."""
+LIMITER_WHILE_DOWN = "in-process, reduced rate"
+"""What the `redis` check's detail says paces requests while Redis is unusable."""
 CLIENT_NAME = "b24app-healthz"
 """The name the health check's Redis connections carry (`CLIENT LIST`; the broker's: `-broker`
 appended)."""
@@ -173,6 +176,14 @@ def _redis() -> None:
     _redis_client(settings.REDIS_URL).ping()
 
 
+def _limiter_degraded() -> bool:
+    """Whether this process's rate limiter paces on its own (its last try of Redis failed)."""
+    from b24app.portals.ratelimit import limiter_degraded
+    from b24app.portals.services import rate_limiter
+
+    return limiter_degraded(rate_limiter())
+
+
 def _token_keys() -> None:
     from cryptography.fernet import Fernet, MultiFernet
 
@@ -217,10 +228,10 @@ def healthz(request):
         if settings.REDIS_URL
         else {"ok": True, "mode": "in-process"}
     )
+    if settings.REDIS_URL and _limiter_degraded():
+        checks["redis"]["ok"] = False  # Redis may answer again; the limiter has not tried yet
     if not checks["redis"]["ok"]:
-        checks["redis"]["limiter"] = (
-            "database" if connection.vendor == "postgresql" else "in-process, reduced rate"
-        )
+        checks["redis"]["limiter"] = LIMITER_WHILE_DOWN
     required = [check for name, check in checks.items() if name != "redis"]
     if not all(check["ok"] for check in required):
         status = "unavailable"

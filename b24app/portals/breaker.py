@@ -19,8 +19,9 @@ hold it for ever.
 process and machine through Redis. While Redis is unreachable each falls back to its in-process
 counterpart (:class:`LocalCircuitBreaker`, :class:`LocalInflightLimiter`), logs one warning per
 outage, retries Redis after ``retry_interval`` seconds and never raises a Redis error into the
-caller. The breaker's clock is injectable (``clock``, wall seconds, shared in meaning across
-machines); the in-flight slots' time to live runs on Redis' own clock.
+caller (``redisbacked.RedisBacked``, as the rate limiter). The breaker's clock is injectable
+(``clock``, wall seconds, shared in meaning across machines); the in-flight slots' time to live
+runs on Redis' own clock.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+
+from b24app.portals.redisbacked import UNREACHABLE, RedisBacked
 
 __all__ = [
     "BreakerOpen",
@@ -226,52 +227,11 @@ return opened
 """
 
 
-class _RedisBacked:
-    """Redis with a process-local stand-in: one warning per outage, a retry after a pause."""
-
-    def __init__(self, redis_url: str, *, socket_timeout: float, retry_interval: float) -> None:
-        self._redis = redis.Redis.from_url(
-            redis_url,
-            socket_connect_timeout=socket_timeout,
-            socket_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 1),
-        )
-        self._retry_interval = retry_interval
-        self._state_lock = threading.Lock()
-        self._skip_redis_until: float | None = None
-
-    @property
-    def degraded(self) -> bool:
-        with self._state_lock:
-            return self._skip_redis_until is not None
-
-    def _redis_usable(self) -> bool:
-        with self._state_lock:
-            return self._skip_redis_until is None or time.monotonic() >= self._skip_redis_until
-
-    def _redis_failed(self, exc: redis.RedisError, what: str) -> None:
-        with self._state_lock:
-            first = self._skip_redis_until is None
-            self._skip_redis_until = time.monotonic() + self._retry_interval
-        if first:
-            logger.warning(
-                "%s: Redis unavailable (%s); this process decides on its own until it is back",
-                what,
-                type(exc).__name__,
-            )
-
-    def _redis_ok(self, what: str) -> None:
-        with self._state_lock:
-            recovered = self._skip_redis_until is not None
-            self._skip_redis_until = None
-        if recovered:
-            logger.info("%s: Redis is back; shared state resumed", what)
-
-
-class RedisCircuitBreaker(_RedisBacked):
+class RedisCircuitBreaker(RedisBacked):
     """Breaker shared by every process and machine that uses the same Redis; see module doc."""
 
     NAME = "circuit breaker"
+    LOGGER = logger
 
     def __init__(
         self,
@@ -299,69 +259,46 @@ class RedisCircuitBreaker(_RedisBacked):
         self._keep_ms = round((self.cooldown + self.probe_lease + 600) * 1000)
 
     def before(self, key: str) -> bool:
-        if self._redis_usable():
-            try:
-                allowed, wait, probe = self._before_script(
-                    keys=[self._prefix + key],
-                    args=[repr(self._clock()), self.probe_lease, PROBE_RETRY_S],
-                )
-            except redis.RedisError as exc:
-                self._redis_failed(exc, self.NAME)
-            else:
-                self._redis_ok(self.NAME)
-                if not int(allowed):
-                    raise BreakerOpen(float(wait))
-                return bool(int(probe))
-        return self._local.before(key)
+        outcome = self._shared(
+            self._before_script,
+            keys=[self._prefix + key],
+            args=[repr(self._clock()), self.probe_lease, PROBE_RETRY_S],
+        )
+        if outcome is UNREACHABLE:
+            return self._local.before(key)
+        allowed, wait, probe = outcome
+        if not int(allowed):
+            raise BreakerOpen(float(wait))
+        return bool(int(probe))
 
     def succeeded(self, key: str) -> None:
         self._local.succeeded(key)
-        if self._redis_usable():
-            try:
-                closed = self._redis.delete(self._prefix + key)
-            except redis.RedisError as exc:
-                self._redis_failed(exc, self.NAME)
-            else:
-                self._redis_ok(self.NAME)
-                if closed:
-                    logger.debug("circuit breaker state cleared host=%s", key)
+        self._shared(self._redis.delete, self._prefix + key)
 
     def failed(self, key: str) -> None:
-        if self._redis_usable():
-            try:
-                opened = self._failed_script(
-                    keys=[self._prefix + key],
-                    args=[repr(self._clock()), self.threshold, self.cooldown, self._keep_ms],
-                )
-            except redis.RedisError as exc:
-                self._redis_failed(exc, self.NAME)
-            else:
-                self._redis_ok(self.NAME)
-                if int(opened):
-                    logger.warning(
-                        "circuit breaker open host=%s failures=%s cooldown_s=%s",
-                        key,
-                        int(opened),
-                        self.cooldown,
-                    )
-                return
-        self._local.failed(key)
+        opened = self._shared(
+            self._failed_script,
+            keys=[self._prefix + key],
+            args=[repr(self._clock()), self.threshold, self.cooldown, self._keep_ms],
+        )
+        if opened is UNREACHABLE:
+            self._local.failed(key)
+        elif int(opened):
+            logger.warning(
+                "circuit breaker open host=%s failures=%s cooldown_s=%s",
+                key,
+                int(opened),
+                self.cooldown,
+            )
 
     def abandoned(self, key: str, probe: bool) -> None:
         self._local.abandoned(key, probe)
-        if probe and self._redis_usable():
-            try:
-                self._redis.hdel(self._prefix + key, "probe_until")
-            except redis.RedisError as exc:
-                self._redis_failed(exc, self.NAME)
+        if probe:
+            self._shared(self._redis.hdel, self._prefix + key, "probe_until")
 
     def reset(self, key: str) -> None:
         self._local.reset(key)
-        if self._redis_usable():
-            try:
-                self._redis.delete(self._prefix + key)
-            except redis.RedisError as exc:
-                self._redis_failed(exc, self.NAME)
+        self._shared(self._redis.delete, self._prefix + key)
 
 
 def _poll_intervals() -> Callable[[], float]:
@@ -430,10 +367,11 @@ return {0, tonumber(oldest[2]) - now}
 """
 
 
-class RedisInflightLimiter(_RedisBacked):
+class RedisInflightLimiter(RedisBacked):
     """In-flight cap shared by every process and machine that uses the same Redis."""
 
     NAME = "in-flight cap"
+    LOGGER = logger
 
     def __init__(
         self,
@@ -465,9 +403,9 @@ class RedisInflightLimiter(_RedisBacked):
                 if not int(taken) and self._reap_dead(key):
                     continue  # a dead process's slot was freed: try again at once
             except redis.RedisError as exc:
-                self._redis_failed(exc, self.NAME)
+                self._redis_failed(exc)
                 break
-            self._redis_ok(self.NAME)
+            self._redis_ok()
             if int(taken):
                 return slot
             left = give_up - time.monotonic()
@@ -508,7 +446,7 @@ class RedisInflightLimiter(_RedisBacked):
         try:
             self._redis.zrem(self._prefix + key, slot)
         except redis.RedisError as exc:
-            self._redis_failed(exc, self.NAME)  # the slot's time to live frees it
+            self._redis_failed(exc)  # the slot's time to live frees it
 
 
 _namespace: str | None = None

@@ -205,25 +205,3 @@ class EventReceipt(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event} for {self.member_id} at {self.received_at:%Y-%m-%d %H:%M}"
-
-
-class RateBucket(models.Model):
-    """A portal's request schedule kept in the database while Redis is unreachable.
-
-    The same GCRA state as the Redis limiter's hash (see `ratelimit.py`), in seconds of the
-    database's clock, so every process and machine shares it. Rows are tiny and few (one per
-    portal that made calls during an outage); they are updated by single SQL statements only.
-    `released` marks the hand-back to Redis, so that processes still pacing here move over too.
-    """
-
-    key = models.CharField(max_length=100, primary_key=True)
-    tat = models.FloatField(default=0.0, help_text="theoretical arrival time (epoch seconds)")
-    blocked_until = models.FloatField(default=0.0, help_text="epoch seconds; 0 when not blocked")
-    released = models.BooleanField(
-        default=False,
-        db_default=False,  # rows are written by raw SQL (ratelimit_db.py)
-        help_text="a process found Redis back and took the schedule over; no slot is given here",
-    )
-
-    def __str__(self) -> str:
-        return self.key

@@ -12,52 +12,61 @@ fuller than we thought: other apps on our address, a clock step) :meth:`penalize
 and treats the bucket as full when the block ends, so traffic resumes at the steady rate.
 
 :class:`RedisLeakyBucket` shares the schedule between all processes and machines through one Lua
-script and Redis' own clock; :class:`LocalLeakyBucket` does the same inside one process. While
-Redis is unreachable the Redis limiter hands over to a stand-in shared through the database
-(``ratelimit_db.DatabaseLeakyBucket``). The two hand-overs differ in what they can know:
+script and Redis' own clock; :class:`LocalLeakyBucket` does the same inside one process.
 
-* **Redis to the database.** Redis is gone, so its schedule is known only from this process's
-  own replies. The stand-in is blocked until the last slot this process saw Redis give out, plus
-  the queue that was waiting then (each waiting caller may have reserved once more), and then
-  starts full (the burst is not used again). Other processes' reservations that this misses are
-  absorbed while they are fewer than that queue plus ``burst - 3``.
-* **Redis lost its data** (a restart, a fail-over, a flush) while this process did not notice an
-  outage: an epoch key in Redis changes, and the process carries what it knows of the old
-  schedule (as above) into the new one before reserving.
-* **The database back to Redis.** The stand-in's row is shared, so the hand-back is exact: the
-  first process that finds Redis working marks the row *released* (no slot is given there any
-  more) and carries its schedule over into Redis before reserving there. Processes still pacing
-  through the database see the mark on their next call and move to Redis at once, carrying the
-  same schedule over, instead of waiting for their own retry.
+**While Redis is unreachable** the Redis limiter is :attr:`~RedisLeakyBucket.degraded`: each
+process paces on its own, conservatively (burst 1 and the rate divided by
+:data:`DEGRADED_PROCESSES`; see there), so that the processes together stay under the portal's
+limit without sharing anything. It is slower, not lossy: background work waits for its slots,
+and a web read that would wait longer than the web wait answers "busy". Inside
+:func:`shared_pacing_only` the limiter refuses instead of pacing on its own
+(:class:`SharedPacingUnavailable`): a web request's *write* runs inside it, so the change stays
+queued and the worker sends it, paced (writes are the calls a burst of web traffic must not
+multiply). The two hand-overs are kept simple:
+
+* **Redis to in-process.** A key starts after the last slot this process saw Redis give out,
+  plus the queue waiting then (each waiting caller may have reserved once more), and not before
+  every assumed process could send one request into a full bucket (``DEGRADED_PROCESSES``
+  intervals).
+* **In-process back to Redis.** Redis' state may be stale or lost (a restart), so a key this
+  process paced on its own is marked full in Redis (a zero-length penalty) before it reserves
+  there: no fresh burst beside the slots given out meanwhile.
+
+A Redis that lost its data while this process did not notice an outage gives a fresh burst; the
+portal may then answer ``QUERY_LIMIT_EXCEEDED``, which blocks the key (:meth:`penalize`) and
+leaves the change queued, not lost.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
-import secrets
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+
+from b24app.portals.redisbacked import RedisBacked
 
 __all__ = [
     "BACKGROUND_LIMITER_WAIT_S",
+    "DEGRADED_PROCESSES",
     "WEB_LIMITER_WAIT_S",
-    "FallbackReleased",
     "LocalLeakyBucket",
     "RateLimitTimeout",
     "RateLimiter",
     "RedisLeakyBucket",
-    "StandIn",
+    "SharedPacingUnavailable",
+    "limiter_degraded",
     "limiter_from_url",
     "busy_retry_after_s",
     "parse_rate",
-    "schedule_for",
+    "shared_pacing_only",
 ]
 
 logger = logging.getLogger("b24app.ratelimit")
@@ -65,8 +74,17 @@ logger = logging.getLogger("b24app.ratelimit")
 BURST_MARGIN = 2
 """Requests of the portal's burst we leave unused to absorb jitter."""
 
-FALLBACK_RATE_SHARE = 0.25
-"""Share of the rate one process uses on its own when no shared store is reachable (burst 1)."""
+DEGRADED_PROCESSES = 8
+"""How many processes the in-process pacing assumes send to one portal while Redis is down:
+each then paces at burst 1 and ``rate / DEGRADED_PROCESSES``. The default deployment runs 2 web
+processes (``WEB_CONCURRENCY``) and a worker of 4 (``CELERY_CONCURRENCY``), 6 in all, and web
+processes send no writes meanwhile (:func:`shared_pacing_only`); 8 leaves room for a second
+worker machine's share, a `manage.py b24 doctor` or a restart overlapping the old processes.
+Together they then send at most the portal's rate, and, as each waits for this many intervals
+before its first request, never more than ``burst`` even if Redis had just filled the bucket.
+With more processes than this, raise it (``processes=``): each of N processes over it adds its
+share to the portal's counter, and a portal that then answers ``QUERY_LIMIT_EXCEEDED`` blocks
+the key, which delays changes, never loses them."""
 
 WEB_LIMITER_WAIT_S = 0.3
 """The longest a web request sleeps for a slot of a portal's request budget, per call: every web
@@ -91,6 +109,29 @@ class RateLimitTimeout(Exception):
         self.retry_after = retry_after
 
 
+class SharedPacingUnavailable(RateLimitTimeout):
+    """Inside :func:`shared_pacing_only`, the shared schedule (Redis) is unreachable: nothing
+    was reserved; ``retry_after`` is when this process asks Redis again."""
+
+
+_shared_only: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "b24_shared_pacing_only", default=False
+)
+
+
+@contextlib.contextmanager
+def shared_pacing_only(enabled: bool = True) -> Iterator[None]:
+    """Within this block (this thread or task), a Redis limiter that cannot reach Redis raises
+    :class:`SharedPacingUnavailable` instead of pacing on its own. For a web request's write:
+    it stays queued for the worker. ``enabled=False`` makes it a no-op, for a caller that
+    decides at run time. An in-process limiter (no ``REDIS_URL``) is never refused."""
+    token = _shared_only.set(bool(enabled) or _shared_only.get())
+    try:
+        yield
+    finally:
+        _shared_only.reset(token)
+
+
 class RateLimiter(Protocol):
     """What the Bitrix24 client needs from a limiter."""
 
@@ -111,25 +152,10 @@ class RateLimiter(Protocol):
         ...
 
 
-class FallbackReleased(Exception):
-    """The stand-in no longer paces this key: a process found Redis working and took the
-    schedule back. Nothing was reserved; the caller should pace through Redis."""
-
-
-class StandIn(RateLimiter, Protocol):
-    """What the Redis limiter needs from the store that stands in for it during an outage.
-
-    ``acquire`` raises :class:`FallbackReleased` once the key was released, until it is taken.
-    """
-
-    def take(self, key: str, seconds: float) -> None:
-        """Pace ``key`` here (again): allow no request for ``seconds``, then the steady rate."""
-        ...
-
-    def release(self, key: str, burst: int, rate: float) -> float | None:
-        """Stop giving slots for ``key`` and return how far its schedule runs ahead of now, in
-        seconds (GCRA ``tat - now``; may be negative), or None if this store never paced it."""
-        ...
+def limiter_degraded(limiter: RateLimiter) -> bool:
+    """Whether ``limiter`` paces this process on its own because its shared store (Redis) is
+    unreachable, as of its last attempt. An in-process limiter (no ``REDIS_URL``) never is."""
+    return bool(getattr(limiter, "degraded", False))
 
 
 def busy_retry_after_s(exc: BaseException | None) -> int:
@@ -182,23 +208,31 @@ class _Schedule:
         return cls(interval=interval, tolerance=(max(1, burst - BURST_MARGIN) - 1) * interval)
 
 
-def schedule_for(burst: int, rate: float) -> _Schedule:
-    """The GCRA parameters (``interval``, ``tolerance`` in seconds) for a portal's limit."""
-    return _Schedule.for_limit(burst, rate)
-
-
 class LocalLeakyBucket:
-    """In-process limiter (threads of one process); same semantics as :class:`RedisLeakyBucket`."""
+    """In-process limiter (threads of one process); same semantics as :class:`RedisLeakyBucket`.
 
-    def __init__(self) -> None:
+    ``clock`` (monotonic seconds) and ``sleep`` are injectable, so tests can measure pacing
+    without waiting for it."""
+
+    degraded = False
+    """Never: it shares nothing, so there is nothing to lose."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], object] = time.sleep,
+    ) -> None:
+        self._clock = clock
+        self._sleep = sleep
         self._lock = threading.Lock()
-        self._tat: dict[str, float] = {}  # theoretical arrival time, time.monotonic() seconds
+        self._tat: dict[str, float] = {}  # theoretical arrival time, in seconds of the clock
         self._blocked_until: dict[str, float] = {}
 
     def acquire(self, key: str, burst: int, rate: float, *, max_wait: float | None = None) -> float:
         schedule = _Schedule.for_limit(burst, rate)
         with self._lock:
-            now = time.monotonic()
+            now = self._clock()
             tat = max(self._tat.get(key, now), now)
             blocked_until = self._blocked_until.get(key)
             if blocked_until is not None:
@@ -208,12 +242,12 @@ class LocalLeakyBucket:
                 raise RateLimitTimeout(wait)
             self._tat[key] = tat + schedule.interval
         if wait > 0:
-            time.sleep(wait)
+            self._sleep(wait)
         return wait
 
     def penalize(self, key: str, seconds: float) -> None:
         with self._lock:
-            until = time.monotonic() + max(seconds, 0.0)
+            until = self._clock() + max(seconds, 0.0)
             self._blocked_until[key] = max(self._blocked_until.get(key, until), until)
 
     def reset(self, key: str) -> None:
@@ -221,64 +255,40 @@ class LocalLeakyBucket:
             self._tat.pop(key, None)
             self._blocked_until.pop(key, None)
 
-    def horizon(self, key: str, burst: int, rate: float) -> float | None:
-        """How far ``key``'s schedule runs ahead of now (``tat - now``, blocks included), or
-        None if this limiter never paced it."""
-        schedule = _Schedule.for_limit(burst, rate)
-        with self._lock:
-            tat = self._tat.get(key)
-            blocked_until = self._blocked_until.get(key)
-            if tat is None and blocked_until is None:
-                return None
-            if blocked_until is not None:
-                tat = max(tat or 0.0, blocked_until + schedule.tolerance)
-            return tat - time.monotonic()
-
 
 # All times in microseconds of Redis' clock. The bucket is a hash {tat, until}; see module doc.
-# KEYS[2] holds Redis' epoch: a random id set when it is missing, i.e. on first use and after
-# Redis lost its data (a restart, a fail-over, a flush). A caller that knew another epoch for
-# this bucket carries its own knowledge of the schedule (ARGV[6] ahead of now) over first.
+# Returns {granted, wait, tat - now}.
 _ACQUIRE_SCRIPT = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local max_wait = tonumber(ARGV[3])
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  epoch = ARGV[5]
-  redis.call('SET', KEYS[2], epoch)
-end
 local state = redis.call('HMGET', KEYS[1], 'tat', 'until')
 local tat = math.max(tonumber(state[1]) or now, now)
-if ARGV[4] ~= '' and ARGV[4] ~= epoch then
-  tat = math.max(tat, now + tonumber(ARGV[6]))
-end
 if state[2] then
   tat = math.max(tat, tonumber(state[2]) + tolerance)
 end
 local wait = math.max(tat - tolerance - now, 0)
 if max_wait >= 0 and wait > max_wait then
-  return {0, wait, tat - now, epoch}
+  return {0, wait, tat - now}
 end
 tat = tat + interval
 redis.call('HSET', KEYS[1], 'tat', string.format('%.0f', tat))
 redis.call('PEXPIRE', KEYS[1], math.ceil((tat - now) / 1000) + 1000)
-return {1, wait, tat - now, epoch}
+return {1, wait, tat - now}
 """
 
-# Raise the bucket's field ARGV[1] to at least now + ARGV[2] and keep the bucket ARGV[3] ms beyond
-# that: 'until' for a penalty (see penalize), 'tat' to carry a schedule over from the stand-in.
-_RAISE_SCRIPT = """
+# Block the bucket until at least now + ARGV[1] and keep it ARGV[2] ms beyond that (penalize).
+_PENALIZE_SCRIPT = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local target = now + tonumber(ARGV[2])
-local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local target = now + tonumber(ARGV[1])
+local current = tonumber(redis.call('HGET', KEYS[1], 'until') or '0')
 if target > current then
-  redis.call('HSET', KEYS[1], ARGV[1], string.format('%.0f', target))
+  redis.call('HSET', KEYS[1], 'until', string.format('%.0f', target))
 end
-local keep_ms = math.ceil(tonumber(ARGV[2]) / 1000) + tonumber(ARGV[3])
+local keep_ms = math.ceil(tonumber(ARGV[1]) / 1000) + tonumber(ARGV[2])
 if redis.call('PTTL', KEYS[1]) < keep_ms then
   redis.call('PEXPIRE', KEYS[1], keep_ms)
 end
@@ -287,20 +297,20 @@ return 1
 
 _MICROS = 1_000_000
 
-SWITCH_ATTEMPTS = 3
-"""Moves between Redis and the stand-in one acquire may make before pacing in-process."""
 
-
-class RedisLeakyBucket:
+class RedisLeakyBucket(RedisBacked):
     """Limiter shared by every process and machine that uses the same Redis.
 
-    Fails safe: while Redis is unreachable it paces through ``fallback`` (the database-backed
-    stand-in in the app, shared by all processes too), or, without one, each process on its own
-    at burst 1 and :data:`FALLBACK_RATE_SHARE` of the rate. It logs one warning per outage,
-    retries Redis after ``retry_interval`` seconds (at once when another process found it back)
-    and never raises a Redis error into the caller. :attr:`degraded` says whether the last
-    attempt found Redis down. See the module doc for the two hand-overs.
+    Fails safe: while Redis is unreachable it is :attr:`degraded` and paces this process on its
+    own at burst 1 and ``rate / processes`` (:data:`DEGRADED_PROCESSES`), or refuses inside
+    :func:`shared_pacing_only`. It logs one warning per outage, retries Redis after
+    ``retry_interval`` seconds and never raises a Redis error into the caller. ``clock`` and
+    ``sleep`` drive the in-process pacing and the waits (tests inject them); Redis' schedule runs
+    on Redis' own clock.
     """
+
+    NAME = "rate limiter"
+    LOGGER = logger
 
     PENALTY_KEEP_MS = 600_000
     """How long a penalised bucket is kept after its block ends (it is treated as full)."""
@@ -312,125 +322,78 @@ class RedisLeakyBucket:
         *,
         socket_timeout: float = 0.5,
         retry_interval: float = 5.0,
-        fallback: StandIn | None = None,
+        processes: int = DEGRADED_PROCESSES,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], object] = time.sleep,
     ) -> None:
-        self._redis = redis.Redis.from_url(
-            redis_url,
-            socket_connect_timeout=socket_timeout,
-            socket_timeout=socket_timeout,
-            retry=Retry(NoBackoff(), 1),
-        )
+        if int(processes) < 1:
+            raise ValueError("the assumed number of processes must be at least 1")
+        super().__init__(redis_url, socket_timeout=socket_timeout, retry_interval=retry_interval)
         self._prefix = prefix
         self._acquire_script = self._redis.register_script(_ACQUIRE_SCRIPT)
-        self._raise_script = self._redis.register_script(_RAISE_SCRIPT)
-        self._fallback = fallback
-        self._process_only = LocalLeakyBucket()
-        self._retry_interval = retry_interval
-        self._state_lock = threading.Lock()
-        self._skip_redis_until: float | None = None  # time.monotonic(); None while Redis is fine
-        self._store_of: dict[str, str] = {}  # key -> "redis" | "fallback": where it was paced last
-        self._horizon: dict[str, float] = {}  # key -> monotonic time Redis' schedule may run to
-        self._epoch_of: dict[str, str] = {}  # key -> Redis' epoch at our last reservation
-        self._epoch_key = prefix + "~epoch"  # "~" cannot occur in a member_id
+        self._penalize_script = self._redis.register_script(_PENALIZE_SCRIPT)
+        self.processes = int(processes)
+        self._clock = clock
+        self._sleep = sleep
+        self._local = LocalLeakyBucket(clock=clock, sleep=sleep)
+        self._horizon: dict[str, float] = {}  # key -> clock time Redis' schedule may run to
+        self._paced_locally: set[str] = set()  # keys paced in-process since their last Redis use
 
-    @property
-    def degraded(self) -> bool:
-        with self._state_lock:
-            return self._skip_redis_until is not None
+    def _while_down(self) -> str:
+        return f"pacing this process alone at burst 1 and 1/{self.processes} of the rate"
 
     def acquire(self, key: str, burst: int, rate: float, *, max_wait: float | None = None) -> float:
         schedule = _Schedule.for_limit(burst, rate)
-        for _ in range(SWITCH_ATTEMPTS):
-            if self._redis_usable():
-                try:
-                    return self._redis_acquire(key, burst, rate, schedule, max_wait)
-                except redis.RedisError as exc:
-                    self._redis_failed(exc)
-            if self._fallback is None:
-                break
-            if self._switch_to(key, "fallback"):
-                # What Redis gave out before it died is still to be sent: start after it.
-                self._fallback.take(key, self._horizon_left(key))
+        if self._redis_usable():
             try:
-                return self._fallback.acquire(key, burst, rate, max_wait=max_wait)
-            except FallbackReleased:
-                self._redis_found_back()
-        return self._process_only.acquire(key, 1, rate * FALLBACK_RATE_SHARE, max_wait=max_wait)
+                return self._redis_acquire(key, schedule, max_wait)
+            except redis.RedisError as exc:
+                self._redis_failed(exc)
+        if _shared_only.get():
+            raise SharedPacingUnavailable(self._retry_interval)
+        self._start_locally(key, schedule)
+        return self._local.acquire(key, 1, rate / self.processes, max_wait=max_wait)
 
     def penalize(self, key: str, seconds: float) -> None:
-        self._process_only.penalize(key, seconds)
-        if self._fallback is not None:
-            self._fallback.penalize(key, seconds)
-        if not self._redis_usable():
-            return
-        try:
-            self._redis_penalize(key, seconds)
-        except redis.RedisError as exc:
-            self._redis_failed(exc)
-        else:
-            self._redis_ok()
+        self._local.penalize(key, seconds)
+        self._shared(self._redis_penalize, key, seconds)
 
     def reset(self, key: str) -> None:
-        self._process_only.reset(key)
-        if self._fallback is not None:
-            self._fallback.reset(key)
+        self._local.reset(key)
         with self._state_lock:
-            self._store_of.pop(key, None)
-        if not self._redis_usable():
-            return
-        try:
-            self._redis.delete(self._prefix + key)
-        except redis.RedisError as exc:
-            self._redis_failed(exc)
-        else:
-            self._redis_ok()
+            self._horizon.pop(key, None)
+            self._paced_locally.discard(key)
+        self._shared(self._redis.delete, self._prefix + key)
 
-    def _redis_acquire(
-        self, key: str, burst: int, rate: float, schedule: _Schedule, max_wait: float | None
-    ) -> float:
+    def _redis_acquire(self, key: str, schedule: _Schedule, max_wait: float | None) -> float:
         """Reserve through Redis (raises RateLimitTimeout or a Redis error)."""
-        if self._switch_to(key, "redis"):
-            self._take_back(key, burst, rate)
         with self._state_lock:
-            known_epoch = self._epoch_of.get(key, "")
-        granted, wait_us, ahead_us, epoch = self._acquire_script(
-            keys=[self._prefix + key, self._epoch_key],
+            back = key in self._paced_locally
+        if back:  # Redis' state is stale or lost: it starts full, at the steady rate
+            self._redis_penalize(key, 0.0)
+            with self._state_lock:
+                self._paced_locally.discard(key)
+        granted, wait_us, ahead_us = self._acquire_script(
+            keys=[self._prefix + key],
             args=[
                 round(schedule.interval * _MICROS),
                 round(schedule.tolerance * _MICROS),
                 -1 if max_wait is None else round(max_wait * _MICROS),
-                known_epoch,
-                secrets.token_hex(8),
-                round(self._horizon_left(key) * _MICROS),
             ],
         )
         self._redis_ok()
         wait = int(wait_us) / _MICROS
-        with self._state_lock:
-            self._epoch_of[key] = epoch.decode() if isinstance(epoch, bytes) else str(epoch)
         self._horizon_seen(key, int(ahead_us) / _MICROS, schedule)
         if not int(granted):
             raise RateLimitTimeout(wait)
         if wait > 0:
-            time.sleep(wait)
+            self._sleep(wait)
         return wait
 
-    def _take_back(self, key: str, burst: int, rate: float) -> None:
-        """``key`` was paced by the stand-in: stop it there and carry its schedule into Redis
-        (whose own state is lost or stale), so that no slot the stand-in gave is given twice."""
-        if self._fallback is None:
-            self._redis_penalize(key, 0.0)  # the process-only pacing knew nothing: start full
-            return
-        ahead = self._fallback.release(key, burst, rate)
-        if ahead is not None and ahead > 0:
-            self._raise_script(
-                keys=[self._prefix + key], args=["tat", round(ahead * _MICROS), 1000]
-            )
-
     def _redis_penalize(self, key: str, seconds: float) -> None:
-        self._raise_script(
+        self._penalize_script(
             keys=[self._prefix + key],
-            args=["until", round(max(seconds, 0.0) * _MICROS), self.PENALTY_KEEP_MS],
+            args=[round(max(seconds, 0.0) * _MICROS), self.PENALTY_KEEP_MS],
         )
 
     def _horizon_seen(self, key: str, ahead: float, schedule: _Schedule) -> None:
@@ -438,58 +401,24 @@ class RedisLeakyBucket:
         reservation) plus the queue waiting then, since each waiting caller may reserve once
         more before we hear of an outage."""
         queue = max(0.0, ahead - schedule.tolerance - schedule.interval)
-        until = time.monotonic() + ahead + queue
+        until = self._clock() + ahead + queue
         with self._state_lock:
             self._horizon[key] = max(self._horizon.get(key, until), until)
 
-    def _horizon_left(self, key: str) -> float:
+    def _start_locally(self, key: str, schedule: _Schedule) -> None:
+        """The first in-process pacing of ``key`` since Redis paced it: block it until the slots
+        Redis gave out are sent, and for at least ``processes`` intervals (see the module doc)."""
         with self._state_lock:
-            return max(0.0, self._horizon.get(key, 0.0) - time.monotonic())
-
-    def _switch_to(self, key: str, store: str) -> bool:
-        """Record that ``key`` is paced by ``store`` now; True if it was not before (for the
-        stand-in: also when this process never paced it, since its row may be released)."""
-        with self._state_lock:
-            previous = self._store_of.get(key)
-            self._store_of[key] = store
-        if store == "redis":
-            return previous == "fallback"
-        return previous != "fallback"
-
-    def _redis_usable(self) -> bool:
-        with self._state_lock:
-            return self._skip_redis_until is None or time.monotonic() >= self._skip_redis_until
-
-    def _redis_found_back(self) -> None:
-        """Another process paces through Redis again: try it now, not after our retry wait."""
-        with self._state_lock:
-            if self._skip_redis_until is not None:
-                self._skip_redis_until = time.monotonic()
-
-    def _redis_failed(self, exc: redis.RedisError) -> None:
-        with self._state_lock:
-            first_failure = self._skip_redis_until is None
-            self._skip_redis_until = time.monotonic() + self._retry_interval
-        if first_failure:
-            logger.warning(
-                "rate limiter: Redis unavailable (%s); pacing through %s until it is back",
-                type(exc).__name__,
-                "the database"
-                if self._fallback is not None
-                else f"this process alone at {FALLBACK_RATE_SHARE:.0%} of the portal rate",
-            )
-
-    def _redis_ok(self) -> None:
-        with self._state_lock:
-            recovered = self._skip_redis_until is not None
-            self._skip_redis_until = None
-        if recovered:
-            logger.info("rate limiter: Redis is back; shared pacing resumed")
+            if key in self._paced_locally:
+                return
+            self._paced_locally.add(key)
+            horizon = self._horizon.pop(key, 0.0) - self._clock()
+        self._local.penalize(key, max(horizon, self.processes * schedule.interval))
 
 
-def limiter_from_url(redis_url: str | None, *, fallback: StandIn | None = None) -> RateLimiter:
-    """The shared Redis limiter for ``REDIS_URL`` (with ``fallback`` for its outages), or an
-    in-process one when it is unset."""
+def limiter_from_url(redis_url: str | None, *, processes: int = DEGRADED_PROCESSES) -> RateLimiter:
+    """The shared Redis limiter for ``REDIS_URL`` (pacing on its own at burst 1 and
+    ``rate / processes`` while Redis is unreachable), or an in-process one when it is unset."""
     if redis_url:
-        return RedisLeakyBucket(redis_url, fallback=fallback)
+        return RedisLeakyBucket(redis_url, processes=processes)
     return LocalLeakyBucket()

@@ -2,9 +2,10 @@ import threading
 
 import pytest
 import redis
-from django.db import connection
 
 from b24app import health
+from b24app.portals import services
+from b24app.portals.ratelimit import RateLimitTimeout, RedisLeakyBucket
 
 TOKEN = "health-token-for-tests-Qm8vX2pL7wR4tN8b"
 DOWN_REDIS = "redis://:hunter2secret@127.0.0.1:1/0"
@@ -55,8 +56,8 @@ def test_healthz_ok_on_embedded_defaults(client, settings):
 
 @pytest.mark.django_db
 def test_healthz_degraded_when_redis_is_unreachable_and_hides_the_url(client, settings):
-    """The app still works without Redis (the limiter paces through the database), so the
-    instance stays in rotation; the body says what is missing and what stands in for it."""
+    """The app still works without Redis (each process paces on its own, at a reduced rate),
+    so the instance stays in rotation; the body says what is missing and what stands in."""
     settings.CELERY_BROKER_URL = ""
     settings.REDIS_URL = DOWN_REDIS
     response = _detail(client, settings)
@@ -64,8 +65,7 @@ def test_healthz_degraded_when_redis_is_unreachable_and_hides_the_url(client, se
     body = response.json()
     assert body["status"] == "degraded"
     assert body["checks"]["redis"]["ok"] is False
-    expected = "database" if connection.vendor == "postgresql" else "in-process, reduced rate"
-    assert body["checks"]["redis"]["limiter"] == expected
+    assert body["checks"]["redis"]["limiter"] == "in-process, reduced rate"
     assert body["checks"]["database"]["ok"] is True
     assert "hunter2secret" not in response.content.decode()
 
@@ -254,6 +254,28 @@ def test_healthz_ok_with_real_redis(client, settings):
     response = client.get("/healthz")
     assert response.status_code == 200
     assert response.json()["checks"]["redis"]["ok"] is True
+
+
+@pytest.mark.django_db
+@pytest.mark.redis
+def test_healthz_degraded_while_the_limiter_paces_on_its_own(client, settings, monkeypatch):
+    """Redis answers the probe again, but this process's limiter found it down and has not
+    tried it since: requests are still paced at the reduced rate, and the answer says so."""
+    settings.CELERY_BROKER_URL = ""
+    limiter = RedisLeakyBucket(DOWN_REDIS)
+    monkeypatch.setattr(services, "rate_limiter", lambda: limiter)
+    assert client.get("/healthz").json()["status"] == "ok"  # not degraded before it tried
+
+    with pytest.raises(RateLimitTimeout):  # found Redis down: paces on its own, from full
+        limiter.acquire("portal", 50, 2.0, max_wait=0.0)
+    response = _detail(client, settings)
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "degraded"
+    assert body["checks"]["redis"]["ok"] is False
+    assert body["checks"]["redis"]["limiter"] == "in-process, reduced rate"
+    assert client.get("/healthz").json()["checks"]["redis"] == {"ok": False}
 
 
 @pytest.mark.django_db

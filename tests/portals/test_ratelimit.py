@@ -2,6 +2,8 @@
 
 The Redis tests use ``REDIS_URL`` (default ``redis://127.0.0.1:6379/15``) and unique keys that
 they delete afterwards. Without a reachable Redis they are skipped, except in CI where they fail.
+Pacing in-process (the local limiter, the Redis limiter while Redis is down) is measured on an
+injected clock, not by waiting.
 """
 
 from __future__ import annotations
@@ -12,26 +14,49 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis
-from django.db import connection
 
 from b24app.portals.ratelimit import (
     BURST_MARGIN,
-    FallbackReleased,
+    DEGRADED_PROCESSES,
     LocalLeakyBucket,
     RateLimitTimeout,
     RedisLeakyBucket,
+    SharedPacingUnavailable,
+    limiter_degraded,
     limiter_from_url,
     parse_rate,
+    shared_pacing_only,
 )
-from b24app.portals.ratelimit_db import DatabaseLeakyBucket
 
 REDIS_URL = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/15"
 PREFIX = "b24:rl:test:"
 BURST, RATE = 10, 20.0
+DOWN = "redis://127.0.0.1:1/0"  # nothing listens there
+
+
+class FakeClock:
+    """Monotonic seconds that move only when a caller sleeps (``advance=True``) or the test
+    says so; ``slept`` records every sleep."""
+
+    def __init__(self, *, advance: bool = True) -> None:
+        self.now = 1000.0
+        self.advance = advance
+        self.slept: list[float] = []
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self.slept.append(seconds)
+            if self.advance:
+                self.now += seconds
 
 
 @pytest.fixture
@@ -179,243 +204,170 @@ def test_redis_leaky_bucket_keys_are_independent(redis_url, key) -> None:
         limiter.reset(other)
 
 
-# --- Redis unreachable -------------------------------------------------------------------------
+# --- Redis unreachable: each process paces on its own, conservatively --------------------------
 
 
-def test_redis_leaky_bucket_falls_back_safely_when_redis_is_down(caplog) -> None:
-    caplog.set_level(logging.WARNING, logger="b24app.ratelimit")
-    limiter = RedisLeakyBucket("redis://127.0.0.1:1/0", prefix=PREFIX)  # nothing listens there
+def test_redis_down_paces_this_process_at_burst_one_and_its_share_of_the_rate(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="b24app.ratelimit")
+    clock = FakeClock()
+    limiter = RedisLeakyBucket(DOWN, prefix=PREFIX, clock=clock, sleep=clock.sleep, processes=4)
 
-    started = time.monotonic()
-    stamps = []
-    for _ in range(4):
-        limiter.acquire("down", BURST, RATE)
-        stamps.append(time.monotonic())
+    waits = [limiter.acquire("down", BURST, RATE) for _ in range(4)]
+
+    interval = 4 / RATE  # a quarter of the rate each, burst 1
+    # The first waits for every assumed process to fit into a full bucket, then one interval.
+    assert waits == pytest.approx([4 / RATE, interval, interval, interval])
+    assert clock.slept == waits
+    assert limiter.degraded and limiter_degraded(limiter)
     limiter.penalize("down", 0.0)
     limiter.reset("down")
+    records = [r for r in caplog.records if r.name == "b24app.ratelimit"]
+    assert len(records) == 1  # one warning per outage, whatever the calls
+    assert "Redis unavailable" in records[0].getMessage()
+    assert "1/4 of the rate" in records[0].getMessage()
 
-    # burst 1 at a quarter of the rate: 5/s, so the 4th slot is 0.6 s after the first. (Measured
-    # from before the first call: a late wake-up can shorten one gap but never the schedule.)
-    assert stamps[-1] - started >= 3 * 0.2 - 0.005, stamps
+
+def test_redis_down_paced_processes_together_stay_under_the_bucket() -> None:
+    """As many processes as assumed, all starting the moment Redis went away with the bucket
+    filled by Redis' burst, replayed on one clock: the portal's counter never exceeds it."""
+    clock = FakeClock(advance=False)
+    processes = [
+        RedisLeakyBucket(DOWN, prefix=PREFIX, clock=clock, sleep=clock.sleep)
+        for _ in range(DEGRADED_PROCESSES)
+    ]
+    stamps = [clock() - 0.001] * (BURST - BURST_MARGIN)  # Redis' burst, just sent
+    for limiter in processes:
+        stamps += [clock() + limiter.acquire("p", BURST, RATE) for _ in range(5)]
     assert peak_portal_counter(stamps, RATE) <= BURST
-    warnings = [r for r in caplog.records if r.name == "b24app.ratelimit"]
-    assert len(warnings) == 1
-    assert "Redis unavailable" in warnings[0].getMessage()
+    steady = sorted(stamps[BURST - BURST_MARGIN :])
+    # together at most the rate: one request of each process per its own interval
+    assert len(steady) <= RATE * (steady[-1] - steady[0]) + DEGRADED_PROCESSES + 1e-6
 
 
-# --- the database, standing in while Redis is down ------------------------------------------
+def test_redis_down_refuses_inside_shared_pacing_only_and_reserves_nothing() -> None:
+    clock = FakeClock()
+    limiter = RedisLeakyBucket(DOWN, prefix=PREFIX, clock=clock, sleep=clock.sleep, processes=2)
+
+    with shared_pacing_only():
+        with pytest.raises(SharedPacingUnavailable) as caught:
+            limiter.acquire("down", BURST, RATE)
+        with shared_pacing_only(False):  # an inner "no" does not lift an outer "yes"
+            with pytest.raises(RateLimitTimeout):
+                limiter.acquire("down", BURST, RATE, max_wait=10.0)
+    assert caught.value.retry_after == 5.0  # when this process asks Redis again
+    assert clock.slept == []
+    # Outside the block the same call is paced, from a schedule nothing was reserved in.
+    assert limiter.acquire("down", BURST, RATE) == pytest.approx(2 / RATE)
 
 
-# (Models are imported inside the tests: spawned worker processes import this module before
-# Django is set up.)
+def test_local_limiter_is_never_degraded_nor_refused() -> None:
+    limiter = LocalLeakyBucket()
+    with shared_pacing_only():
+        assert limiter.acquire("portal", BURST, RATE) == 0.0
+    assert not limiter.degraded and not limiter_degraded(limiter)
 
 
-@pytest.fixture
-def db_key() -> Iterator[str]:
-    from b24app.portals.models import RateBucket
+def _break(limiter: RedisLeakyBucket, monkeypatch) -> None:
+    def unreachable(*args, **kwargs):
+        raise redis.ConnectionError("Redis went away")
 
-    name = "test:" + uuid.uuid4().hex
-    yield name
-    RateBucket.objects.filter(key=name).delete()
+    monkeypatch.setattr(limiter, "_acquire_script", unreachable)
 
 
-@pytest.fixture
-def db_limiter() -> Iterator[Callable[[], DatabaseLeakyBucket]]:
-    """New `DatabaseLeakyBucket`s whose connections are closed after the test (an open one
-    would keep the test database from being dropped)."""
-    made: list[DatabaseLeakyBucket] = []
-
-    def make() -> DatabaseLeakyBucket:
-        made.append(DatabaseLeakyBucket())
-        return made[-1]
-
-    yield make
-    for limiter in made:
-        limiter.close()
-
-
-@pytest.mark.postgres
-@pytest.mark.django_db(transaction=True)
-def test_database_leaky_bucket_allows_the_burst_then_the_rate(db_key, db_limiter) -> None:
-    limiter = db_limiter()
-    waits = [limiter.acquire(db_key, BURST, RATE) for _ in range(BURST - BURST_MARGIN + 2)]
-    assert waits[: BURST - BURST_MARGIN] == [0.0] * (BURST - BURST_MARGIN)
-    assert all(0.0 < wait <= 1 / RATE + 0.02 for wait in waits[BURST - BURST_MARGIN :])
-    with pytest.raises(RateLimitTimeout):
-        limiter.acquire(db_key, BURST, RATE, max_wait=0.0)
-    # The refusal reserved nothing: the next slot is one interval on, not two.
-    assert limiter.acquire(db_key, BURST, RATE) <= 1 / RATE + 0.02
-
-
-@pytest.mark.postgres
-@pytest.mark.django_db(transaction=True)
-def test_database_leaky_bucket_is_shared_by_processes(db_key) -> None:
-    """Two processes (each with its own connections) draw from one schedule: together they
-    never exceed the portal's counter."""
-    database = connection.settings_dict["NAME"]
-    stamps = run_processes(_database_process_main, 2, database, db_key)
-    assert len(stamps) == 2 * 4 * 4
-    assert_within_limit_and_fast(stamps, BURST, RATE)
-
-
-def _database_process_main(database: str, key: str, start_at: float, results) -> None:
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "b24app.settings")
-    import django
-
-    django.setup()
-    from django.db import connections
-
-    connections["default"].settings_dict["NAME"] = database  # the test database
-    limiter = DatabaseLeakyBucket()
-    results.put(run_threads(limiter, key, 4, 4, start_at))
-
-
-@pytest.mark.postgres
-@pytest.mark.django_db(transaction=True)
-def test_database_leaky_bucket_penalize_holds_every_process_back(db_key, db_limiter) -> None:
-    db_limiter().acquire(db_key, BURST, RATE)
-    db_limiter().penalize(db_key, 0.5)  # another process saw QUERY_LIMIT_EXCEEDED
-    started = time.monotonic()
-    waited = db_limiter().acquire(db_key, BURST, RATE)
-    assert 0.4 <= waited <= 0.6
-    assert time.monotonic() - started >= 0.4
-
-
-def _sessions_opened_since(moment) -> int:
-    """Client sessions on the test database opened at or after ``moment`` and still open (so
-    that others closing meanwhile, e.g. by garbage collection, do not count, nor an autovacuum
-    worker that PostgreSQL starts on the database meanwhile)."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND backend_start >= %s"
-            " AND backend_type = 'client backend'",
-            [moment],
-        )
-        return cursor.fetchone()[0]
-
-
-@pytest.mark.postgres
-@pytest.mark.django_db(transaction=True)
-def test_database_leaky_bucket_keeps_a_connection_only_while_pacing(db_key, db_limiter) -> None:
-    """A penalty (every QUERY_LIMIT_EXCEEDED, Redis up or not) or a reset opens no connection
-    that stays; pacing keeps one per thread, and the hand-back to Redis closes it."""
-    limiter = db_limiter()
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT clock_timestamp()")
-        started = cursor.fetchone()[0]
-    limiter.penalize(db_key, 0.0)
-    limiter.reset(db_key)
-    assert _sessions_opened_since(started) == 0
-    limiter.acquire(db_key, BURST, RATE)
-    assert _sessions_opened_since(started) == 1
-    assert limiter.release(db_key, BURST, RATE) is not None
-    assert _sessions_opened_since(started) == 0
-
-
-@pytest.mark.postgres
-@pytest.mark.django_db(transaction=True)
-def test_redis_down_hands_over_to_the_database_starting_full(db_key, db_limiter) -> None:
-    """Handing over, the database's bucket starts full: one slot now, then the steady rate
-    (what Redis sent just before is unknown to it)."""
-    limiter = RedisLeakyBucket("redis://127.0.0.1:1/0", prefix=PREFIX, fallback=db_limiter())
-    limiter._store_of[db_key] = "redis"  # as if Redis had paced this portal until now
-    started = time.monotonic()
-    waits, used_at = [], []
-    for _ in range(3):
-        waits.append(limiter.acquire(db_key, BURST, RATE))
-        used_at.append(time.monotonic() - started)
-    assert waits[0] == pytest.approx(0.0, abs=0.02)
-    # Slots one interval apart, not a burst. (From before the first call: a slow call can
-    # shorten one measured wait, never the schedule.)
-    assert used_at[1] >= 1 / RATE - 0.005 and used_at[2] >= 2 / RATE - 0.005, used_at
-    assert limiter.degraded
-    from b24app.portals.models import RateBucket
-
-    assert RateBucket.objects.filter(key=db_key).exists()
-
-
-@pytest.mark.postgres
-@pytest.mark.django_db(transaction=True)
-def test_redis_back_takes_the_schedule_over_from_the_database(
-    redis_url, db_key, db_limiter
+def test_redis_lost_mid_schedule_paces_after_the_slots_redis_gave(
+    redis_url, key, monkeypatch
 ) -> None:
-    """The first process to find Redis back releases the database's row and carries its
-    schedule into Redis; a process still pacing through the database moves over at its next
-    call (not after its own retry wait), so no slot is given twice."""
-    from b24app.portals.models import RateBucket
+    """A process that saw Redis' schedule run ahead does not send beside the slots it gave out:
+    its first request on its own comes after them."""
+    clock = FakeClock()
+    limiter = RedisLeakyBucket(
+        redis_url, prefix=PREFIX, clock=clock, sleep=clock.sleep, processes=2
+    )
+    for _ in range(BURST - BURST_MARGIN):
+        assert limiter.acquire(key, BURST, RATE) == 0.0  # the burst: Redis' tat is 8 slots on
+    _break(limiter, monkeypatch)
 
-    prefix = f"{PREFIX}{uuid.uuid4().hex}:"  # a Redis of its own, as if just restarted empty
-    started = time.monotonic()
-    db_limiter().take(db_key, 0.5)  # the database's schedule runs 0.5 s (and a burst) ahead
-    first = RedisLeakyBucket(redis_url, prefix=prefix, fallback=db_limiter())
-    first._store_of[db_key] = "fallback"  # it paced this portal through the database until now
-    late = RedisLeakyBucket(redis_url, prefix=prefix, retry_interval=60, fallback=db_limiter())
-    late._store_of[db_key] = "fallback"
-    late._redis_failed(redis.ConnectionError("down a moment ago"))  # next retry in a minute
-    try:
-        first.acquire(db_key, BURST, RATE)
-        first_at = time.monotonic() - started
-        assert RateBucket.objects.get(key=db_key).released
-        late.acquire(db_key, BURST, RATE)
-    finally:
-        redis.Redis.from_url(redis_url).delete(prefix + db_key, prefix + "~epoch")
+    waited = limiter.acquire(key, BURST, RATE)
 
-    assert first_at >= 0.5 - 0.005  # after the database's slots, not a fresh burst
-    assert not late.degraded  # moved to Redis at once, into the same schedule
-    with pytest.raises(FallbackReleased):  # the database gives no more slots for it
-        db_limiter().acquire(db_key, BURST, RATE)
+    assert limiter.degraded
+    ahead = (BURST - BURST_MARGIN) / RATE  # Redis' schedule after the burst
+    assert ahead - 0.05 <= waited <= ahead
+    assert limiter.acquire(key, BURST, RATE) == pytest.approx(2 / RATE)  # then half the rate
 
 
-def test_redis_that_lost_its_data_continues_the_schedule_this_process_knew(redis_url) -> None:
-    """Redis restarted (or failed over, or was flushed) without this process seeing an outage:
-    the epoch key is gone, so the process carries its knowledge of the old schedule over instead
-    of starting a fresh burst beside the slots it already gave out."""
-    prefix = f"{PREFIX}{uuid.uuid4().hex}:"
-    limiter = RedisLeakyBucket(redis_url, prefix=prefix)
-    client = redis.Redis.from_url(redis_url)
-    try:
-        started = time.monotonic()
-        for _ in range(BURST - BURST_MARGIN):  # the burst: the schedule now runs ahead
-            assert limiter.acquire("portal", BURST, RATE) == 0.0
-        client.delete(prefix + "portal", prefix + "~epoch")  # Redis lost everything
-        limiter.acquire("portal", BURST, RATE)
-        # The old schedule's next slot, one interval after the burst; a fresh bucket gives one
-        # at once. (Measured from before the burst: a slow call cannot make a slot earlier.)
-        assert time.monotonic() - started >= 1 / RATE - 0.005
-        fresh = RedisLeakyBucket(redis_url, prefix=prefix)  # knew nothing: queues behind it
-        fresh.acquire("portal", BURST, RATE)
-        assert time.monotonic() - started >= 2 / RATE - 0.005
-    finally:
-        client.delete(prefix + "portal", prefix + "~epoch")
+def test_redis_back_starts_full_after_pacing_on_its_own(redis_url, key, monkeypatch) -> None:
+    """Back on Redis (its data possibly lost meanwhile), a key this process paced on its own
+    gets no fresh burst: it resumes at the steady rate."""
+    clock = FakeClock()
+    limiter = RedisLeakyBucket(
+        redis_url, prefix=PREFIX, clock=clock, sleep=clock.sleep, retry_interval=0.0
+    )
+    _break(limiter, monkeypatch)
+    limiter.acquire(key, BURST, RATE)
+    assert limiter.degraded
+    monkeypatch.undo()  # Redis is back (and knows nothing of this key)
+    assert not redis.Redis.from_url(redis_url).exists(PREFIX + key)
+
+    waits = [limiter.acquire(key, BURST, RATE) for _ in range(3)]
+
+    assert not limiter.degraded
+    assert redis.Redis.from_url(redis_url).hexists(PREFIX + key, "until")  # marked full
+    # No burst: one slot per interval (the sleeps are not real, so the waits add up).
+    assert waits == pytest.approx([0.0, 1 / RATE, 2 / RATE], abs=0.01)
 
 
 # --- in-process --------------------------------------------------------------------------------
 
 
 def test_local_leaky_bucket_threads_never_exceed_the_bucket() -> None:
-    limiter = LocalLeakyBucket()
-    stamps = run_threads(limiter, "portal", threads=16, per_thread=3, start_at=time.time())
+    """16 threads reserve at one instant of a clock that stands still: each request goes out
+    at that instant plus its wait, and those times fit the bucket and use all of it."""
+    clock = FakeClock(advance=False)
+    limiter = LocalLeakyBucket(clock=clock, sleep=clock.sleep)
+    stamps: list[float] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        for _ in range(3):
+            sent_at = clock() + limiter.acquire("portal", BURST, RATE)
+            with lock:
+                stamps.append(sent_at)
+
+    pool = [threading.Thread(target=worker) for _ in range(16)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()
     assert len(stamps) == 48
     assert_within_limit_and_fast(stamps, BURST, RATE)
+    interval = 1 / RATE
+    expected = [0.0] * (BURST - BURST_MARGIN) + [i * interval for i in range(1, 41)]
+    assert sorted(stamp - clock() for stamp in stamps) == pytest.approx(expected)
 
 
 def test_local_leaky_bucket_penalize_delays_the_next_acquire() -> None:
-    limiter = LocalLeakyBucket()
+    clock = FakeClock()
+    limiter = LocalLeakyBucket(clock=clock, sleep=clock.sleep)
     limiter.acquire("portal", BURST, RATE)
     limiter.penalize("portal", 0.3)
-    assert 0.25 <= limiter.acquire("portal", BURST, RATE) <= 0.3
+    assert limiter.acquire("portal", BURST, RATE) == pytest.approx(0.3)
+    # after a penalty the bucket counts as full: no burst, only the steady rate
+    assert limiter.acquire("portal", BURST, RATE) == pytest.approx(1 / RATE)
     limiter.reset("portal")
     assert limiter.acquire("portal", BURST, RATE) == 0.0
+    assert clock.slept == pytest.approx([0.3, 1 / RATE])
 
 
 def test_local_leaky_bucket_max_wait_raises_without_reserving() -> None:
-    limiter = LocalLeakyBucket()
+    clock = FakeClock(advance=False)
+    limiter = LocalLeakyBucket(clock=clock, sleep=clock.sleep)
     for _ in range(BURST - BURST_MARGIN):
         limiter.acquire("portal", BURST, RATE)
-    with pytest.raises(RateLimitTimeout):
-        limiter.acquire("portal", BURST, RATE, max_wait=0.0)
-    assert limiter.acquire("portal", BURST, RATE, max_wait=0.1) <= 1 / RATE
+    for _ in range(3):
+        with pytest.raises(RateLimitTimeout) as caught:
+            limiter.acquire("portal", BURST, RATE, max_wait=0.0)
+        assert caught.value.retry_after == pytest.approx(1 / RATE)  # unchanged: none reserved
+    assert limiter.acquire("portal", BURST, RATE, max_wait=0.1) == pytest.approx(1 / RATE)
 
 
 @pytest.mark.parametrize(("burst", "rate"), [(0, 2.0), (50, 0.0), (50, -1.0), (50, float("nan"))])
@@ -448,3 +400,4 @@ def test_limiter_from_url_picks_redis_or_local() -> None:
     assert isinstance(limiter_from_url(None), LocalLeakyBucket)
     assert isinstance(limiter_from_url(""), LocalLeakyBucket)
     assert isinstance(limiter_from_url("redis://127.0.0.1:6379/15"), RedisLeakyBucket)
+    assert limiter_from_url("redis://127.0.0.1:6379/15", processes=3).processes == 3

@@ -18,7 +18,6 @@ from b24app.portals.breaker import (
 )
 from b24app.portals.models import Portal
 from b24app.portals.ratelimit import RateLimiter, limiter_from_url, parse_rate
-from b24app.portals.ratelimit_db import DatabaseLeakyBucket
 from b24app.portals.services.exceptions import NotConfigured
 
 
@@ -60,7 +59,7 @@ def http_session():
 
 @lru_cache(maxsize=4)
 def _limiter_for(redis_url: str) -> RateLimiter:
-    return limiter_from_url(redis_url or None, fallback=DatabaseLeakyBucket())
+    return limiter_from_url(redis_url or None)
 
 
 def rate_limiter() -> RateLimiter:
