@@ -26,7 +26,7 @@ from b24app.portals.bitrix import (
     BitrixValidationError,
 )
 from b24app.portals.models import Account, Portal
-from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S
+from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S, shared_pacing_only
 from b24app.portals.services import AccountAwaitingSignIn, account_client, portal_rate
 from results import selectors
 from results.models import ResultChange
@@ -197,6 +197,10 @@ def result_change_deliver(*, change_id: int, limiter_max_wait: float | None = No
     if turn == WAIT:
         return portal_wait(change, outbox)
     interval_s = 1 / portal_rate(change.portal)[1]
+    # While Redis is unreachable a web request sends no write: each process would pace on its
+    # own, and web traffic must not multiply writes; the change stays queued for the worker.
+    # With no worker (inline mode) the web process is the only sender, so it still sends.
+    web_write = limiter_max_wait is not None and not delivers_inline()
     if limiter_max_wait is None:
         limiter_max_wait = DEFER_AFTER_SLOTS * interval_s
     updates: dict = {"lease_until": None}
@@ -205,7 +209,8 @@ def result_change_deliver(*, change_id: int, limiter_max_wait: float | None = No
     try:
         if change.portal.state != Portal.State.ACTIVE and change.portal.blocked_by_operator:
             raise BitrixAuthError("PORTAL_BLOCKED", "portal blocked by its operator")
-        result_id = _send(change, limiter_max_wait)
+        with shared_pacing_only(web_write):
+            result_id = _send(change, limiter_max_wait)
     except BitrixUnavailable as exc:
         code = DEFERRED if exc.code in NOT_SENT else exc.code
         updates.update(last_error=code[:120], last_error_message="")
