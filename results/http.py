@@ -4,7 +4,6 @@ statuses."""
 
 from __future__ import annotations
 
-from django.conf import settings
 from django.http import JsonResponse
 from django.shortcuts import render
 
@@ -62,11 +61,6 @@ def status_of(outcome: BaseException | Rebind) -> int:
 
 def wants_json(request) -> bool:
     return "application/json" in request.headers.get("Accept", "")
-
-
-def app_url(request) -> str:
-    """The app's public base URL (`B24_APP_URL`, else the one the request came to)."""
-    return settings.B24_APP_URL or request.build_absolute_uri("/").rstrip("/")
 
 
 def framed(response, fr: Frame | None):
