@@ -9,7 +9,7 @@ from django.shortcuts import render
 
 from b24app.framing import allow_portal_framing, claimed_portal_origin
 from b24app.portals.ratelimit import busy_retry_after_s
-from b24app.portals.services import FrameRefused
+from b24app.portals.services import FrameRefusal, FrameRefused
 from results.services import (
     ChangeNotFound,
     Frame,
@@ -41,13 +41,20 @@ REBIND_STATUS = {
     Rebind.NOT_ADMIN: 403,
 }
 
+REFUSAL_STATUS = {
+    FrameRefusal.MALFORMED: 400,
+    FrameRefusal.EXPIRED: 401,  # the page renews the session with fresh frame auth
+    FrameRefusal.DENIED: 403,
+    FrameRefusal.UNAVAILABLE: 503,
+}
+
 
 def status_of(outcome: BaseException | Rebind) -> int:
     """The HTTP status of a service's outcome or refusal."""
     if isinstance(outcome, Rebind):
         return REBIND_STATUS[outcome]
     if isinstance(outcome, FrameRefused):
-        return outcome.status  # the portals' refusal says its own status
+        return REFUSAL_STATUS[outcome.reason]
     if isinstance(outcome, ScreenUnavailable):
         return UNREADABLE_STATUS[outcome.reason]
     if isinstance(outcome, QueueFull):

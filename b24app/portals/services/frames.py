@@ -15,7 +15,7 @@ from b24app.portals.bitrix import BitrixError, BitrixUnavailable, TokenSet
 from b24app.portals.models import Account, Portal
 from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S
 from b24app.portals.services.accounts import _profile_name, _stored_name, account_tokens_store
-from b24app.portals.services.exceptions import FrameRefused, VerificationFailed
+from b24app.portals.services.exceptions import FrameRefusal, FrameRefused, VerificationFailed
 from b24app.portals.services.install import (
     _parse_expires_in,
     portal_bindings_check_later,
@@ -49,10 +49,14 @@ def _portal_for_frame(post, domain: str | None) -> tuple[Portal, bool]:
     access_token = str(post.get("AUTH_ID", ""))
     if not is_member_id(member_id):
         raise FrameRefused(
-            _("This page must be opened from Bitrix24."), status=400, code="malformed"
+            _("This page must be opened from Bitrix24."),
+            reason=FrameRefusal.MALFORMED,
+            code="malformed",
         )
     if not access_token:  # REFRESH_ID is optional (§3.2): the access token is what is checked
-        raise FrameRefused(_("Bitrix24 sent no authorization; reopen the app."), status=400)
+        raise FrameRefused(
+            _("Bitrix24 sent no authorization; reopen the app."), reason=FrameRefusal.MALFORMED
+        )
     portal = Portal.objects.filter(member_id=member_id).first()
     if portal is not None:
         _refuse_blocked(portal)
@@ -70,7 +74,7 @@ def _portal_for_frame(post, domain: str | None) -> tuple[Portal, bool]:
             server_endpoint=str(post.get("SERVER_ENDPOINT", "")) or None,
         )
     except FrameRefused as exc:
-        if portal is not None and exc.status == 403:
+        if portal is not None and exc.reason is FrameRefusal.DENIED:
             _refuse_unusable(portal)
         raise
     if portal is None:
@@ -87,12 +91,17 @@ def _portal_for_frame(post, domain: str | None) -> tuple[Portal, bool]:
 
 
 def _frame_verify(**claim) -> VerifiedAuth:
-    """`auth_verify` for a frame: a refusal the frame shows (503 when Bitrix24 cannot answer)."""
+    """`auth_verify` for a frame: a refusal the frame shows (unavailable when Bitrix24 cannot
+    answer, or the app has no credentials to ask with)."""
     try:
         return auth_verify(**claim)
     except VerificationFailed as exc:
-        status = 503 if exc.code in ("unavailable", "not_configured") else 403
-        raise FrameRefused(exc.message, status=status, code=exc.code) from exc
+        reason = (
+            FrameRefusal.UNAVAILABLE
+            if exc.code in ("unavailable", "not_configured")
+            else FrameRefusal.DENIED
+        )
+        raise FrameRefused(exc.message, reason=reason, code=exc.code) from exc
 
 
 def _refuse_blocked(portal: Portal) -> None:
@@ -122,7 +131,9 @@ def _frame_profile(portal: Portal, access_token: str) -> dict:
         profile = client.call("profile")
     except BitrixUnavailable as exc:
         raise FrameRefused(
-            _("Bitrix24 is busy right now; reopen the app in a minute."), status=503, code=exc.code
+            _("Bitrix24 is busy right now; reopen the app in a minute."),
+            reason=FrameRefusal.UNAVAILABLE,
+            code=exc.code,
         ) from exc
     except BitrixError as exc:
         raise FrameRefused(
@@ -248,7 +259,9 @@ def frame_session_renew(
         raise FrameRefused(_("This session is no longer valid; reopen the app."), code="unknown")
     _refuse_unusable(account.portal)
     if not access_token:
-        raise FrameRefused(_("Bitrix24 sent no authorization; reopen the app."), status=400)
+        raise FrameRefused(
+            _("Bitrix24 sent no authorization; reopen the app."), reason=FrameRefusal.MALFORMED
+        )
     profile = _frame_profile(account.portal, access_token)
     if int(profile["ID"]) != account.user_id:
         raise FrameRefused(_("This session belongs to someone else; reopen the app."))
