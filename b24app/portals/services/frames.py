@@ -10,11 +10,11 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from b24app.ids import parse_id
-from b24app.portals.bitrix import BitrixError, BitrixUnavailable, TokenSet
+from b24app.portals.bitrix import BitrixError, BitrixInvalidResponse, BitrixUnavailable, TokenSet
+from b24app.portals.bitrix.methods import Profile, profile_get
 from b24app.portals.models import Account, Portal
 from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S
-from b24app.portals.services.accounts import _profile_name, _stored_name, account_tokens_store
+from b24app.portals.services.accounts import _stored_name, account_tokens_store
 from b24app.portals.services.exceptions import FrameRefusal, FrameRefused, VerificationFailed
 from b24app.portals.services.install import (
     _parse_expires_in,
@@ -123,23 +123,26 @@ def _refuse_unusable(portal: Portal) -> None:
     _refuse_blocked(portal)
 
 
-def _frame_profile(portal: Portal, access_token: str) -> dict:
+def _frame_profile(portal: Portal, access_token: str) -> Profile:
+    """Who the frame's access token belongs to (`profile`): a `Profile` with an id (not 0)."""
     try:
         # Building the client checks the stored endpoint (SSRF guard): a private address, or a
         # name that does not resolve right now, is a refusal like any other, not a crash.
         client = _portal_client(portal, access_token, limiter_max_wait=WEB_LIMITER_WAIT_S)
-        profile = client.call("profile")
+        profile = profile_get(client)
     except BitrixUnavailable as exc:
         raise FrameRefused(
             _("Bitrix24 is busy right now; reopen the app in a minute."),
             reason=FrameRefusal.UNAVAILABLE,
             code=exc.code,
         ) from exc
+    except BitrixInvalidResponse:
+        profile = None  # no object at all: as good as no id
     except BitrixError as exc:
         raise FrameRefused(
             _("Bitrix24 did not accept this session; reopen the app."), code=exc.code
         ) from exc
-    if not isinstance(profile, dict) or not parse_id(profile.get("ID")):
+    if profile is None or not profile.id:  # none, or 0: no user
         raise FrameRefused(
             _("Bitrix24 did not say who you are; reopen the app."), code="no_profile"
         )
@@ -193,7 +196,7 @@ def frame_account_open(*, post, domain: str | None) -> Account:
     portal, vouched = _portal_for_frame(post, domain)
     access, refresh = str(post["AUTH_ID"]), str(post.get("REFRESH_ID", ""))
     profile = _frame_profile(portal, access)
-    user_id = int(profile["ID"])
+    user_id = profile.id
     account = Account.objects.filter(portal=portal, user_id=user_id).first()
     if not vouched and not _account_live(account):
         _frame_verify(
@@ -211,8 +214,8 @@ def frame_account_open(*, post, domain: str | None) -> Account:
                 tokens=_frame_tokenset(
                     portal, user_id, access, refresh, post.get("AUTH_EXPIRES", "")
                 ),
-                is_admin=bool(profile.get("ADMIN")),
-                display_name=_profile_name(profile),
+                is_admin=profile.admin,
+                display_name=profile.name,
                 from_frame=True,
             )
         else:
@@ -235,11 +238,11 @@ def frame_account_open(*, post, domain: str | None) -> Account:
     return account
 
 
-def _account_seen(account: Account, profile: dict) -> Account:
+def _account_seen(account: Account, profile: Profile) -> Account:
     """The person opened the app again while their stored tokens hold: what `profile` says
     about them is remembered, their tokens are kept."""
-    account.is_admin = bool(profile.get("ADMIN"))
-    account.display_name = _stored_name(_profile_name(profile)) or account.display_name
+    account.is_admin = profile.admin
+    account.display_name = _stored_name(profile.name) or account.display_name
     account.last_seen_at = timezone.now()
     account.save(update_fields=["is_admin", "display_name", "last_seen_at", "updated_at"])
     return account
@@ -263,7 +266,7 @@ def frame_session_renew(
             _("Bitrix24 sent no authorization; reopen the app."), reason=FrameRefusal.MALFORMED
         )
     profile = _frame_profile(account.portal, access_token)
-    if int(profile["ID"]) != account.user_id:
+    if profile.id != account.user_id:
         raise FrameRefused(_("This session belongs to someone else; reopen the app."))
     if _account_live(account):
         return _account_seen(account, profile)
@@ -279,6 +282,6 @@ def frame_session_renew(
         tokens=_frame_tokenset(
             account.portal, account.user_id, access_token, refresh_token, expires_in
         ),
-        is_admin=bool(profile.get("ADMIN")),
+        is_admin=profile.admin,
         from_frame=True,
     )
