@@ -157,9 +157,6 @@ def _frame_tokenset(portal: Portal, user_id: int, access: str, refresh: str, exp
         scope="",
         member_id=portal.member_id,
         user_id=user_id,
-        client_endpoint=portal.client_endpoint,
-        server_endpoint=portal.oauth_server + "/rest/",
-        status=portal.app_status,
     )
 
 

@@ -51,9 +51,6 @@ def _frame_tokens(
         scope=verified.scope,
         member_id=verified.member_id,
         user_id=verified.user_id,
-        client_endpoint=verified.client_endpoint,
-        server_endpoint=verified.oauth_server + "/rest/",
-        status=verified.status,
     )
 
 
