@@ -11,7 +11,6 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from b24app.ids import parse_id
 from b24app.portals import bindings
 from b24app.portals.bindings import binding_add, bindings_ensure, bindings_read
 from b24app.portals.bitrix import BitrixError, BitrixUnavailable, TokenSet
@@ -88,7 +87,9 @@ def portal_install(*, auth: dict[str, str], app_url: str) -> Portal:
         raise PortalError(BUSY_MESSAGE, code="unavailable") from exc
     except BitrixError as exc:  # a non-object answer too (`BitrixInvalidResponse`)
         raise PortalError(_("Bitrix24 did not tell who is installing the app; try again.")) from exc
-    user_id = profile.id or parse_id(verified.user_id or 0) or 0
+    # Who installs is who `profile` names: an odd ID ("²") is no one, not app.info's user_id,
+    # since the `ADMIN` beside it speaks for the profile's user.
+    user_id = profile.id or 0
     if not user_id:
         raise PortalError(_("Bitrix24 did not tell who is installing the app; try again."))
     if not profile.admin:  # JSON `true` only: a portal's "N" or "0" is no administrator
