@@ -4,13 +4,12 @@ statuses."""
 
 from __future__ import annotations
 
-from django.conf import settings
 from django.http import JsonResponse
 from django.shortcuts import render
 
 from b24app.framing import allow_portal_framing, claimed_portal_origin
 from b24app.portals.ratelimit import busy_retry_after_s
-from b24app.portals.services import FrameRefused
+from b24app.portals.services import FrameRefusal, FrameRefused
 from results.services import (
     ChangeNotFound,
     Frame,
@@ -42,13 +41,20 @@ REBIND_STATUS = {
     Rebind.NOT_ADMIN: 403,
 }
 
+REFUSAL_STATUS = {
+    FrameRefusal.MALFORMED: 400,
+    FrameRefusal.EXPIRED: 401,  # the page renews the session with fresh frame auth
+    FrameRefusal.DENIED: 403,
+    FrameRefusal.UNAVAILABLE: 503,
+}
+
 
 def status_of(outcome: BaseException | Rebind) -> int:
     """The HTTP status of a service's outcome or refusal."""
     if isinstance(outcome, Rebind):
         return REBIND_STATUS[outcome]
     if isinstance(outcome, FrameRefused):
-        return outcome.status  # the portals' refusal says its own status
+        return REFUSAL_STATUS[outcome.reason]
     if isinstance(outcome, ScreenUnavailable):
         return UNREADABLE_STATUS[outcome.reason]
     if isinstance(outcome, QueueFull):
@@ -62,11 +68,6 @@ def status_of(outcome: BaseException | Rebind) -> int:
 
 def wants_json(request) -> bool:
     return "application/json" in request.headers.get("Accept", "")
-
-
-def app_url(request) -> str:
-    """The app's public base URL (`B24_APP_URL`, else the one the request came to)."""
-    return settings.B24_APP_URL or request.build_absolute_uri("/").rstrip("/")
 
 
 def framed(response, fr: Frame | None):

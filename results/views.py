@@ -25,8 +25,9 @@ from b24app.languages import frame_language
 from b24app.logs import claimed_id
 from b24app.portals import frame
 from b24app.portals.services import FrameRefused
+from b24app.portals.site import app_url
 from results import selectors, services
-from results.http import app_url, busy, framed, refused, status_of, wants_json
+from results.http import busy, framed, refused, status_of, wants_json
 from results.models import ResultChange
 from results.services import Frame, Rebind
 

@@ -167,9 +167,7 @@ class _Run:
     def rest_v3(self) -> Check:
         name = "rest 3.0"
         try:
-            self.client().call_v3(
-                LIST, {"filter": [["taskId", 1]], "select": ["id"], "pagination": {"limit": 1}}
-            )
+            methods.task_results_page(self.client(), 1, limit=1)
         except (BitrixUnavailable, BitrixAuthError):
             raise
         except BitrixError as exc:

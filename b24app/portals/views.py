@@ -6,7 +6,6 @@ import functools
 import logging
 import secrets
 
-from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.views.decorators import staff_member_required
 from django.core import signing
@@ -25,6 +24,7 @@ from b24app.portals import selectors, services
 from b24app.portals.forms import bracket_decode
 from b24app.portals.models import Portal
 from b24app.portals.ratelimit import busy_retry_after_s
+from b24app.portals.site import app_url
 
 logger = logging.getLogger("b24app.portals")
 
@@ -49,10 +49,6 @@ EVENT_STATUS = {
     services.EventKind.UNAVAILABLE: 503,
 }
 """The HTTP status a lifecycle event's sender gets for each kind of outcome."""
-
-
-def app_url(request) -> str:
-    return settings.B24_APP_URL or request.build_absolute_uri("/").rstrip("/")
 
 
 @csrf_exempt  # a cross-site POST from the Bitrix24 frame, verified with the OAuth server instead

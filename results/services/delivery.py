@@ -25,6 +25,12 @@ from b24app.portals.bitrix import (
     BitrixUnavailable,
     BitrixValidationError,
 )
+from b24app.portals.bitrix.methods import (
+    task_result_add,
+    task_result_delete,
+    task_result_update,
+    task_results_list,
+)
 from b24app.portals.models import Account, Portal
 from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S, shared_pacing_only
 from b24app.portals.services import AccountAwaitingSignIn, account_client, portal_rate
@@ -49,7 +55,6 @@ from results.services.outbox import (
     portal_unavailable,
     portal_wait,
 )
-from results.services.reading import parse_time
 from results.services.schedule import (
     delivers_inline,
     result_change_schedule_on_commit,
@@ -97,21 +102,12 @@ def _send(change: ResultChange, limiter_max_wait: float | None) -> int | None:
 
 def _write(client, change: ResultChange, key: str) -> int | None:
     if change.action == ResultChange.Action.ADD:
-        result = client.call_v3(
-            "tasks.task.result.add",
-            {"fields": {"taskId": change.task_id, "text": change.text_after}},
-            idempotency_key=key,
-        )
-        item = result.get("item") if isinstance(result, dict) else None
-        return int(item["id"]) if isinstance(item, dict) and "id" in item else None
+        item = task_result_add(client, change.task_id, change.text_after, idempotency_key=key)
+        return item.id if item else None
     if change.action == ResultChange.Action.UPDATE:
-        client.call_v3(
-            "tasks.task.result.update",
-            {"id": change.result_id, "fields": {"text": change.text_after}},
-            idempotency_key=key,
-        )
+        task_result_update(client, change.result_id, change.text_after, idempotency_key=key)
     else:
-        client.call_v3("tasks.task.result.delete", {"id": change.result_id}, idempotency_key=key)
+        task_result_delete(client, change.result_id, idempotency_key=key)
     return change.result_id
 
 
@@ -120,24 +116,23 @@ def _read_back(client, change: ResultChange) -> int | None:
     to, or None. An edit is there when the result has its text; a delete when the result is
     gone; an add when a result of this author on this task has its text, was created after the
     change (give or take the clocks' skew) and is not another change's result."""
-    task_filter = ["taskId", change.task_id]
     if change.action != ResultChange.Action.ADD:
-        items = client.list_v3(
-            "tasks.task.result.list",
-            {"filter": [task_filter, ["id", change.result_id]], "select": ["id", "text"]},
-        ).items
+        listing = task_results_list(
+            client, change.task_id, result_id=change.result_id, select=("id", "text")
+        )
         if change.action == ResultChange.Action.DELETE:
-            return change.result_id if not items else None
-        texts = [item.get("text") for item in items if isinstance(item, dict)]
+            # Gone only when nothing came back: an item that could not be read is no proof.
+            gone = not listing.items and not listing.unreadable
+            return change.result_id if gone else None
+        texts = [item.text for item in listing.items]
         return change.result_id if change.text_after in texts else None
-    items = client.list_v3(
-        "tasks.task.result.list",
-        {
-            "filter": [task_filter, ["authorId", change.account.user_id]],
-            "select": ["id", "text", "createdAt"],
-            "order": {"id": "ASC"},
-        },
-    ).items
+    listing = task_results_list(
+        client,
+        change.task_id,
+        author_id=change.account.user_id,
+        select=("id", "text", "createdAt"),
+        order={"id": "ASC"},
+    )
     claimed = set(
         ResultChange.objects.filter(
             portal_id=change.portal_id, task_id=change.task_id, action=ResultChange.Action.ADD
@@ -147,16 +142,11 @@ def _read_back(client, change: ResultChange) -> int | None:
         .values_list("result_id", flat=True)
     )
     since = change.created_at - CLOCK_SKEW
-    for item in items:
-        if not isinstance(item, dict) or item.get("text") != change.text_after:
+    for item in listing.items:
+        if item.text != change.text_after:
             continue
-        created = parse_time(item.get("createdAt"))
-        try:
-            result_id = int(item["id"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if created is not None and created >= since and result_id not in claimed:
-            return result_id
+        if item.created_at is not None and item.created_at >= since and item.id not in claimed:
+            return item.id
     return None
 
 

@@ -13,6 +13,7 @@ from b24app.portals.bitrix import BitrixError, BitrixUnavailable
 from b24app.portals.models import Account, Portal
 from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S
 from b24app.portals.services import (
+    FrameRefusal,
     FrameRefused,
     frame_account_open,
     frame_session_renew,
@@ -41,7 +42,7 @@ def frame_resolve(token: str) -> Frame:
     except frame.FrameExpired as exc:
         raise FrameRefused(
             _("Your session in this window has expired. Reopen the app."),
-            status=401,
+            reason=FrameRefusal.EXPIRED,
             code="frame_expired",
         ) from exc
     except frame.FrameTokenError as exc:
@@ -60,7 +61,7 @@ def frame_resolve(token: str) -> Frame:
         # renews it with fresh auth from the Bitrix24 frame (refreshAuth) and repeats the request.
         raise FrameRefused(
             _("Your session in this window has expired. Reopen the app."),
-            status=401,
+            reason=FrameRefusal.EXPIRED,
             code="frame_expired",
         )
     if account.portal.state == Portal.State.UNINSTALLED or account.portal.blocked_by_operator:

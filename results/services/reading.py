@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
@@ -17,6 +17,7 @@ from b24app.portals.bitrix import (
     BitrixUnavailable,
     BitrixValidationError,
 )
+from b24app.portals.bitrix.methods import RESULT_FIELDS, TaskResult, task_results_list
 from b24app.portals.models import Account, Portal
 from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S  # every web path's wait for a slot
 from b24app.portals.services import AccountAwaitingSignIn, account_client
@@ -28,17 +29,6 @@ LIST_PAGE_SIZE = 50
 `tasks.task.result.list`, so the listing learns what the portal really returns (`list_v3`)."""
 RESULT_PAGE_MEMORY = timedelta(days=1)
 """How long what was learnt of a portal's page size is trusted before it is learnt again."""
-LIST_SELECT = [
-    "id",
-    "taskId",
-    "text",
-    "authorId",
-    "author",
-    "createdAt",
-    "updatedAt",
-    "status",
-    "rights",
-]
 
 
 class Unreadable(enum.Enum):
@@ -82,34 +72,19 @@ class ResultItem:
     pending_delete: bool = False
 
 
-def parse_time(value) -> datetime | None:
-    if not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def _item(raw: dict, names: dict[int, str]) -> ResultItem | None:
-    try:
-        result_id = int(raw["id"])
-        author_id = int(raw.get("authorId") or 0)
-    except (KeyError, TypeError, ValueError):
-        return None
-    author = raw.get("author") if isinstance(raw.get("author"), dict) else {}
-    rights = raw.get("rights") if isinstance(raw.get("rights"), dict) else {}
+def _item(raw: TaskResult, names: dict[int, str]) -> ResultItem:
+    """A result as the screen shows it; a name Bitrix24 did not send is the portal's user
+    directory's, else the author's id."""
     return ResultItem(
-        id=result_id,
-        text=str(raw.get("text") or ""),
-        author_id=author_id,
-        author_name=str(author.get("name") or names.get(author_id) or f"#{author_id}"),
-        created_at=parse_time(raw.get("createdAt")),
-        updated_at=parse_time(raw.get("updatedAt")),
-        closed=str(raw.get("status")) == "closed",
-        can_edit=rights.get("edit") is True,
-        can_remove=rights.get("remove") is True,
+        id=raw.id,
+        text=raw.text or "",
+        author_id=raw.author_id,
+        author_name=raw.author_name or names.get(raw.author_id) or f"#{raw.author_id}",
+        created_at=raw.created_at,
+        updated_at=raw.updated_at,
+        closed=raw.closed,
+        can_edit=raw.can_edit,
+        can_remove=raw.can_remove,
     )
 
 
@@ -117,9 +92,11 @@ def results_fetch(*, account: Account, task_id: int) -> list[ResultItem]:
     """The task's results as `account`'s user sees them (their own token), newest first, with
     this user's undelivered changes laid over them."""
     try:
-        listing = account_client(account, limiter_max_wait=WEB_LIMITER_WAIT_S).list_v3(
-            "tasks.task.result.list",
-            {"filter": [["taskId", task_id]], "select": LIST_SELECT, "order": {"id": "DESC"}},
+        listing = task_results_list(
+            account_client(account, limiter_max_wait=WEB_LIMITER_WAIT_S),
+            task_id,
+            select=RESULT_FIELDS,
+            order={"id": "DESC"},
             page_size=LIST_PAGE_SIZE,
             known_page=_known_result_page(account.portal),
         )
@@ -151,7 +128,7 @@ def results_fetch(*, account: Account, task_id: int) -> list[ResultItem]:
         ) from exc
     _result_page_remember(account.portal, listing.largest_page)
     names = portal_user_names(account.portal)
-    items = [item for raw in listing.items if isinstance(raw, dict) and (item := _item(raw, names))]
+    items = [_item(raw, names) for raw in listing.items]
     items.sort(key=lambda item: item.id, reverse=True)  # ids grow with creation: newest first
     return _with_pending_changes(items, account=account, task_id=task_id)
 

@@ -172,6 +172,17 @@ def test_event_update_from_a_non_admin_is_refused(client, portal):
     assert post_event(client, uninstall_body(portal)).status_code == 200
 
 
+def test_event_update_from_an_admin_answered_as_a_truthy_string_is_refused(client, portal):
+    """`ADMIN` counts only as JSON `true`: a portal answering "N" (truthy!) has no admin."""
+    post_event(client, portal.event_body("ONAPPINSTALL"))
+    before = _snapshot()
+    portal.users[1].admin = "N"
+    forged = portal.event_body("ONAPPUPDATE", application_token="c" * 32)
+    response = post_event(client, forged)
+    assert response.status_code == 401 and response.json()["error"] == "not_admin"
+    assert _snapshot() == before
+
+
 def test_event_naming_another_user_is_refused(client, portal):
     """An admin's token cannot plant tokens on someone else's account."""
     body = portal.event_body("ONAPPINSTALL", user_id=1, extra_auth={"user_id": "2"})

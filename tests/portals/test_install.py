@@ -90,6 +90,16 @@ def test_install_wizard_by_non_admin_is_refused_with_a_clear_message(client, por
     assert Account.objects.count() == 0
 
 
+@pytest.mark.parametrize("admin", ["N", "0", "Y", 1])
+def test_install_wizard_counts_only_json_true_as_an_admin(client, portal, admin):
+    """A portal may answer `ADMIN` as anything; a truthy string such as "N" is no admin."""
+    portal.users[1].admin = admin
+    response = install(client, portal)
+    assert response.status_code == 403
+    assert "Only a Bitrix24 administrator can install this app." in response.content.decode()
+    assert Portal.objects.count() == 0 and Account.objects.count() == 0
+
+
 def test_install_wizard_without_credentials_says_so(client, portal, settings):
     settings.B24_CLIENT_ID = ""
     response = install(client, portal)

@@ -261,9 +261,6 @@ def _accounts_of_five(portal) -> list[Account]:
                 scope="task",
                 member_id=stored.member_id,
                 user_id=user_id,
-                client_endpoint=stored.client_endpoint,
-                server_endpoint=stored.oauth_server + "/rest/",
-                status="L",
             ),
         )
     return list(Account.objects.order_by("pk"))

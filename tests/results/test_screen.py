@@ -427,3 +427,15 @@ def test_screen_relearns_the_page_size_after_a_day(client, portal):
     html = open_screen(client, portal, options={"taskId": str(task_id)}).content.decode()
     assert html.count('<li class="result') == 30
     assert Portal.objects.get().result_page_seen == 10
+
+
+def test_a_portal_admin_answered_as_a_truthy_string_is_no_admin_in_the_frame(client, portal, task):
+    """`ADMIN` counts only as JSON `true`, on a first visit and on a later one alike."""
+    assert install(client, portal).status_code == 200
+    assert Account.objects.get(user_id=1).is_admin
+    portal.users[1].admin = "N"
+    assert open_screen(client, portal, options={"taskId": str(task)}).status_code == 200
+    assert not Account.objects.get(user_id=1).is_admin
+    portal.users[2].admin = "Y"
+    assert open_screen(client, portal, user_id=2, options={"taskId": str(task)}).status_code == 200
+    assert not Account.objects.get(user_id=2).is_admin

@@ -80,7 +80,11 @@ the parameters in the query string (as the docs' examples and two official SDKs 
 
 @dataclass(frozen=True, repr=False)
 class TokenSet:
-    """Tokens and portal facts from a token response (§2.2) or an install payload (§1.4)."""
+    """Tokens and portal facts from a token response (§2.2) or an install payload (§1.4).
+
+    Only what the app reads is kept: a token response's ``client_endpoint``,
+    ``server_endpoint`` and ``status`` are not (the portal's address and status come from
+    ``app.info``, which the OAuth server vouches for)."""
 
     access_token: str
     refresh_token: str
@@ -90,9 +94,6 @@ class TokenSet:
     """Comma-separated granted scopes."""
     member_id: str
     user_id: int | None
-    client_endpoint: str
-    server_endpoint: str
-    status: str
     request_method: TokenMethod | None = None
     """How the token request that returned these tokens travelled: ``"post"`` (form body) or
     ``"get"`` (query string); ``None`` for tokens that did not come from the token endpoint
@@ -123,9 +124,6 @@ class TokenSet:
             scope=_scope_text(data.get("scope")),
             member_id=str(data.get("member_id") or ""),
             user_id=user_id,
-            client_endpoint=str(data.get("client_endpoint") or ""),
-            server_endpoint=str(data.get("server_endpoint") or ""),
-            status=str(data.get("status") or ""),
         )
 
     def __repr__(self) -> str:
@@ -134,8 +132,6 @@ class TokenSet:
             f"refresh_token={mask_secret(self.refresh_token)!r}, "
             f"expires_at={self.expires_at.isoformat()!r}, scope={self.scope!r}, "
             f"member_id={self.member_id!r}, user_id={self.user_id!r}, "
-            f"client_endpoint={self.client_endpoint!r}, "
-            f"server_endpoint={self.server_endpoint!r}, status={self.status!r}, "
             f"request_method={self.request_method!r})"
         )
 

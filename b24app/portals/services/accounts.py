@@ -18,6 +18,7 @@ from b24app.portals.bitrix import (
     TokenSet,
     UnsafeURL,
 )
+from b24app.portals.bitrix.methods import trusted_app_info_parse
 from b24app.portals.models import Account, Portal
 from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S
 from b24app.portals.services.clients import bitrix_config, oauth_server
@@ -320,8 +321,8 @@ def _app_removed_says_oauth(account: Account) -> bool | None:
         return None
     except BitrixError as exc:
         return True if exc.code in REMOVED_CODES else None
-    install = info.get("install") if isinstance(info.get("install"), dict) else {}
-    if str(install.get("member_id", "")) == account.portal.member_id and install.get("installed"):
+    vouched = trusted_app_info_parse(info)
+    if vouched.member_id == account.portal.member_id and vouched.installed:
         return False
     return None
 
@@ -367,10 +368,6 @@ def account_client(
     return _portal_client(
         portal, access_token, on_expired=on_expired, limiter_max_wait=limiter_max_wait
     )
-
-
-def _profile_name(profile: dict) -> str:
-    return " ".join(part for part in (profile.get("NAME"), profile.get("LAST_NAME")) if part)
 
 
 def _stored_name(name: str) -> str:

@@ -13,7 +13,6 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from b24app.ids import parse_id
 from b24app.portals.bitrix import (
     BitrixAuthError,
     BitrixError,
@@ -21,6 +20,7 @@ from b24app.portals.bitrix import (
     BitrixUnavailable,
     TokenSet,
 )
+from b24app.portals.bitrix.methods import profile_get, trusted_app_info_parse
 from b24app.portals.models import Account, EventReceipt, Portal
 from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S, parse_rate
 from b24app.portals.selectors import portal_live_accounts, portal_uninstall_witnesses
@@ -97,18 +97,18 @@ def _event_sender(auth: dict, verified: VerifiedAuth) -> int:
         limiter_max_wait=WEB_LIMITER_WAIT_S,
     )
     try:
-        profile = client.call("profile") or {}
+        profile = profile_get(client)
     except BitrixUnavailable as exc:
         raise VerificationFailed(_("Bitrix24 is busy right now."), code="unavailable") from exc
     except BitrixError as exc:
         raise VerificationFailed(
             _("Bitrix24 did not confirm the authorization."), code="rejected"
         ) from exc
-    user_id = parse_id(profile.get("ID")) or 0
+    user_id = profile.id or 0
     claimed = str(auth.get("user_id", "") or user_id)
     if not user_id or claimed != str(user_id) or verified.user_id not in (None, user_id):
         raise VerificationFailed(_("The event names another user."), code="mismatch")
-    if not profile.get("ADMIN"):
+    if not profile.admin:
         raise VerificationFailed(_("Only a Bitrix24 administrator can do this."), code="not_admin")
     return user_id
 
@@ -199,11 +199,8 @@ def _token_says(account: Account, *, refresh: bool) -> str:
 
 def _vouches_for(info: dict, portal: Portal) -> bool:
     """Whether an OAuth server's `app.info` answer vouches for this app installed on `portal`."""
-    install = info.get("install") if isinstance(info.get("install"), dict) else {}
-    return (
-        str(info.get("client_id", "")) == bitrix_config().client_id
-        and str(install.get("member_id", "")) == portal.member_id
-        and bool(install.get("installed"))
+    return trusted_app_info_parse(info).vouches_for(
+        client_id=bitrix_config().client_id, member_id=portal.member_id
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 from django.utils.translation import gettext_lazy as _
 
 from b24app.portals import crypto
@@ -40,12 +42,29 @@ class AccountAwaitingSignIn(BitrixUnavailable):
         super().__init__(self.CODE, reason, retry_after=AWAITING_SIGN_IN_RETRY_S)
 
 
-class FrameRefused(PortalError):
-    """A placement POST or frame request the app will not serve; `status` is the HTTP status."""
+class FrameRefusal(enum.Enum):
+    """Why a placement POST or frame request is refused (`FrameRefused.reason`); the views say
+    which HTTP status each becomes."""
 
-    def __init__(self, message, *, status: int = 403, code: str = "refused") -> None:
+    MALFORMED = "malformed"
+    """Not a request Bitrix24 sends: no member_id of the right form, no authorization."""
+    DENIED = "denied"
+    """Not vouched for, or not allowed: another app's token, a removed app, a blocked portal."""
+    EXPIRED = "expired"
+    """The frame session ran out; fresh auth from the Bitrix24 frame renews it."""
+    UNAVAILABLE = "unavailable"
+    """Bitrix24 (or its OAuth server) cannot answer right now; the same request may work later."""
+
+
+class FrameRefused(PortalError):
+    """A placement POST or frame request the app will not serve: why (`reason`), and a finer
+    `code` for logs and the page's script."""
+
+    def __init__(
+        self, message, *, reason: FrameRefusal = FrameRefusal.DENIED, code: str = "refused"
+    ) -> None:
         super().__init__(message, code=code)
-        self.status = status
+        self.reason = reason
 
 
 BUSY_MESSAGE = _("Bitrix24 is busy right now. Try again in a minute.")

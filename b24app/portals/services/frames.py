@@ -10,12 +10,12 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from b24app.ids import parse_id
-from b24app.portals.bitrix import BitrixError, BitrixUnavailable, TokenSet
+from b24app.portals.bitrix import BitrixError, BitrixInvalidResponse, BitrixUnavailable, TokenSet
+from b24app.portals.bitrix.methods import Profile, profile_get
 from b24app.portals.models import Account, Portal
 from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S
-from b24app.portals.services.accounts import _profile_name, _stored_name, account_tokens_store
-from b24app.portals.services.exceptions import FrameRefused, VerificationFailed
+from b24app.portals.services.accounts import _stored_name, account_tokens_store
+from b24app.portals.services.exceptions import FrameRefusal, FrameRefused, VerificationFailed
 from b24app.portals.services.install import (
     _parse_expires_in,
     portal_bindings_check_later,
@@ -49,10 +49,14 @@ def _portal_for_frame(post, domain: str | None) -> tuple[Portal, bool]:
     access_token = str(post.get("AUTH_ID", ""))
     if not is_member_id(member_id):
         raise FrameRefused(
-            _("This page must be opened from Bitrix24."), status=400, code="malformed"
+            _("This page must be opened from Bitrix24."),
+            reason=FrameRefusal.MALFORMED,
+            code="malformed",
         )
     if not access_token:  # REFRESH_ID is optional (§3.2): the access token is what is checked
-        raise FrameRefused(_("Bitrix24 sent no authorization; reopen the app."), status=400)
+        raise FrameRefused(
+            _("Bitrix24 sent no authorization; reopen the app."), reason=FrameRefusal.MALFORMED
+        )
     portal = Portal.objects.filter(member_id=member_id).first()
     if portal is not None:
         _refuse_blocked(portal)
@@ -70,7 +74,7 @@ def _portal_for_frame(post, domain: str | None) -> tuple[Portal, bool]:
             server_endpoint=str(post.get("SERVER_ENDPOINT", "")) or None,
         )
     except FrameRefused as exc:
-        if portal is not None and exc.status == 403:
+        if portal is not None and exc.reason is FrameRefusal.DENIED:
             _refuse_unusable(portal)
         raise
     if portal is None:
@@ -87,12 +91,17 @@ def _portal_for_frame(post, domain: str | None) -> tuple[Portal, bool]:
 
 
 def _frame_verify(**claim) -> VerifiedAuth:
-    """`auth_verify` for a frame: a refusal the frame shows (503 when Bitrix24 cannot answer)."""
+    """`auth_verify` for a frame: a refusal the frame shows (unavailable when Bitrix24 cannot
+    answer, or the app has no credentials to ask with)."""
     try:
         return auth_verify(**claim)
     except VerificationFailed as exc:
-        status = 503 if exc.code in ("unavailable", "not_configured") else 403
-        raise FrameRefused(exc.message, status=status, code=exc.code) from exc
+        reason = (
+            FrameRefusal.UNAVAILABLE
+            if exc.code in ("unavailable", "not_configured")
+            else FrameRefusal.DENIED
+        )
+        raise FrameRefused(exc.message, reason=reason, code=exc.code) from exc
 
 
 def _refuse_blocked(portal: Portal) -> None:
@@ -114,21 +123,26 @@ def _refuse_unusable(portal: Portal) -> None:
     _refuse_blocked(portal)
 
 
-def _frame_profile(portal: Portal, access_token: str) -> dict:
+def _frame_profile(portal: Portal, access_token: str) -> Profile:
+    """Who the frame's access token belongs to (`profile`): a `Profile` with an id (not 0)."""
     try:
         # Building the client checks the stored endpoint (SSRF guard): a private address, or a
         # name that does not resolve right now, is a refusal like any other, not a crash.
         client = _portal_client(portal, access_token, limiter_max_wait=WEB_LIMITER_WAIT_S)
-        profile = client.call("profile")
+        profile = profile_get(client)
     except BitrixUnavailable as exc:
         raise FrameRefused(
-            _("Bitrix24 is busy right now; reopen the app in a minute."), status=503, code=exc.code
+            _("Bitrix24 is busy right now; reopen the app in a minute."),
+            reason=FrameRefusal.UNAVAILABLE,
+            code=exc.code,
         ) from exc
+    except BitrixInvalidResponse:
+        profile = None  # no object at all: as good as no id
     except BitrixError as exc:
         raise FrameRefused(
             _("Bitrix24 did not accept this session; reopen the app."), code=exc.code
         ) from exc
-    if not isinstance(profile, dict) or not parse_id(profile.get("ID")):
+    if profile is None or not profile.id:  # none, or 0: no user
         raise FrameRefused(
             _("Bitrix24 did not say who you are; reopen the app."), code="no_profile"
         )
@@ -143,9 +157,6 @@ def _frame_tokenset(portal: Portal, user_id: int, access: str, refresh: str, exp
         scope="",
         member_id=portal.member_id,
         user_id=user_id,
-        client_endpoint=portal.client_endpoint,
-        server_endpoint=portal.oauth_server + "/rest/",
-        status=portal.app_status,
     )
 
 
@@ -182,7 +193,7 @@ def frame_account_open(*, post, domain: str | None) -> Account:
     portal, vouched = _portal_for_frame(post, domain)
     access, refresh = str(post["AUTH_ID"]), str(post.get("REFRESH_ID", ""))
     profile = _frame_profile(portal, access)
-    user_id = int(profile["ID"])
+    user_id = profile.id
     account = Account.objects.filter(portal=portal, user_id=user_id).first()
     if not vouched and not _account_live(account):
         _frame_verify(
@@ -200,8 +211,8 @@ def frame_account_open(*, post, domain: str | None) -> Account:
                 tokens=_frame_tokenset(
                     portal, user_id, access, refresh, post.get("AUTH_EXPIRES", "")
                 ),
-                is_admin=bool(profile.get("ADMIN")),
-                display_name=_profile_name(profile),
+                is_admin=profile.admin,
+                display_name=profile.name,
                 from_frame=True,
             )
         else:
@@ -224,11 +235,11 @@ def frame_account_open(*, post, domain: str | None) -> Account:
     return account
 
 
-def _account_seen(account: Account, profile: dict) -> Account:
+def _account_seen(account: Account, profile: Profile) -> Account:
     """The person opened the app again while their stored tokens hold: what `profile` says
     about them is remembered, their tokens are kept."""
-    account.is_admin = bool(profile.get("ADMIN"))
-    account.display_name = _stored_name(_profile_name(profile)) or account.display_name
+    account.is_admin = profile.admin
+    account.display_name = _stored_name(profile.name) or account.display_name
     account.last_seen_at = timezone.now()
     account.save(update_fields=["is_admin", "display_name", "last_seen_at", "updated_at"])
     return account
@@ -248,9 +259,11 @@ def frame_session_renew(
         raise FrameRefused(_("This session is no longer valid; reopen the app."), code="unknown")
     _refuse_unusable(account.portal)
     if not access_token:
-        raise FrameRefused(_("Bitrix24 sent no authorization; reopen the app."), status=400)
+        raise FrameRefused(
+            _("Bitrix24 sent no authorization; reopen the app."), reason=FrameRefusal.MALFORMED
+        )
     profile = _frame_profile(account.portal, access_token)
-    if int(profile["ID"]) != account.user_id:
+    if profile.id != account.user_id:
         raise FrameRefused(_("This session belongs to someone else; reopen the app."))
     if _account_live(account):
         return _account_seen(account, profile)
@@ -266,6 +279,6 @@ def frame_session_renew(
         tokens=_frame_tokenset(
             account.portal, account.user_id, access_token, refresh_token, expires_in
         ),
-        is_admin=bool(profile.get("ADMIN")),
+        is_admin=profile.admin,
         from_frame=True,
     )

@@ -11,14 +11,14 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from b24app.ids import parse_id
 from b24app.portals import bindings
 from b24app.portals.bindings import binding_add, bindings_ensure, bindings_read
 from b24app.portals.bitrix import BitrixError, BitrixUnavailable, TokenSet
+from b24app.portals.bitrix.methods import profile_get
 from b24app.portals.models import Account, Portal
 from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S, parse_rate
 from b24app.portals.selectors import portal_admin_account
-from b24app.portals.services.accounts import _profile_name, account_client, account_tokens_store
+from b24app.portals.services.accounts import account_client, account_tokens_store
 from b24app.portals.services.clients import _client
 from b24app.portals.services.exceptions import BUSY_MESSAGE, PortalError
 from b24app.portals.services.portals import portal_upsert
@@ -50,9 +50,6 @@ def _frame_tokens(
         scope=verified.scope,
         member_id=verified.member_id,
         user_id=verified.user_id,
-        client_endpoint=verified.client_endpoint,
-        server_endpoint=verified.oauth_server + "/rest/",
-        status=verified.status,
     )
 
 
@@ -85,15 +82,17 @@ def portal_install(*, auth: dict[str, str], app_url: str) -> Portal:
         limiter_max_wait=WEB_LIMITER_WAIT_S,
     )
     try:
-        profile = client.call("profile") or {}
+        profile = profile_get(client)
     except BitrixUnavailable as exc:
         raise PortalError(BUSY_MESSAGE, code="unavailable") from exc
-    except BitrixError as exc:
+    except BitrixError as exc:  # a non-object answer too (`BitrixInvalidResponse`)
         raise PortalError(_("Bitrix24 did not tell who is installing the app; try again.")) from exc
-    user_id = parse_id(profile.get("ID") or verified.user_id or 0) or 0
+    # Who installs is who `profile` names: an odd ID ("²") is no one, not app.info's user_id,
+    # since the `ADMIN` beside it speaks for the profile's user.
+    user_id = profile.id or 0
     if not user_id:
         raise PortalError(_("Bitrix24 did not tell who is installing the app; try again."))
-    if not profile.get("ADMIN"):
+    if not profile.admin:  # JSON `true` only: a portal's "N" or "0" is no administrator
         raise PortalError(
             _("Only a Bitrix24 administrator can install this app."), code="not_admin"
         )
@@ -107,7 +106,7 @@ def portal_install(*, auth: dict[str, str], app_url: str) -> Portal:
             tokens=tokens,
             is_installer=True,
             is_admin=True,
-            display_name=_profile_name(profile),
+            display_name=profile.name,
         )
     try:
         bindings_ensure(client, app_url)

@@ -10,11 +10,11 @@ from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
 from b24app.portals.bitrix import BitrixError, BitrixUnavailable
+from b24app.portals.bitrix.methods import app_info_get, profile_get
 from b24app.portals.models import Account, Portal
 from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S
 from b24app.portals.selectors import portal_connection_account
 from b24app.portals.services.accounts import (
-    _profile_name,
     account_client,
     account_tokens_refresh,
     account_tokens_store,
@@ -53,20 +53,20 @@ def portal_reconnect(*, portal: Portal, code: str, operator: str) -> Account:
     if tokens.member_id != portal.member_id or not tokens.user_id:
         raise PortalError(_("Bitrix24 issued tokens for another portal; nothing was changed."))
     try:
-        profile = _portal_client(
-            portal, tokens.access_token, limiter_max_wait=WEB_LIMITER_WAIT_S
-        ).call("profile")
+        profile = profile_get(
+            _portal_client(portal, tokens.access_token, limiter_max_wait=WEB_LIMITER_WAIT_S)
+        )
     except BitrixUnavailable as exc:
         raise PortalError(BUSY_MESSAGE, code="unavailable") from exc
     except BitrixError as exc:
         raise PortalError(
             _("Bitrix24 did not tell who authorized the reconnect; nothing was changed.")
         ) from exc
-    if not isinstance(profile, dict) or str(profile.get("ID", "")) != str(tokens.user_id):
+    if profile.id != tokens.user_id:
         raise PortalError(
             _("Bitrix24 did not tell who authorized the reconnect; nothing was changed.")
         )
-    if profile.get("ADMIN") is not True:
+    if not profile.admin:
         logger.warning(
             "reconnect refused portal=%s user=%s by=%s error=not_admin",
             portal.member_id,
@@ -88,7 +88,7 @@ def portal_reconnect(*, portal: Portal, code: str, operator: str) -> Account:
             tokens=tokens,
             is_installer=True,
             is_admin=True,
-            display_name=_profile_name(profile),
+            display_name=profile.name,
         )
         portal = Portal.objects.select_for_update().get(pk=portal.pk)
         if (
@@ -107,13 +107,13 @@ def portal_verify(*, portal: Portal) -> str:
     if account is None:
         raise PortalError(_("No user of this portal has working tokens; reconnect via OAuth."))
     try:
-        info = account_client(account).call("app.info") or {}
+        info = app_info_get(account_client(account))
     except BitrixError as exc:
         raise PortalError(f"Bitrix24 answered {exc.code}.") from exc
     Portal.objects.filter(pk=portal.pk).update(
-        last_seen_at=timezone.now(), app_status=str(info.get("STATUS") or portal.app_status)[:1]
+        last_seen_at=timezone.now(), app_status=(info.status or portal.app_status)[:1]
     )
-    return "installed" if info.get("INSTALLED") else "not fully installed"
+    return "installed" if info.installed else "not fully installed"
 
 
 def portal_tokens_refresh(*, portal: Portal) -> tuple[int, int]:

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from django.utils.translation import gettext_lazy as _
 
-from b24app.ids import parse_id
 from b24app.portals import crypto
 from b24app.portals.bitrix import (
     BitrixError,
@@ -18,6 +17,7 @@ from b24app.portals.bitrix import (
     client_endpoint_for,
     oauth_origin_for,
 )
+from b24app.portals.bitrix.methods import trusted_app_info_parse
 from b24app.portals.models import Portal
 from b24app.portals.services.clients import oauth_server, require_configured
 from b24app.portals.services.exceptions import VerificationFailed
@@ -82,33 +82,31 @@ def auth_verify(
                 code="unavailable",
             )
         raise VerificationFailed(_("Bitrix24 did not confirm the authorization."), code="rejected")
-    install = info.get("install") if isinstance(info.get("install"), dict) else {}
-    if str(info.get("client_id", "")) != config.client_id:
+    vouched = trusted_app_info_parse(info)
+    if vouched.client_id != config.client_id:
         raise VerificationFailed(_("The authorization was issued to another app."), code="mismatch")
-    if str(install.get("member_id", "")) != member_id:
+    if vouched.member_id != member_id:
         raise VerificationFailed(_("The authorization belongs to another portal."), code="mismatch")
-    vouched_domain = str(install.get("domain", "")).lower()
-    if domain is not None and vouched_domain != domain.lower():
+    if domain is not None and vouched.domain != domain.lower():
         raise VerificationFailed(_("The authorization belongs to another domain."), code="mismatch")
     try:
         base = check_base_url(
-            str(install.get("client_endpoint") or f"https://{vouched_domain}/rest/"),
+            vouched.client_endpoint or f"https://{vouched.domain}/rest/",
             allow_private=config.allow_private,
         )
     except UnsafeURL as exc:
         raise VerificationFailed(
             _("The portal's address is not one this app may talk to."), code="unsafe_portal"
         ) from exc
-    user_id = info.get("user_id")
     return VerifiedAuth(
         oauth_server=origin,
         member_id=member_id,
-        domain=vouched_domain,
+        domain=vouched.domain,
         client_endpoint=client_endpoint_for(base),
-        user_id=parse_id(user_id) or None,
-        status=str(install.get("status") or ""),
-        scope=str(info.get("scope") or install.get("scope") or ""),
-        installed=bool(install.get("installed")),
+        user_id=vouched.user_id or None,
+        status=vouched.status,
+        scope=vouched.scope,
+        installed=vouched.installed,
     )
 
 
