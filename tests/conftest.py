@@ -204,21 +204,6 @@ def browser_page(chromium):
         context.close()
 
 
-def test_database_url() -> str:
-    """A DATABASE_URL naming the test database, for processes the test starts (PostgreSQL)."""
-    from django.db import connection
-
-    database = connection.settings_dict
-    password = f":{database['PASSWORD']}" if database.get("PASSWORD") else ""
-    return (
-        f"postgres://{database['USER']}{password}@{database['HOST']}:{database['PORT']}"
-        f"/{database['NAME']}"
-    )
-
-
-test_database_url.__test__ = False  # a helper, not a test
-
-
 @pytest.fixture
 def celery_worker_process(fake, settings, tmp_path):
     """A real `celery -A b24app worker` (prefork, 2 processes) on the run's Redis broker and

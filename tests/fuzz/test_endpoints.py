@@ -63,7 +63,7 @@ from hypothesis import strategies as st
 from b24app.portals import crypto, frame
 from b24app.portals.models import Account, Portal
 from results.models import ResultChange
-from tests.portals.support import install, post_frame
+from tests.support.portals import install, post_frame
 
 from .profiles import fuzz_profile
 

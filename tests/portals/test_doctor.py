@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from b24app.portals.doctor import PROBE_TEXT
-from tests.portals.support import install, issued_tokens
+from tests.support.portals import install, issued_tokens
 
 pytestmark = pytest.mark.django_db
 

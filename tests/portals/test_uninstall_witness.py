@@ -16,8 +16,8 @@ from b24app.portals import services
 from b24app.portals.bitrix import BitrixError
 from b24app.portals.models import Account, Portal
 from results.models import ResultChange
-from tests.portals.support import install, kill_installer_tokens, post_event, post_frame
-from tests.results.support import add, frame_token
+from tests.support.portals import install, kill_installer_tokens, post_event, post_frame
+from tests.support.results import add, frame_token
 
 pytestmark = pytest.mark.django_db
 

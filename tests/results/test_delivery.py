@@ -22,7 +22,7 @@ from results import services
 from results.models import PortalOutbox, ResultChange
 from results.services import delivery
 from results.tasks import result_change_deliver_task, result_changes_sweep_task
-from tests.results.support import (
+from tests.support.results import (
     acting_user,
     add,
     applied,

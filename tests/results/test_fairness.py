@@ -24,7 +24,7 @@ from results import selectors, services
 from results.models import PortalOutbox, ResultChange
 from results.services import backoff
 from results.tasks import result_changes_purge_task, result_changes_sweep_task
-from tests.results.support import (
+from tests.support.results import (
     add,
     applied,
     carried_out,

@@ -21,7 +21,7 @@ from b24app.portals.services import rate_limiter
 from results import selectors
 from results.models import PortalOutbox, ResultChange
 from results.tasks import result_changes_sweep_task
-from tests.results.support import (
+from tests.support.results import (
     acting_user,
     add,
     applied,

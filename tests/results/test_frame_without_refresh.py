@@ -18,8 +18,8 @@ from b24app.portals.models import Account, Portal
 from b24app.portals.services import AccountAwaitingSignIn
 from results import services
 from results.models import ResultChange
-from tests.portals.support import kill_installer_tokens, post_frame
-from tests.results.support import (
+from tests.support.portals import kill_installer_tokens, post_frame
+from tests.support.results import (
     applied,
     edit,
     frame_get,

@@ -20,7 +20,7 @@ from b24app.portals.services import rate_limiter
 from results import services
 from results.models import ResultChange
 from results.tasks import result_change_deliver_task
-from tests.results.support import (
+from tests.support.results import (
     UNLIMITED,
     add,
     applied,

@@ -9,7 +9,7 @@ import pytest
 
 from b24app.portals import frame, services
 from b24app.portals.models import Account, Portal
-from tests.portals.support import install, kill_installer_tokens, post_frame
+from tests.support.portals import install, kill_installer_tokens, post_frame
 
 pytestmark = pytest.mark.django_db
 

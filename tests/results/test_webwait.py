@@ -27,8 +27,8 @@ from b24app.portals.services import accounts, clients
 from b24app.portals.tasks import portal_bindings_check_task
 from results.models import ResultChange
 from results.tasks import result_change_deliver_task
-from tests.portals.support import post_event, post_frame
-from tests.results.support import (
+from tests.support.portals import post_event, post_frame
+from tests.support.results import (
     add,
     applied,
     frame_post,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from tests.celery_worker import kill_worker, start_worker, stop_worker  # noqa: F401 - used by tests
-from tests.portals.support import install, post_frame
+from tests.support.portals import install, post_frame
 
 FRAME_TOKEN = re.compile(r'data-frame-token="([^"]+)"')
 WRITE_METHODS = ("tasks.task.result.add", "tasks.task.result.update", "tasks.task.result.delete")
