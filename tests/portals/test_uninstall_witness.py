@@ -16,8 +16,8 @@ from b24app.portals import services
 from b24app.portals.bitrix import BitrixError
 from b24app.portals.models import Account, Portal
 from results.models import ResultChange
-from tests.support.portals import install, kill_installer_tokens, post_event, post_frame
-from tests.support.results import add, frame_token
+from tests.support.portals import kill_installer_tokens, post_event, post_frame
+from tests.support.results import add, frame_token, installed_task
 
 pytestmark = pytest.mark.django_db
 
@@ -37,10 +37,9 @@ def _forged_uninstall(portal, clean: int = 1):
 
 @pytest.fixture
 def task(client, portal):
-    assert install(client, portal, ANNA).status_code == 200
-    task = portal.add_task(title="Quarterly report")
-    portal.add_result(task, author_id=ANNA, text="Figures checked")
-    return task
+    return installed_task(
+        client, portal, user_id=ANNA, title="Quarterly report", results=["Figures checked"]
+    )
 
 
 def test_forged_uninstall_by_a_plain_user_with_a_garbage_refresh_id_deletes_nothing(

@@ -28,7 +28,7 @@ from tests.support.results import (
     carried_out,
     delete,
     edit,
-    installed,
+    installed_task,
     kill_worker,
     open_screen,
     start_worker,
@@ -72,11 +72,11 @@ def task(client, fake, portal, settings):
     """Installed by Anna; a portal whose request budget (and caps on queued changes) are not
     what these tests are about."""
     settings.RESULTS_QUEUED_PER_ACCOUNT = settings.RESULTS_QUEUED_PER_PORTAL = 10_000
-    installed(client, portal, ANNA)
+    task_id = installed_task(client, portal, user_id=ANNA, title="Quarterly report")
     portal.set_rate_limit(1000, 500.0)
     Portal.objects.update(rate_limit="1000/500")
     rate_limiter().reset(portal.member_id)
-    return portal.add_task(title="Quarterly report")
+    return task_id
 
 
 @pytest.fixture

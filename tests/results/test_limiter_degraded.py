@@ -25,7 +25,7 @@ from tests.support.results import (
     add,
     applied,
     html,
-    installed,
+    installed_task,
     open_screen,
     texts,
     writes,
@@ -40,10 +40,8 @@ def task(client, portal, settings):
     """The app installed by Anna, a task with one result, and then Redis gone."""
     settings.B24_RATE_LIMIT = UNLIMITED
     portal.set_rate_limit(100000, 100000.0)
-    installed(client, portal, ANNA)
+    task_id = installed_task(client, portal, user_id=ANNA, results=["Report sent"])
     Portal.objects.update(rate_limit=UNLIMITED)
-    task_id = portal.add_task(title="Prepare the quarterly report")
-    portal.add_result(task_id, author_id=ANNA, text="Report sent")
     settings.REDIS_URL = DOWN_REDIS
     return task_id
 
