@@ -111,6 +111,17 @@ def _fresh_portal_breakers():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_factory_sequences():
+    """Each test's factory rows are numbered from 1 (tests/support/factories.py), whichever
+    tests built rows before it. Only once a test has imported the factories: the emulator's own
+    tests run without Django."""
+    factories = sys.modules.get("tests.support.factories")
+    if factories is not None:
+        factories.reset_sequences()
+    yield
+
+
 @pytest.fixture
 def fake(settings):
     """A fake Bitrix24 (OAuth server + portals) on loopback, trusted by the app's settings."""

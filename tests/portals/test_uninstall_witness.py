@@ -16,6 +16,7 @@ from b24app.portals import services
 from b24app.portals.bitrix import BitrixError
 from b24app.portals.models import Account, Portal
 from results.models import ResultChange
+from tests.support.factories import PortalFactory
 from tests.support.portals import kill_installer_tokens, post_event, post_frame
 from tests.support.results import add, frame_token, installed_task
 
@@ -218,7 +219,7 @@ def test_a_redirect_app_info_does_not_confirm_is_not_stored(client, portal, task
 
 
 def test_a_vouched_move_to_a_domain_another_portal_holds_is_not_stored(client, fake, portal, task):
-    other = Portal.objects.create(
+    other = PortalFactory(
         member_id="b" * 32, domain="", client_endpoint="", oauth_server=fake.oauth_url
     )
     new_domain = portal.change_domain()

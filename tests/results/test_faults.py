@@ -21,6 +21,7 @@ from b24app.portals.services import rate_limiter
 from results import selectors
 from results.models import PortalOutbox, ResultChange
 from results.tasks import result_changes_sweep_task
+from tests.support.factories import ResultChangeFactory
 from tests.support.results import (
     acting_user,
     add,
@@ -419,9 +420,7 @@ def _backlog(portal, tasks: list[int], per_task: int) -> None:
 
 
 def _change(account, task_id: int, action: str, **fields) -> ResultChange:
-    return ResultChange(
-        portal=account.portal, account=account, task_id=task_id, action=action, **fields
-    )
+    return ResultChangeFactory.build(account=account, task_id=task_id, action=action, **fields)
 
 
 @pytest.mark.timeout(300)

@@ -20,6 +20,7 @@ from b24app.portals.services import rate_limiter
 from results import services
 from results.models import ResultChange
 from results.tasks import result_change_deliver_task
+from tests.support.factories import ResultChangeFactory
 from tests.support.results import (
     UNLIMITED,
     add,
@@ -114,7 +115,7 @@ def test_delivery_inside_shared_pacing_only_sends_nothing_and_the_worker_sends_i
     limiter, the change stays queued, counted as no attempt; the worker's attempt, outside the
     gate, paces on its own and delivers it."""
     open_screen(client, portal, BORIS, task)
-    change = ResultChange.objects.create(
+    change = ResultChangeFactory(
         portal=Portal.objects.get(),
         account=Portal.objects.get().accounts.get(user_id=BORIS),
         task_id=task,
