@@ -745,7 +745,7 @@ def _child_web(payload: dict) -> dict:
     from django.test import Client
     from django.test.utils import override_settings
 
-    from tests.portals.support import post_frame
+    from tests.support.portals import post_frame
 
     after_setup = _max_rss_mb()
     statuses = []

@@ -162,7 +162,7 @@ def _run(fake: Any, count: int) -> int:
 
     from b24app.portals import services
     from b24app.portals.models import Portal
-    from tests.portals.support import install
+    from tests.support.portals import install
 
     portal = fake.add_portal(rate_limit=NO_LIMIT)
     portal.set_rate_limit(*NO_LIMIT)
@@ -243,7 +243,7 @@ def _clear_records(fake: Any, portal: Any) -> None:
 
 
 def _screens(client, fake, portal, task, user, stopwatch, http, count) -> tuple[Series, str]:
-    from tests.portals.support import post_frame
+    from tests.support.portals import post_frame
 
     series = Series("screen open")
     options = {"taskId": str(task)}

@@ -17,7 +17,7 @@ def start_worker(fake, settings, log_path, name: str, concurrency: int = 2, env=
     from pathlib import Path
 
     from b24app.celery import app
-    from tests.conftest import test_database_url
+    from tests.support.db import test_database_url
 
     env = {
         **os.environ,

@@ -111,6 +111,17 @@ def _fresh_portal_breakers():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_factory_sequences():
+    """Each test's factory rows are numbered from 1 (tests/support/factories.py), whichever
+    tests built rows before it. Only once a test has imported the factories: the emulator's own
+    tests run without Django."""
+    factories = sys.modules.get("tests.support.factories")
+    if factories is not None:
+        factories.reset_sequences()
+    yield
+
+
 @pytest.fixture
 def fake(settings):
     """A fake Bitrix24 (OAuth server + portals) on loopback, trusted by the app's settings."""
@@ -202,21 +213,6 @@ def browser_page(chromium):
         yield context.new_page()
     finally:
         context.close()
-
-
-def test_database_url() -> str:
-    """A DATABASE_URL naming the test database, for processes the test starts (PostgreSQL)."""
-    from django.db import connection
-
-    database = connection.settings_dict
-    password = f":{database['PASSWORD']}" if database.get("PASSWORD") else ""
-    return (
-        f"postgres://{database['USER']}{password}@{database['HOST']}:{database['PORT']}"
-        f"/{database['NAME']}"
-    )
-
-
-test_database_url.__test__ = False  # a helper, not a test
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ def test_non_frame_pages_forbid_framing(client):
 
 @pytest.mark.django_db
 def test_frame_page_allows_exactly_the_portal_origin(client, portal):
-    from tests.portals.support import install, post_frame
+    from tests.support.portals import install, post_frame
 
     install(client, portal)
     task_id = portal.add_task(title="Prepare the report")

@@ -23,10 +23,10 @@ from results.models import ResultChange
 from results.tasks import result_change_deliver_task, result_changes_sweep_task
 from tests.appserver import AppServer
 from tests.celery_worker import descendants
-from tests.conftest import test_database_url
-from tests.faults.support import LiveClient, TcpProxy, start_web
-from tests.portals.support import post_frame
-from tests.results.support import (
+from tests.support.db import test_database_url
+from tests.support.faults import LiveClient, TcpProxy, start_web
+from tests.support.portals import post_frame
+from tests.support.results import (
     add,
     applied,
     edit,

@@ -23,10 +23,10 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from tests.conftest import test_database_url
-from tests.faults.support import LiveClient, start_web
-from tests.portals.support import post_frame
-from tests.results.support import frame_token, installed
+from tests.support.db import test_database_url
+from tests.support.faults import LiveClient, start_web
+from tests.support.portals import post_frame
+from tests.support.results import frame_token, installed
 
 pytestmark = [
     pytest.mark.postgres,

@@ -63,7 +63,8 @@ from hypothesis import strategies as st
 from b24app.portals import crypto, frame
 from b24app.portals.models import Account, Portal
 from results.models import ResultChange
-from tests.portals.support import install, post_frame
+from tests.support.factories import ResultChangeFactory
+from tests.support.portals import install, post_frame
 
 from .profiles import fuzz_profile
 
@@ -170,7 +171,7 @@ class World:
             "b1": Account.objects.get(portal=self.portal_b, user_id=1),
         }
         self.changes = {
-            key: ResultChange.objects.create(
+            key: ResultChangeFactory(
                 portal=self.accounts[key].portal,
                 account=self.accounts[key],
                 task_id=self.task,

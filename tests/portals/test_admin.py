@@ -8,6 +8,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from b24app.portals.models import Account, Portal
+from tests.support.factories import AccountFactory, PortalFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -15,15 +16,10 @@ pytestmark = pytest.mark.django_db
 def _portals(first: int, count: int, users: int) -> list[Portal]:
     portals = []
     for number in range(first, first + count):
-        portal = Portal.objects.create(
-            member_id=f"{number:032x}",
-            domain=f"portal{number:03d}.bitrix24.com",
-            client_endpoint=f"https://portal{number:03d}.bitrix24.com/rest/",
-            state=Portal.State.ACTIVE,
-        )
+        portal = PortalFactory(number=number, domain=f"portal{number:03d}.bitrix24.com")
         error = f"QUERY_LIMIT_EXCEEDED on portal {number}"
         for user_id in range(1, users + 1):
-            Account.objects.create(
+            AccountFactory(
                 portal=portal,
                 user_id=user_id,
                 display_name=f"User {user_id}",

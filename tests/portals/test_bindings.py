@@ -17,7 +17,7 @@ from django.utils import timezone
 from b24app.portals import services
 from b24app.portals.models import Account, Portal
 from b24app.portals.tasks import portal_bindings_check_task, portals_bindings_check_task
-from tests.portals.support import install, post_frame
+from tests.support.portals import install, post_frame
 
 ANNA, BORIS = 1, 2
 ALL_BOUND = {"TASK_VIEW_TAB", "ONAPPUNINSTALL", "ONAPPUPDATE"}
@@ -112,7 +112,7 @@ def test_update_with_a_broker_checks_now_and_once_more_after_it_settled(
 ):
     """With a broker: one check right away (left due), one `BINDINGS_SETTLE_S` later."""
     from b24app.celery import app as celery_app
-    from tests.portals.support import post_event
+    from tests.support.portals import post_event
 
     install(client, portal)
     queued = []

@@ -12,7 +12,8 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from b24app.portals.doctor import PROBE_TEXT
-from tests.portals.support import install, issued_tokens
+from tests.support.portals import issued_tokens
+from tests.support.results import installed_task
 
 pytestmark = pytest.mark.django_db
 
@@ -28,11 +29,8 @@ WRITES = (
 
 @pytest.fixture
 def task(client, portal):
-    assert install(client, portal).status_code == 200
-    task_id = portal.add_task(title="Checked by the doctor")
-    for n in range(45):
-        portal.add_result(task_id, author_id=2, text=f"Result {n}")
-    return task_id
+    results = [(2, f"Result {n}") for n in range(45)]
+    return installed_task(client, portal, title="Checked by the doctor", results=results)
 
 
 def doctor(portal, *args) -> tuple[int, dict[str, tuple[str, str]], str]:

@@ -11,7 +11,7 @@ from django.utils import timezone
 from b24app.portals import services
 from b24app.portals.models import Account, EventReceipt, Portal
 from b24app.portals.tasks import event_receipts_purge_task
-from tests.portals.support import install, post_event, uninstall_body
+from tests.support.portals import install, post_event, uninstall_body
 
 pytestmark = pytest.mark.django_db
 

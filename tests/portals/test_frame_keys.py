@@ -10,7 +10,7 @@ from django.core import signing
 from b24app.portals import frame
 from b24app.portals.models import Account
 from results.models import ResultChange
-from tests.results.support import frame_get, installed, open_screen
+from tests.support.results import frame_get, installed, open_screen
 
 pytestmark = pytest.mark.django_db
 

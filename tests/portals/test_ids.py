@@ -8,7 +8,7 @@ import pytest
 from b24app.ids import parse_id
 from b24app.portals.models import Account, EventReceipt, Portal
 from results.models import ResultChange
-from tests.portals.support import install, post_event, post_frame
+from tests.support.portals import install, post_event, post_frame
 
 ODD_IDS = ["²", "١", "１", "1²", "1_000", " 1", "1\n", "+1", "-1", "0x1", "1.0", "9" * 19, ""]
 

@@ -5,7 +5,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import pytest
 
 from b24app.portals.models import Account, Portal
-from tests.portals.support import install, post_frame
+from tests.support.portals import install, post_frame
 
 pytestmark = pytest.mark.django_db
 

@@ -21,7 +21,7 @@ from b24app.portals import services
 from b24app.portals.bitrix import TokenSet
 from b24app.portals.models import Account, Portal
 from b24app.portals.views import OAUTH_SESSION_KEY, OAUTH_STATE_SALT
-from tests.portals.support import install, issued_tokens, kill_installer_tokens, post_frame
+from tests.support.portals import install, issued_tokens, kill_installer_tokens, post_frame
 
 pytestmark = pytest.mark.django_db
 

@@ -21,7 +21,7 @@ from b24app.portals import services
 from b24app.portals.bitrix import BitrixAuthError, BitrixError, BitrixUnavailable, TokenSet
 from b24app.portals.models import Account, Portal
 from tests.appserver import free_port
-from tests.portals.support import install, post_frame
+from tests.support.portals import install, post_frame
 
 ROOT = Path(__file__).resolve().parents[2]
 

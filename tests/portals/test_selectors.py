@@ -7,31 +7,21 @@ from django.utils import timezone
 
 from b24app.portals import selectors
 from b24app.portals.models import Account, Portal
+from tests.support.factories import AccountFactory, PortalFactory
 
 pytestmark = pytest.mark.django_db
 
 
-def _portal(number: int, state: str = Portal.State.ACTIVE) -> Portal:
-    return Portal.objects.create(
-        member_id=f"{number:032x}",
-        domain=f"portal{number}.bitrix24.com",
-        client_endpoint=f"https://portal{number}.bitrix24.com/rest/",
-        state=state,
-    )
-
-
-def _account(portal: Portal, user_id: int, **fields) -> Account:
-    return Account.objects.create(
-        portal=portal, user_id=user_id, refresh_token_encrypted="stored", **fields
-    )
-
-
 def test_portals_overview_counts_accounts_and_names_the_latest_refresh_error():
-    busy, quiet, empty = _portal(1), _portal(2), _portal(3)
-    _account(busy, 1, last_refresh_error="QUERY_LIMIT_EXCEEDED: temporary, will retry")
-    latest = _account(busy, 2, last_refresh_error="Refresh token rejected by Bitrix24")
-    _account(busy, 3)
-    _account(quiet, 1)
+    busy, quiet, empty = PortalFactory.create_batch(3)  # portal1…3.bitrix24.com
+    AccountFactory(
+        portal=busy, user_id=1, last_refresh_error="QUERY_LIMIT_EXCEEDED: temporary, will retry"
+    )
+    latest = AccountFactory(
+        portal=busy, user_id=2, last_refresh_error="Refresh token rejected by Bitrix24"
+    )
+    AccountFactory(portal=busy, user_id=3)
+    AccountFactory(portal=quiet, user_id=1)
     Account.objects.filter(pk=latest.pk).update(updated_at=timezone.now() + timedelta(minutes=1))
 
     overview = {portal.pk: portal for portal in selectors.portals_overview()}
@@ -49,9 +39,9 @@ def test_portals_overview_counts_accounts_and_names_the_latest_refresh_error():
 def test_portals_overview_counts_only_what_a_page_shows(django_assert_num_queries):
     """The paginator's count and a page are one query each, however many accounts there are."""
     for number in range(1, 6):
-        portal = _portal(number)
+        portal = PortalFactory(number=number)
         for user_id in range(1, number + 1):
-            _account(portal, user_id, last_refresh_error=f"error {number}")
+            AccountFactory(portal=portal, user_id=user_id, last_refresh_error=f"error {number}")
 
     with django_assert_num_queries(2):
         assert selectors.portals_overview().count() == 5
@@ -64,8 +54,8 @@ def test_portals_overview_counts_only_what_a_page_shows(django_assert_num_querie
 
 
 def test_portals_overview_in_one_state_only():
-    active, blocked = _portal(1), _portal(2, Portal.State.BLOCKED)
-    _account(blocked, 1)
+    active, blocked = PortalFactory(number=1), PortalFactory(number=2, state=Portal.State.BLOCKED)
+    AccountFactory(portal=blocked, user_id=1)
 
     assert [p.pk for p in selectors.portals_overview(state=Portal.State.BLOCKED)] == [blocked.pk]
     assert selectors.portals_overview(state=Portal.State.BLOCKED).get().accounts_count == 1
@@ -73,20 +63,25 @@ def test_portals_overview_in_one_state_only():
 
 
 def test_portal_by_member_id():
-    portal = _portal(1)
+    portal = PortalFactory(number=1)
     assert selectors.portal_by_member_id(portal.member_id) == portal
     assert selectors.portal_by_member_id(f"{2:032x}") is None
 
 
 def test_keepalive_batch_is_the_oldest_idle_accounts_ids_and_versions(monkeypatch):
-    portal, blocked_portal = _portal(1), _portal(2, state=Portal.State.BLOCKED)
+    portal, blocked_portal = PortalFactory(), PortalFactory(state=Portal.State.BLOCKED)
     now = timezone.now()
-    oldest = _account(portal, 1, tokens_issued_at=now - timedelta(days=170), token_version=4)
-    older = _account(portal, 2, tokens_issued_at=now - timedelta(days=160), token_version=2)
-    _account(portal, 3, tokens_issued_at=now - timedelta(days=155))
-    _account(portal, 4, tokens_issued_at=now - timedelta(days=149))  # not idle long enough
-    _account(portal, 5, tokens_issued_at=now - timedelta(days=200), state=Account.State.BLOCKED)
-    _account(blocked_portal, 1, tokens_issued_at=now - timedelta(days=200))
+
+    def idle(days: int, user_id: int, on=portal, **fields) -> Account:
+        issued_at = now - timedelta(days=days)
+        return AccountFactory(portal=on, user_id=user_id, tokens_issued_at=issued_at, **fields)
+
+    oldest = idle(170, 1, token_version=4)
+    older = idle(160, 2, token_version=2)
+    idle(155, 3)
+    idle(149, 4)  # not idle long enough
+    idle(200, 5, state=Account.State.BLOCKED)
+    idle(200, 1, on=blocked_portal)
     monkeypatch.setattr(selectors, "KEEPALIVE_BATCH", 2)
 
     assert selectors.accounts_keepalive_batch() == [(oldest.pk, 4), (older.pk, 2)]
@@ -96,12 +91,10 @@ def test_connection_account_is_one_that_can_refresh():
     """The portal's own work (verify, uninstall check) outlives any frame: an account holding
     only an access token (Bitrix24 opened the app without REFRESH_ID) is never the connection,
     even the installer's."""
-    portal = _portal(1)
-    Account.objects.create(
-        portal=portal, user_id=1, is_installer=True, is_admin=True, access_token_encrypted="x"
-    )
-    admin = _account(portal, 2, is_admin=True)
-    _account(portal, 3, state=Account.State.WAITING, is_admin=True)
+    portal = PortalFactory(number=1)
+    AccountFactory(portal=portal, user_id=1, is_installer=True, is_admin=True, refresh_token="")
+    admin = AccountFactory(portal=portal, user_id=2, is_admin=True)
+    AccountFactory(portal=portal, user_id=3, state=Account.State.WAITING, is_admin=True)
 
     assert selectors.portal_connection_account(portal) == admin
     Account.objects.filter(pk=admin.pk).update(refresh_token_encrypted="")

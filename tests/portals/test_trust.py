@@ -11,7 +11,7 @@ from b24app.portals import services
 from b24app.portals.bitrix import TokenSet
 from b24app.portals.models import Account, Portal
 from b24app.portals.tasks import accounts_keepalive_task
-from tests.portals.support import install, issued_tokens, post_event, uninstall_body
+from tests.support.portals import install, issued_tokens, post_event, uninstall_body
 
 pytestmark = pytest.mark.django_db
 

@@ -16,8 +16,9 @@ from b24app.portals import services
 from b24app.portals.bitrix import BitrixError
 from b24app.portals.models import Account, Portal
 from results.models import ResultChange
-from tests.portals.support import install, kill_installer_tokens, post_event, post_frame
-from tests.results.support import add, frame_token
+from tests.support.factories import PortalFactory
+from tests.support.portals import kill_installer_tokens, post_event, post_frame
+from tests.support.results import add, frame_token, installed_task
 
 pytestmark = pytest.mark.django_db
 
@@ -37,10 +38,9 @@ def _forged_uninstall(portal, clean: int = 1):
 
 @pytest.fixture
 def task(client, portal):
-    assert install(client, portal, ANNA).status_code == 200
-    task = portal.add_task(title="Quarterly report")
-    portal.add_result(task, author_id=ANNA, text="Figures checked")
-    return task
+    return installed_task(
+        client, portal, user_id=ANNA, title="Quarterly report", results=["Figures checked"]
+    )
 
 
 def test_forged_uninstall_by_a_plain_user_with_a_garbage_refresh_id_deletes_nothing(
@@ -219,7 +219,7 @@ def test_a_redirect_app_info_does_not_confirm_is_not_stored(client, portal, task
 
 
 def test_a_vouched_move_to_a_domain_another_portal_holds_is_not_stored(client, fake, portal, task):
-    other = Portal.objects.create(
+    other = PortalFactory(
         member_id="b" * 32, domain="", client_endpoint="", oauth_server=fake.oauth_url
     )
     new_domain = portal.change_domain()

@@ -2,27 +2,26 @@
 
 import pytest
 
-from b24app.portals.models import Account, Portal
-from results.models import ResultChange
+from tests.support.factories import AccountFactory, PortalFactory, ResultChangeFactory
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def changes():
-    portal = Portal.objects.create(
+    portal = PortalFactory(
         member_id="a" * 32,
         domain="one.bitrix24.com",
         client_endpoint="https://one.bitrix24.com/rest/",
     )
-    other = Portal.objects.create(
+    other = PortalFactory(
         member_id="b" * 32,
         domain="two.bitrix24.com",
         client_endpoint="https://two.bitrix24.com/rest/",
     )
-    anna = Account.objects.create(portal=portal, user_id=1, display_name="Anna Smirnova")
-    olga = Account.objects.create(portal=other, user_id=7, display_name="Olga Ivanova")
-    failed = ResultChange.objects.create(
+    anna = AccountFactory(portal=portal, user_id=1, display_name="Anna Smirnova")
+    olga = AccountFactory(portal=other, user_id=7, display_name="Olga Ivanova")
+    failed = ResultChangeFactory(
         portal=portal,
         account=anna,
         task_id=5,
@@ -34,7 +33,7 @@ def changes():
         last_error="BITRIX_REST_V3_EXCEPTION_ACCESSDENIEDEXCEPTION",
         last_error_message="Bitrix24 does not let you change this result (only its author can).",
     )
-    saved = ResultChange.objects.create(
+    saved = ResultChangeFactory(
         portal=other, account=olga, task_id=9, action="add", text_after="done", state="saved"
     )
     return failed, saved

@@ -22,7 +22,7 @@ from results import services
 from results.models import PortalOutbox, ResultChange
 from results.services import delivery
 from results.tasks import result_change_deliver_task, result_changes_sweep_task
-from tests.results.support import (
+from tests.support.results import (
     acting_user,
     add,
     applied,
@@ -31,7 +31,7 @@ from tests.results.support import (
     frame_get,
     frame_post,
     html,
-    installed,
+    installed_task,
     open_screen,
     texts,
     writes,
@@ -49,8 +49,7 @@ ANNA, BORIS = 1, 2
 @pytest.fixture
 def task(client, portal):
     """The app installed by Anna (the admin) and a task everyone can see."""
-    installed(client, portal, ANNA)
-    return portal.add_task(title="Prepare the quarterly report")
+    return installed_task(client, portal, user_id=ANNA)
 
 
 def _change(**filters) -> ResultChange:

@@ -24,7 +24,8 @@ from results import selectors, services
 from results.models import PortalOutbox, ResultChange
 from results.services import backoff
 from results.tasks import result_changes_purge_task, result_changes_sweep_task
-from tests.results.support import (
+from tests.support.factories import PortalOutboxFactory, ResultChangeFactory
+from tests.support.results import (
     add,
     applied,
     carried_out,
@@ -54,8 +55,7 @@ def _attempts(portal) -> int:
 def _queue(account: Account, count: int, prefix: str, task_id: int = 1) -> list[ResultChange]:
     """`count` additions by `account`, written to the outbox as the screen writes them."""
     changes = [
-        ResultChange(
-            portal=account.portal,
+        ResultChangeFactory.build(
             account=account,
             task_id=task_id,
             action=ResultChange.Action.ADD,
@@ -207,7 +207,7 @@ def test_queue_cap_holds_under_concurrent_posts(client, fake, portal, celery_eag
     boris = Account.objects.select_related("portal").get(user_id=BORIS)
     _queue(boris, 19, "queued")
     # The portal backs off: the quick try of each edit sends nothing, so they overlap.
-    PortalOutbox.objects.create(
+    PortalOutboxFactory(
         portal=boris.portal, failures=3, resume_at=timezone.now() + timedelta(minutes=5)
     )
     barrier = threading.Barrier(10)

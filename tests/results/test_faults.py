@@ -21,14 +21,15 @@ from b24app.portals.services import rate_limiter
 from results import selectors
 from results.models import PortalOutbox, ResultChange
 from results.tasks import result_changes_sweep_task
-from tests.results.support import (
+from tests.support.factories import ResultChangeFactory
+from tests.support.results import (
     acting_user,
     add,
     applied,
     carried_out,
     delete,
     edit,
-    installed,
+    installed_task,
     kill_worker,
     open_screen,
     start_worker,
@@ -72,11 +73,11 @@ def task(client, fake, portal, settings):
     """Installed by Anna; a portal whose request budget (and caps on queued changes) are not
     what these tests are about."""
     settings.RESULTS_QUEUED_PER_ACCOUNT = settings.RESULTS_QUEUED_PER_PORTAL = 10_000
-    installed(client, portal, ANNA)
+    task_id = installed_task(client, portal, user_id=ANNA, title="Quarterly report")
     portal.set_rate_limit(1000, 500.0)
     Portal.objects.update(rate_limit="1000/500")
     rate_limiter().reset(portal.member_id)
-    return portal.add_task(title="Quarterly report")
+    return task_id
 
 
 @pytest.fixture
@@ -419,9 +420,7 @@ def _backlog(portal, tasks: list[int], per_task: int) -> None:
 
 
 def _change(account, task_id: int, action: str, **fields) -> ResultChange:
-    return ResultChange(
-        portal=account.portal, account=account, task_id=task_id, action=action, **fields
-    )
+    return ResultChangeFactory.build(account=account, task_id=task_id, action=action, **fields)
 
 
 @pytest.mark.timeout(300)

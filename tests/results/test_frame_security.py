@@ -22,8 +22,8 @@ from django.test import Client
 from b24app.portals import frame
 from b24app.portals.models import Account, Portal
 from results.models import ResultChange
-from tests.portals.support import post_frame
-from tests.results.support import (
+from tests.support.portals import post_frame
+from tests.support.results import (
     UNLIMITED,
     acting_user,
     edit,

@@ -18,15 +18,15 @@ from b24app.portals.models import Account, Portal
 from b24app.portals.services import AccountAwaitingSignIn
 from results import services
 from results.models import ResultChange
-from tests.portals.support import kill_installer_tokens, post_frame
-from tests.results.support import (
+from tests.support.portals import kill_installer_tokens, post_frame
+from tests.support.results import (
     applied,
     edit,
     frame_get,
     frame_post,
     frame_token,
     html,
-    installed,
+    installed_task,
     texts,
 )
 
@@ -37,10 +37,7 @@ ANNA, BORIS = 1, 2
 
 @pytest.fixture
 def task(client, portal):
-    installed(client, portal, ANNA)
-    task = portal.add_task(title="Prepare the quarterly report")
-    portal.add_result(task, author_id=ANNA, text="Figures checked")
-    return task
+    return installed_task(client, portal, user_id=ANNA, results=["Figures checked"])
 
 
 def open_without_refresh(client, portal, user_id: int, task: int):

@@ -20,12 +20,13 @@ from b24app.portals.services import rate_limiter
 from results import services
 from results.models import ResultChange
 from results.tasks import result_change_deliver_task
-from tests.results.support import (
+from tests.support.factories import ResultChangeFactory
+from tests.support.results import (
     UNLIMITED,
     add,
     applied,
     html,
-    installed,
+    installed_task,
     open_screen,
     texts,
     writes,
@@ -40,10 +41,8 @@ def task(client, portal, settings):
     """The app installed by Anna, a task with one result, and then Redis gone."""
     settings.B24_RATE_LIMIT = UNLIMITED
     portal.set_rate_limit(100000, 100000.0)
-    installed(client, portal, ANNA)
+    task_id = installed_task(client, portal, user_id=ANNA, results=["Report sent"])
     Portal.objects.update(rate_limit=UNLIMITED)
-    task_id = portal.add_task(title="Prepare the quarterly report")
-    portal.add_result(task_id, author_id=ANNA, text="Report sent")
     settings.REDIS_URL = DOWN_REDIS
     return task_id
 
@@ -116,7 +115,7 @@ def test_delivery_inside_shared_pacing_only_sends_nothing_and_the_worker_sends_i
     limiter, the change stays queued, counted as no attempt; the worker's attempt, outside the
     gate, paces on its own and delivers it."""
     open_screen(client, portal, BORIS, task)
-    change = ResultChange.objects.create(
+    change = ResultChangeFactory(
         portal=Portal.objects.get(),
         account=Portal.objects.get().accounts.get(user_id=BORIS),
         task_id=task,

@@ -1,6 +1,5 @@
 """The placement entry (`POST /b24/app/`) and the server-rendered screen."""
 
-import re
 from datetime import UTC, datetime
 from unittest import mock
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -9,7 +8,9 @@ import pytest
 
 from b24app.portals import frame, services
 from b24app.portals.models import Account, Portal
-from tests.portals.support import install, kill_installer_tokens, post_frame
+from tests.support.portals import install, kill_installer_tokens, post_frame
+from tests.support.results import frame_token
+from tests.support.results import post_screen as open_screen  # any status, any placement
 
 pytestmark = pytest.mark.django_db
 
@@ -27,16 +28,6 @@ def task(portal):
     )
     portal.add_result(task_id, author_id=1, text="Report sent", created_at=SEEDED_AT)
     return task_id
-
-
-def open_screen(client, portal, user_id=1, placement="TASK_VIEW_TAB", options=None, lang="en"):
-    return post_frame(
-        client, *portal.frame_post(user_id, placement=placement, options=options, lang=lang)
-    )
-
-
-def frame_token(response) -> str:
-    return re.search(r'data-frame-token="([^"]+)"', response.content.decode()).group(1)
 
 
 @pytest.mark.parametrize(

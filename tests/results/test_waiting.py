@@ -16,7 +16,7 @@ from b24app.portals.models import Account, Portal
 from b24app.portals.services import AccountAwaitingSignIn
 from results import services
 from results.models import PortalOutbox, ResultChange
-from tests.results.support import (
+from tests.support.results import (
     applied,
     edit,
     frame_get,

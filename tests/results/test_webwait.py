@@ -27,8 +27,9 @@ from b24app.portals.services import accounts, clients
 from b24app.portals.tasks import portal_bindings_check_task
 from results.models import ResultChange
 from results.tasks import result_change_deliver_task
-from tests.portals.support import post_event, post_frame
-from tests.results.support import (
+from tests.support.portals import post_event, post_frame
+from tests.support.results import (
+    a_task,
     add,
     applied,
     frame_post,
@@ -82,9 +83,7 @@ def limiter(monkeypatch):
 
 @pytest.fixture
 def task(portal):
-    task_id = portal.add_task(title="Prepare the quarterly report")
-    portal.add_result(task_id, author_id=ANNA, text="Report sent")
-    return task_id
+    return a_task(portal, results=["Report sent"])
 
 
 def hold_budget(portal, seconds: float = HELD_S) -> None:

@@ -14,8 +14,8 @@ import pytest
 
 from b24app.portals.models import Portal
 from results.models import ResultChange
-from tests.portals.support import post_event, post_frame
-from tests.results.support import (
+from tests.support.portals import post_event, post_frame
+from tests.support.results import (
     UNLIMITED,
     acting_user,
     edit,
@@ -25,7 +25,7 @@ from tests.results.support import (
     open_screen,
     writes,
 )
-from tests.security.conftest import db_snapshot
+from tests.support.security import db_snapshot
 
 pytestmark = pytest.mark.django_db
 

@@ -17,8 +17,8 @@ from django.db import connection
 from b24app.portals.models import Account, Portal
 from results.models import ResultChange
 from tests.fakeportal import issued_secrets
-from tests.portals.support import issued_tokens, post_event
-from tests.results.support import edit, frame_get, installed, open_screen
+from tests.support.portals import issued_tokens, post_event
+from tests.support.results import edit, frame_get, installed, open_screen
 
 pytestmark = [pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 

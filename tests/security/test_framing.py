@@ -30,8 +30,8 @@ from django.urls import URLPattern, URLResolver, get_resolver, resolve
 
 from b24app.portals.models import Portal
 from results.models import ResultChange
-from tests.portals.support import post_frame
-from tests.results.support import add, installed, open_screen
+from tests.support.portals import post_frame
+from tests.support.results import add, installed, open_screen
 
 pytestmark = pytest.mark.django_db
 

@@ -34,9 +34,9 @@ from django.test import Client
 from b24app.portals.bitrix.netguard import address_refusal
 from b24app.portals.models import Portal
 from b24app.portals.views import OAUTH_SESSION_KEY, OAUTH_STATE_SALT
-from tests.portals.support import post_event, post_frame
-from tests.results.support import frame_post, installed, open_screen
-from tests.security.conftest import PUBLIC_OAUTH, connects, db_snapshot
+from tests.support.portals import post_event, post_frame
+from tests.support.results import frame_post, installed, open_screen
+from tests.support.security import PUBLIC_OAUTH, connects, db_snapshot
 
 pytestmark = pytest.mark.django_db
 

@@ -1,6 +1,6 @@
 """Parts for the fault suite: a TCP proxy that can make PostgreSQL look restarted, the app
 served by gunicorn as in production, and a client for it shaped like Django's test client (so
-the helpers of tests/results/support.py drive it unchanged)."""
+the helpers of tests/support/results.py drive it unchanged)."""
 
 from __future__ import annotations
 

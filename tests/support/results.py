@@ -6,8 +6,11 @@ from __future__ import annotations
 import re
 
 from tests.celery_worker import kill_worker, start_worker, stop_worker  # noqa: F401 - used by tests
-from tests.portals.support import install, post_frame
+from tests.support.portals import install, post_frame
 
+ANNA, BORIS = 1, 2
+"""The `portal` fixture's admin and ordinary user."""
+TASK_TITLE = "Prepare the quarterly report"
 FRAME_TOKEN = re.compile(r'data-frame-token="([^"]+)"')
 WRITE_METHODS = ("tasks.task.result.add", "tasks.task.result.update", "tasks.task.result.delete")
 UNLIMITED = "100000/100000"
@@ -24,11 +27,43 @@ def installed(client, portal, user_id: int = 1) -> None:
     assert install(client, portal, user_id).status_code == 200
 
 
+def a_task(portal, *, title: str = TASK_TITLE, results=()) -> int:
+    """A task everyone on the portal can see, with `results` in that order: texts (Anna's) or
+    `(author_id, text)` pairs. Returns the task's id."""
+    task_id = portal.add_task(title=title)
+    for result in results:
+        author_id, text = (ANNA, result) if isinstance(result, str) else result
+        portal.add_result(task_id, author_id=author_id, text=text)
+    return task_id
+
+
+def installed_task(
+    client, portal, *, user_id: int = ANNA, title: str = TASK_TITLE, results=()
+) -> int:
+    """The app installed by `user_id` (Anna, the admin, unless told) and then `a_task`."""
+    installed(client, portal, user_id)
+    return a_task(portal, title=title, results=results)
+
+
+def post_screen(
+    client,
+    portal,
+    user_id: int = ANNA,
+    *,
+    placement: str = "TASK_VIEW_TAB",
+    options: dict | None = None,
+    lang: str = "en",
+):
+    """POST the placement entry as `user_id` opening the app in `placement`; returns the
+    response whatever its status."""
+    return post_frame(
+        client, *portal.frame_post(user_id, placement=placement, options=options, lang=lang)
+    )
+
+
 def open_screen(client, portal, user_id: int, task_id: int, lang: str = "en"):
     """Open the app in the task card as `user_id`; returns (response, frame token)."""
-    response = post_frame(
-        client, *portal.frame_post(user_id, options={"taskId": str(task_id)}, lang=lang)
-    )
+    response = post_screen(client, portal, user_id, options={"taskId": str(task_id)}, lang=lang)
     assert response.status_code == 200, response.content.decode()[:2000]
     return response, frame_token(response)
 
