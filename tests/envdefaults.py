@@ -3,6 +3,7 @@ are in place before pytest-django imports the settings. The real environment win
 DATABASE_URL, CELERY_BROKER_URL and REDIS_URL to the machine's PostgreSQL and Redis)."""
 
 import os
+import re
 
 TEST_ENV = {
     "DJANGO_DEBUG": "false",
@@ -21,3 +22,23 @@ TEST_ENV = {
 for _name, _value in TEST_ENV.items():
     os.environ.setdefault(_name, _value)
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "b24app.settings")
+
+
+def _redis_database(url: str, number: int) -> str:
+    """`url` with its database number replaced by `number`."""
+    base, _, _ = url.partition("?")
+    base = re.sub(r"/\d*$", "", base.rstrip("/"))
+    return f"{base}/{number}"
+
+
+# Parallel runs (`pytest -n N`, pytest-xdist): each worker gets its own test database (pytest-django
+# suffixes its name with the worker id) and, here, its own Redis databases for the broker and the
+# shared state, so one worker's queue, breaker and limiter keys are never another's. Worker gwK
+# uses databases 2 + 2K (broker) and 3 + 2K (REDIS_URL); Redis has 16, so at most 7 workers.
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _worker.startswith("gw"):
+    _index = int(_worker[2:])
+    for _name, _offset in (("CELERY_BROKER_URL", 2), ("REDIS_URL", 3)):
+        _url = os.environ.get(_name, "")
+        if _url.startswith("redis://"):
+            os.environ[_name] = _redis_database(_url, _offset + 2 * _index)

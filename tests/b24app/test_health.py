@@ -201,10 +201,16 @@ def test_healthz_concurrent_requests_wait_for_the_one_probe_under_way():
 
 
 def _named_connections(url: str, name: str) -> set[int]:
-    """Ids of the connections to the Redis at `url` that carry `name` (`CLIENT LIST`)."""
+    """Ids of the connections to the Redis at `url` that carry `name` (`CLIENT LIST`), on its
+    database only: parallel test runs give each worker its own."""
     observer = redis.Redis.from_url(url)
+    database = str(observer.connection_pool.connection_kwargs.get("db", 0))
     try:
-        return {int(c["id"]) for c in observer.client_list() if c.get("name") == name}
+        return {
+            int(c["id"])
+            for c in observer.client_list()
+            if c.get("name") == name and str(c.get("db")) == database
+        }
     finally:
         observer.close()
 
