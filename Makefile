@@ -59,8 +59,14 @@ run: install env
 	trap 'kill $$sandbox 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/python manage.py runserver $(PORT)
 
+# The suite runs in parallel (TEST_WORKERS pytest-xdist workers: most tests wait on sockets and
+# timers, not on the CPU), then the few tests marked `alone` run by themselves: they measure
+# pacing or latency in real time, which other tests' load would move. Exit status 5 is "no test
+# selected" (PYTEST_ARGS naming files without such tests).
+TEST_WORKERS ?= 4
 test: install-dev
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not alone" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m alone $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 lint: install-dev
 	$(BIN)/ruff check .

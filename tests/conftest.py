@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 
 import pytest
@@ -71,6 +72,25 @@ def pytest_report_header(config) -> list[str]:
         f"database: {engine} {database.get('HOST') or database['NAME']}",
         f"redis: {redis_url}; celery broker: {broker}",
     ]
+
+
+_REAL_GETADDRINFO = socket.getaddrinfo
+
+
+def _getaddrinfo_without_invalid(host, *args, **kwargs):
+    if isinstance(host, str) and host.rstrip(".").lower().endswith(".invalid"):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+    return _REAL_GETADDRINFO(host, *args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _invalid_names_never_resolve(monkeypatch):
+    """`.invalid` names (RFC 6761) never resolve, so the tests use them for public-looking hosts
+    that must not be reached. Their lookups are answered here, at once, as every resolver
+    answers them: asked of this machine's DNS server they sometimes waited out its 5 s timeout,
+    and nothing about them should leave the machine."""
+    monkeypatch.setattr(socket, "getaddrinfo", _getaddrinfo_without_invalid)
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -29,6 +29,7 @@ from tests.support.portals import post_frame
 from tests.support.results import frame_token, installed
 
 pytestmark = [
+    pytest.mark.alone,
     pytest.mark.postgres,
     pytest.mark.redis,
     pytest.mark.django_db(transaction=True),

@@ -145,6 +145,7 @@ def run_processes(target, count: int, *args) -> list[float]:
     return stamps
 
 
+@pytest.mark.alone
 def test_redis_leaky_bucket_processes_and_threads_never_exceed_the_bucket(redis_url, key) -> None:
     stamps = run_processes(_process_main, 4, redis_url, key)
     assert len(stamps) == 4 * 8 * 2

@@ -259,6 +259,7 @@ def test_refresh_storm_twenty_users_ten_callers_each_never_mix_tokens(client, fa
     assert not [call for call in fake.token_calls if call.get("error") == "invalid_grant"]
 
 
+@pytest.mark.alone
 @pytest.mark.postgres
 @pytest.mark.redis
 @pytest.mark.django_db(transaction=True)
@@ -327,6 +328,7 @@ def own_redis(tmp_path):
     server.kill()
 
 
+@pytest.mark.alone
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_rate_limit_stays_under_the_bucket_when_redis_dies_and_comes_back(
