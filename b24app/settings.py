@@ -257,8 +257,8 @@ WHITENOISE_MANIFEST_STRICT = not DEBUG
 # views, which allow exactly the verified portal's origin (b24app.framing).
 X_FRAME_OPTIONS = "DENY"
 # django-csp: the policy of every response is `frame-ancestors 'none'` and nothing else
-# (default-src is django-csp's default otherwise). The screen writes its own fuller policy
-# (results.views.CSP); `allow_portal_framing` replaces frame-ancestors per response.
+# (default-src is django-csp's default otherwise). The screen adds its fuller policy
+# (results.http.SCREEN_POLICY); `allow_portal_framing` replaces frame-ancestors per response.
 CONTENT_SECURITY_POLICY = {"DIRECTIVES": {"default-src": None, "frame-ancestors": ["'none'"]}}
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"

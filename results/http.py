@@ -7,7 +7,7 @@ from __future__ import annotations
 from django.http import JsonResponse
 from django.shortcuts import render
 
-from b24app.framing import allow_portal_framing, claimed_portal_origin
+from b24app.framing import allow_portal_framing, claimed_portal_origin, policy_replace
 from b24app.portals.ratelimit import busy_retry_after_s
 from b24app.portals.services import FrameRefusal, FrameRefused
 from results.services import (
@@ -20,10 +20,18 @@ from results.services import (
     Unreadable,
 )
 
-CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; form-action 'self'; base-uri 'none'; object-src 'none'"
-)
+# The screen's own policy: its scripts, styles and requests come from this app only. Frame
+# ancestors are the settings' default ('none') or, for a verified frame, the portal's origin.
+SCREEN_POLICY = {
+    "default-src": ["'self'"],
+    "script-src": ["'self'"],
+    "style-src": ["'self'"],
+    "img-src": ["'self'", "data:"],
+    "connect-src": ["'self'"],
+    "form-action": ["'self'"],
+    "base-uri": ["'none'"],
+    "object-src": ["'none'"],
+}
 
 UNREADABLE_STATUS = {
     Unreadable.SIGNED_OUT: 503,
@@ -71,7 +79,7 @@ def wants_json(request) -> bool:
 
 
 def framed(response, fr: Frame | None):
-    response["Content-Security-Policy"] = CSP
+    policy_replace(response, SCREEN_POLICY)
     response["Cache-Control"] = "no-store"
     response["Referrer-Policy"] = "no-referrer"
     if fr is not None:
