@@ -161,10 +161,16 @@ def _edit_problem(response, text: str) -> str | None:
         payload = response.json()
     except ValueError:
         return "not JSON"
-    if payload.get("error") or payload.get("pending"):
-        return f"error {payload.get('error')!r:.100}, pending {payload.get('pending')!r:.50}"
-    if text not in payload.get("html", ""):
-        return "the new text is not in the list"
+    # The answer carries only what changed: the change's state and, for an edit, its text.
+    if not isinstance(payload, dict):
+        return "not a JSON object"
+    change = payload.get("change")
+    if payload.get("error") or not isinstance(change, dict):
+        return f"error {payload.get('error')!r:.100}"
+    if change.get("state") != "saved":
+        return f"not saved at once: {change.get('state')!r:.30}"
+    if payload.get("text") != text:
+        return "the answer does not carry the new text"
     return None
 
 

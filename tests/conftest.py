@@ -61,6 +61,22 @@ def _collected_static(tmp_path_factory):
         yield
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests marked `slow` first, each followed by one other: a parallel run (`-n`, with
+    `--maxschedchunk 2`) then starts each of them on its own worker at once, instead of one
+    worker running them one after another at the end."""
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if not slow:
+        return
+    rest = [item for item in items if not item.get_closest_marker("slow")]
+    ordered = []
+    for item in slow:
+        ordered.append(item)
+        if rest:
+            ordered.append(rest.pop(0))
+    items[:] = ordered + rest
+
+
 def pytest_report_header(config) -> list[str]:
     from django.conf import settings
 

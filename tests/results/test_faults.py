@@ -155,6 +155,7 @@ def _queue_while_down(client, portal, task, *, added: int, edited: int, deleted:
     return tokens
 
 
+@pytest.mark.slow
 def test_result_changes_survive_a_worker_killed_mid_delivery(
     client, fake, portal, task, celery_worker_process, more_workers, monkeypatch
 ):
@@ -214,6 +215,7 @@ def test_result_changes_survive_a_worker_killed_mid_delivery(
             assert change.result_id == ids[change.text_after]
 
 
+@pytest.mark.slow
 def test_result_changes_queued_while_the_portal_is_down_are_delivered_once(
     client, fake, portal, task, celery_worker_process
 ):
@@ -303,6 +305,7 @@ OUTAGE_S = 30
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_result_changes_survive_thirty_seconds_of_portal_outage_mid_delivery(
     client, fake, portal, task, celery_worker_process, monkeypatch
 ):
@@ -424,6 +427,7 @@ def _change(account, task_id: int, action: str, **fields) -> ResultChange:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_a_thousand_result_changes_survive_ten_worker_kills(
     client, fake, portal, task, celery_worker_process, more_workers, monkeypatch
 ):

@@ -20,7 +20,7 @@ __all__ = ["BitrixConfig", "TokenMethod", "TokenSet"]
 
 @dataclass(frozen=True, repr=False)
 class BitrixConfig:
-    """App-wide settings of the Bitrix24 transport (from ``B24_*`` env vars, §contract).
+    """App-wide settings of the Bitrix24 transport, from ``B24_*`` env vars (docs/OPERATIONS.md).
 
     ``oauth_servers`` (``B24_OAUTH_SERVERS``) is normalised to bare origins; a comma-separated
     string is accepted. ``allow_private`` is ``B24_ALLOW_PRIVATE_PORTALS``.
