@@ -104,12 +104,6 @@ def _screen_context(fr: Frame, task_id: int | None, *, error=None, notice=None) 
         "notice": notice,
         "status": status,
         "cause": cause,
-        "language": fr.language,
-        "pending_ids": [
-            item.change.pk
-            for item in results
-            if item.change and item.change.state == ResultChange.State.QUEUED
-        ],
         # No access or no such task: nothing to add to. Busy or down: keep the list usable.
         "hide_list": cause is not None and status < 500,
     }
@@ -124,7 +118,6 @@ def _render_screen(
         html = render_to_string("results/_results.html", context, request=request)
         payload = {
             "html": html,
-            "pending": context["pending_ids"],
             "error": str(error or "") or None,
             "unavailable": str(context["unavailable"] or "") or None,
         }
@@ -238,7 +231,6 @@ def _change_state(request, fr: Frame, change: ResultChange) -> dict:
         "id": change.pk,
         "state": change.state,
         "label": str(change.get_state_display()),
-        "reason": change.last_error_message,
         "action": change.action,
         "result_id": change.result_id,
         "html": render_to_string(

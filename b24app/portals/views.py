@@ -92,7 +92,7 @@ def events(request):
     data = payload.get("data")
     if not isinstance(event, str) or not isinstance(auth, dict):
         logger.warning("event refused: malformed body")
-        return JsonResponse({"status": "error", "error": "malformed_event"}, status=400)
+        return JsonResponse({"error": "malformed_event"}, status=400)
     outcome = services.event_handle(
         event=event,
         data=data if isinstance(data, dict) else {},
@@ -107,14 +107,11 @@ def events(request):
             claimed_id(auth.get("member_id", "")),
             outcome.code,
         )
-        response = JsonResponse({"status": "error", "error": outcome.code}, status=status)
+        response = JsonResponse({"error": outcome.code}, status=status)
         if status == 503:  # Bitrix24 or its OAuth server busy (for whoever resends)
             response["Retry-After"] = str(busy_retry_after_s(None))
         return response
-    return JsonResponse(
-        {"status": "ok", "message": "event accepted", "outcome": outcome.code},
-        status=status,
-    )
+    return JsonResponse({"outcome": outcome.code}, status=status)
 
 
 OAUTH_PERMISSION = "portals.change_portal"

@@ -195,7 +195,7 @@ def test_event_with_the_budget_held_answers_busy_and_changes_nothing(client, por
     response = post_event(client, portal.event_body("ONAPPINSTALL", user_id=ANNA))
 
     assert_busy(response)
-    assert response.json() == {"status": "error", "error": "unavailable"}
+    assert response.json() == {"error": "unavailable"}
     assert not Portal.objects.filter(member_id=portal.member_id).exists()
     assert_waited_at_most_the_web_wait(limiter, portal)
 
