@@ -88,6 +88,29 @@ def _item(raw: TaskResult, names: dict[int, str]) -> ResultItem:
     )
 
 
+UNREADABLE_BECAUSE = (
+    # (what Bitrix24 raised, what the person is told, why); the first that matches applies
+    (
+        AccountAwaitingSignIn,
+        _("Bitrix24 needs you to sign in again. Reopen the app; your changes are kept."),
+        Unreadable.SIGNED_OUT,
+    ),
+    (BitrixUnavailable, _("Bitrix24 is busy right now. Try again in a minute."), Unreadable.BUSY),
+    (
+        BitrixAccessDenied,
+        _("You do not have access to this task in Bitrix24."),
+        Unreadable.NO_ACCESS,
+    ),
+    (
+        (BitrixAuthError, BitrixTokenExpired),
+        _("Your Bitrix24 session has ended. Reopen the app."),
+        Unreadable.SESSION_ENDED,
+    ),
+    (BitrixValidationError, _("This task was not found in Bitrix24."), Unreadable.NOT_FOUND),
+    (BitrixError, _("Bitrix24 could not show the results right now."), Unreadable.FAILED),
+)
+
+
 def results_fetch(*, account: Account, task_id: int) -> list[ResultItem]:
     """The task's results as `account`'s user sees them (their own token), newest first, with
     this user's undelivered changes laid over them."""
@@ -100,32 +123,9 @@ def results_fetch(*, account: Account, task_id: int) -> list[ResultItem]:
             page_size=LIST_PAGE_SIZE,
             known_page=_known_result_page(account.portal),
         )
-    except AccountAwaitingSignIn as exc:
-        raise ScreenUnavailable(
-            _("Bitrix24 needs you to sign in again. Reopen the app; your changes are kept."),
-            reason=Unreadable.SIGNED_OUT,
-        ) from exc
-    except BitrixUnavailable as exc:
-        raise ScreenUnavailable(
-            _("Bitrix24 is busy right now. Try again in a minute."), reason=Unreadable.BUSY
-        ) from exc
-    except BitrixAccessDenied as exc:
-        raise ScreenUnavailable(
-            _("You do not have access to this task in Bitrix24."), reason=Unreadable.NO_ACCESS
-        ) from exc
-    except (BitrixAuthError, BitrixTokenExpired) as exc:
-        raise ScreenUnavailable(
-            _("Your Bitrix24 session has ended. Reopen the app."),
-            reason=Unreadable.SESSION_ENDED,
-        ) from exc
-    except BitrixValidationError as exc:
-        raise ScreenUnavailable(
-            _("This task was not found in Bitrix24."), reason=Unreadable.NOT_FOUND
-        ) from exc
     except BitrixError as exc:
-        raise ScreenUnavailable(
-            _("Bitrix24 could not show the results right now."), reason=Unreadable.FAILED
-        ) from exc
+        message, reason = next(said for kind, *said in UNREADABLE_BECAUSE if isinstance(exc, kind))
+        raise ScreenUnavailable(message, reason=reason) from exc
     _result_page_remember(account.portal, listing.largest_page)
     names = portal_user_names(account.portal)
     items = [_item(raw, names) for raw in listing.items]

@@ -17,7 +17,12 @@ from b24app.portals.breaker import (
     inflight_from_url,
 )
 from b24app.portals.models import Portal
-from b24app.portals.ratelimit import RateLimiter, limiter_from_url, parse_rate
+from b24app.portals.ratelimit import (
+    WEB_LIMITER_WAIT_S,
+    RateLimiter,
+    limiter_from_url,
+    parse_rate,
+)
 from b24app.portals.services.exceptions import NotConfigured
 
 
@@ -135,4 +140,16 @@ def _client(
         breaker=circuit_breaker(),
         inflight=inflight_limiter(),
         max_inflight=settings.B24_PORTAL_MAX_INFLIGHT,
+    )
+
+
+def request_client(client_endpoint: str, access_token: str, *, member_id: str) -> BitrixClient:
+    """A client for the token a web request brought (an install POST, a lifecycle event), to a
+    portal that may not be stored yet: the default rate and a web request's short wait."""
+    return _client(
+        client_endpoint,
+        access_token,
+        member_id=member_id,
+        rate=parse_rate(settings.B24_RATE_LIMIT),
+        limiter_max_wait=WEB_LIMITER_WAIT_S,
     )

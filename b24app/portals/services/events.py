@@ -8,7 +8,6 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
@@ -22,7 +21,6 @@ from b24app.portals.bitrix import (
 )
 from b24app.portals.bitrix.methods import profile_get, trusted_app_info_parse
 from b24app.portals.models import Account, EventReceipt, Portal
-from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S, parse_rate
 from b24app.portals.selectors import portal_live_accounts, portal_uninstall_witnesses
 from b24app.portals.services.accounts import (
     APP_CREDENTIAL_ERRORS,
@@ -31,7 +29,7 @@ from b24app.portals.services.accounts import (
     account_tokens_refresh,
     account_tokens_store,
 )
-from b24app.portals.services.clients import _client, bitrix_config, oauth_server
+from b24app.portals.services.clients import bitrix_config, oauth_server, request_client
 from b24app.portals.services.exceptions import AccountAwaitingSignIn, VerificationFailed
 from b24app.portals.services.install import portal_bindings_check_later
 from b24app.portals.services.portals import portal_uninstall, portal_upsert
@@ -89,12 +87,8 @@ def _event_sender(auth: dict, verified: VerifiedAuth) -> int:
     """The Bitrix24 user whose token a lifecycle event carries, who must be a portal admin:
     every user who opens the app holds a token the OAuth server vouches for, but only an admin
     installs or updates the app. Raises `VerificationFailed`."""
-    client = _client(
-        verified.client_endpoint,
-        str(auth.get("access_token", "")),
-        member_id=verified.member_id,
-        rate=parse_rate(settings.B24_RATE_LIMIT),
-        limiter_max_wait=WEB_LIMITER_WAIT_S,
+    client = request_client(
+        verified.client_endpoint, str(auth.get("access_token", "")), member_id=verified.member_id
     )
     try:
         profile = profile_get(client)

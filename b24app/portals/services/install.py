@@ -16,10 +16,10 @@ from b24app.portals.bindings import binding_add, bindings_ensure, bindings_read
 from b24app.portals.bitrix import BitrixError, BitrixUnavailable, TokenSet
 from b24app.portals.bitrix.methods import profile_get
 from b24app.portals.models import Account, Portal
-from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S, parse_rate
+from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S
 from b24app.portals.selectors import portal_admin_account
 from b24app.portals.services.accounts import account_client, account_tokens_store
-from b24app.portals.services.clients import _client
+from b24app.portals.services.clients import request_client
 from b24app.portals.services.exceptions import BUSY_MESSAGE, PortalError
 from b24app.portals.services.portals import portal_upsert
 from b24app.portals.services.verification import VerifiedAuth, auth_verify
@@ -74,12 +74,8 @@ def portal_install(*, auth: dict[str, str], app_url: str) -> Portal:
         expires_in=auth.get("AUTH_EXPIRES", ""),
         verified=verified,
     )
-    client = _client(
-        verified.client_endpoint,
-        tokens.access_token,
-        member_id=verified.member_id,
-        rate=parse_rate(settings.B24_RATE_LIMIT),
-        limiter_max_wait=WEB_LIMITER_WAIT_S,
+    client = request_client(
+        verified.client_endpoint, tokens.access_token, member_id=verified.member_id
     )
     try:
         profile = profile_get(client)
