@@ -5,7 +5,12 @@
  *  - a change's answer carries only what changed (the new item, or the change's state), laid
  *    over the list the person has: a busy Bitrix24 never empties the screen;
  *  - queued changes are polled until they turn Saved / Not saved, then the list is read again
- *    and shown if Bitrix24 gives it;
+ *    and shown if Bitrix24 gives it. The wait between polls starts at 1.5 s and doubles up to
+ *    30 s; polling pauses while the tab is hidden (and polls again when it is shown) and stops
+ *    when nothing is queued;
+ *  - focus never falls off the page: after an edit it is on the item's Edit button, after a
+ *    delete on the next item (or the list's heading), after an add on the new item, and a list
+ *    shown again keeps it where it was. One live region (#announcer) says what changed;
  *  - an expired frame token is renewed with fresh auth from the Bitrix24 frame (refreshAuth),
  *    or the person is told to reopen the app.
  */
@@ -14,8 +19,11 @@
   var screen = document.querySelector("main.screen");
   if (!screen) return;
   var token = screen.getAttribute("data-frame-token");
-  var POLL_MS = 1500;
+  var POLL_FIRST_MS = 1500;
+  var POLL_MAX_MS = 30000;
+  var pollDelay = POLL_FIRST_MS;
   var pollTimer = null;
+  var polling = false;  // a poll's request is on its way: its answer schedules the next one
 
   if (window.B24Frame) window.B24Frame.autoFit();
 
@@ -42,16 +50,20 @@
         method: "POST", body: body, credentials: "omit",
         headers: {"X-Frame-Token": token, "Accept": "application/json"}
       });
-    }).then(function (response) {
-      if (!response.ok) throw new Error("renewal refused");
-      return response.json();
-    }).then(function (data) { token = data.token; });
+    }).then(readJson).then(function (answer) {
+      if (!answer.ok || !answer.data.token) throw new Error("renewal refused");
+      token = answer.data.token;
+    });
   }
 
-  /* Read a response's JSON once, whatever its status: {ok, status, data}. */
+  /* Read a response's body once, as text, whatever its status, and parse the JSON from that
+     text (an HTML error page reads as no data): {ok, status, data}. */
   function readJson(response) {
-    return response.json().catch(function () { return {}; }).then(function (data) {
-      return {ok: response.ok, status: response.status, data: data || {}};
+    return response.text().catch(function () { return ""; }).then(function (text) {
+      var data = null;
+      try { data = JSON.parse(text); } catch (e) { data = null; }
+      if (!data || typeof data !== "object") data = {};
+      return {ok: response.ok, status: response.status, data: data};
     });
   }
 
@@ -72,13 +84,55 @@
     });
   }
 
+  /* Move focus to el; an element that takes no focus of its own (a list item, a heading) is
+     made focusable by script only (tabindex -1), so Tab never stops on it. */
+  function focusOn(el) {
+    if (!el) return;
+    if (!el.matches("a[href], button, input, textarea, select, [tabindex]")) el.setAttribute("tabindex", "-1");
+    el.focus();
+  }
+
+  function heading() { return document.querySelector("#results h1"); }
+
+  /* Where focus is inside the list, told so that it can be found again in a list made anew. */
+  function focusPlace() {
+    var active = document.activeElement;
+    var results = document.querySelector("#results");
+    if (!active || !results || !results.contains(active)) return null;
+    var item = itemOf(active);
+    return {
+      id: active.id || "",
+      result: item ? item.getAttribute("data-result-id") : null,
+      change: item ? item.getAttribute("data-change-id") : null,
+      action: active.getAttribute("data-action")
+    };
+  }
+
+  function itemIn(root, place) {
+    return (place.result && root.querySelector('li.result[data-result-id="' + place.result + '"]')) ||
+      (place.change && root.querySelector('li.result[data-change-id="' + place.change + '"]')) || null;
+  }
+
+  function restoreFocus(place, root) {
+    if (!place) return;
+    var target = place.id ? root.querySelector("#" + CSS.escape(place.id)) : null;
+    var item = target ? null : itemIn(root, place);
+    if (item) target = (place.action && item.querySelector('[data-action="' + place.action + '"]')) || item;
+    focusOn(target || root.querySelector("h1"));
+  }
+
   function swap(html) {
     var current = document.querySelector("#results");
     var holder = document.createElement("div");
     holder.innerHTML = html;
     var fresh = holder.querySelector("#results");
     if (!fresh) return;
+    var place = focusPlace();
+    var typed = document.querySelector("#new-result-text");
+    var freshBox = fresh.querySelector("#new-result-text");
+    if (typed && freshBox && current && current.contains(typed)) freshBox.value = typed.value;
     if (current) current.replaceWith(fresh); else screen.appendChild(fresh);
+    restoreFocus(place, fresh);
     schedulePoll();
   }
 
@@ -115,6 +169,7 @@
   function applyChange(form, data) {
     var list = document.querySelector("#results .result-list");
     var item = itemOf(form) || (data.change && itemByChange(data.change.id));
+    var added = false;
     if (data.item_html && list) {
       var fresh = fragment(data.item_html);
       var empty = list.querySelector("li.empty");
@@ -122,6 +177,7 @@
       if (item && item.getAttribute("data-change-id") === String(data.change.id)) item.replaceWith(fresh);
       else list.insertBefore(fresh, list.firstChild);
       item = fresh;
+      added = true;
     }
     if (!item) return;
     var change = data.change;
@@ -133,14 +189,28 @@
       if (box) box.remove();  // made again from the new text on the next Edit
     }
     if (change.action === "delete" && change.state !== "failed") {
+      // Focus goes on to the next result (or the one before it, or the list's heading) before
+      // this one loses its buttons, and stays there when the list is shown again without it.
+      var next = nextItem(item);
       item.classList.add("is-deleting");
       item.querySelectorAll(".item-actions, form.editor, form.confirm-delete").forEach(function (el) { el.remove(); });
+      focusOn(next || heading());
     } else {
       hideForms(item);
       var opener = item.querySelector('[data-action="edit"]');
-      if (change.action === "update" && opener) opener.focus();
+      if (change.action === "update" && opener) focusOn(opener);
+      else if (added || form.closest("li.result")) focusOn(item);
     }
     announce(data.notice);
+  }
+
+  function nextItem(item) {
+    var others = Array.prototype.filter.call(
+      document.querySelectorAll("#results li.result"),
+      function (el) { return el === item || !el.classList.contains("is-deleting"); }
+    );
+    var at = others.indexOf(item);
+    return others[at + 1] || others[at - 1] || null;
   }
 
   function send(form) {
@@ -154,13 +224,10 @@
         message(data.error || data.message || screen.getAttribute("data-msg-failed"));
         return;
       }
+      if (form.classList.contains("add")) form.reset();
       applyChange(form, data);
-      if (form.classList.contains("add")) {
-        form.reset();
-        var box = document.querySelector("#new-result-text");
-        if (box) box.focus();
-      }
       if (data.change && data.change.state === "saved") refreshList(false);
+      pollDelay = POLL_FIRST_MS;  // a new change: its state is asked for soon
       schedulePoll();
     }).catch(function (error) {
       if (String(error && error.message) !== "expired") message(screen.getAttribute("data-msg-failed"));
@@ -191,16 +258,25 @@
     );
   }
 
+  function hidden() { return document.visibilityState === "hidden"; }
+
+  /* The next poll, pollDelay from now: none while a poll is on its way (its answer schedules
+     the next), while the tab is hidden (showing it polls) or when nothing is queued. */
   function schedulePoll() {
     if (pollTimer) clearTimeout(pollTimer);
-    if (pendingIds().length) pollTimer = setTimeout(poll, POLL_MS);
+    pollTimer = null;
+    if (polling || hidden() || !pendingIds().length) return;
+    pollTimer = setTimeout(poll, pollDelay);
   }
 
   function poll() {
+    pollTimer = null;
     var ids = pendingIds();
-    if (!ids.length) return;
+    if (!ids.length || hidden()) return;
+    polling = true;
+    pollDelay = Math.min(pollDelay * 2, POLL_MAX_MS);
     var url = screen.getAttribute("data-changes-url") + "?ids=" + ids.join(",");
-    call(url).then(function (answer) {
+    call(url).finally(function () { polling = false; }).then(function (answer) {
       var settled = false;
       (answer.data.changes || []).forEach(function (change) {
         if (change.state === "queued") return;
@@ -238,6 +314,8 @@
       form.querySelector("label").htmlFor = box.id;
     }
     item.appendChild(form);
+    var opener = item.querySelector('[data-action="' + action + '"]');
+    if (opener) opener.setAttribute("aria-controls", form.id);  // only once the form exists
     return form;
   }
 
@@ -252,9 +330,20 @@
 
   function hideForms(item) {
     item.querySelectorAll("form.editor, form.confirm-delete").forEach(function (f) { f.hidden = true; });
+    item.querySelectorAll("[aria-expanded]").forEach(function (b) { b.setAttribute("aria-expanded", "false"); });
     var actions = item.querySelector(".item-actions");
     if (actions) actions.hidden = false;
   }
+
+  document.addEventListener("visibilitychange", function () {
+    if (hidden()) {
+      if (pollTimer) clearTimeout(pollTimer);
+      pollTimer = null;
+    } else if (!polling && pendingIds().length) {
+      pollDelay = POLL_FIRST_MS;  // shown again: ask at once what happened meanwhile, then
+      poll();                     // back off anew
+    }
+  });
 
   document.addEventListener("click", function (event) {
     var button = event.target.closest("button[data-action]");
@@ -269,6 +358,7 @@
     var target = formFor(item, action);
     if (!target) return;
     hideForms(item);
+    button.setAttribute("aria-expanded", "true");
     item.querySelector(".item-actions").hidden = true;
     target.hidden = false;
     var field = target.querySelector("textarea") || target.querySelector("button[type=submit]");
@@ -297,14 +387,18 @@
     }
     if (form.classList.contains("picker")) {
       var task = form.querySelector("input[name=task]").value.trim();
+      var shown = form.querySelector("button[type=submit]");
+      if (shown) shown.disabled = true;
       call(screen.getAttribute("data-task-url") + "?task=" + encodeURIComponent(task))
         .then(function (answer) {
           var data = answer.data;
-          if (data.html) swap(data.html);
-          else message(data.message || data.error || screen.getAttribute("data-msg-failed"));
-        }, function (error) {
+          if (data.html) { swap(data.html); focusOn(heading()); }
+          else message(data.message || data.error || data.unavailable || screen.getAttribute("data-msg-failed"));
+        })
+        .catch(function (error) {
           if (String(error && error.message) !== "expired") message(screen.getAttribute("data-msg-failed"));
-        });
+        })
+        .finally(function () { if (shown) shown.disabled = false; });
       return;
     }
     send(form);
