@@ -220,31 +220,43 @@ def test_polling_stops_when_nothing_is_queued(browser_page, sandbox, celery_eage
 # --- the task picker ---------------------------------------------------------------------------
 
 
+def open_picker(page, sandbox, *, as_user=ANNA):
+    """The app opened from the portal's applications menu (DEFAULT placement): the task picker."""
+    page.goto(f"{sandbox.url}/marketplace/app/?as={as_user}")
+    frame = page.wait_for_selector("iframe").content_frame()
+    frame.wait_for_selector("main[data-screen='results'] form.picker")
+    frame.wait_for_load_state("load")
+    return frame
+
+
+def test_task_picker_shows_the_list_and_puts_focus_on_its_heading(
+    browser_page, sandbox, celery_eager
+):
+    sandbox.add_result(TASK, author_id=ANNA, text="Picked")
+    frame = open_picker(browser_page, sandbox)
+
+    frame.get_by_label("Task number").fill(str(TASK))
+    frame.get_by_role("button", name="Show results").click()
+
+    expect(frame.locator("#results li.result .text")).to_have_text(["Picked"])
+    expect(frame.locator("#results h1")).to_be_focused()
+
+
 def test_task_picker_shows_an_error_when_the_app_cannot_answer(browser_page, sandbox, celery_eager):
     page_errors = []
     browser_page.on("pageerror", lambda e: page_errors.append(e))
-    frame = open_screen(browser_page, sandbox)
-    # The screen as the task picker shows it, in the same frame (DEFAULT placement).
-    frame.evaluate(
-        """() => {
-          const form = document.createElement("form");
-          form.className = "picker";
-          form.method = "post";
-          form.action = document.querySelector("main.screen").getAttribute("data-task-url");
-          form.innerHTML = '<label for="t">Task number</label><input id="t" name="task">' +
-            '<button type="submit">Show results</button>';
-          document.querySelector("#results").replaceWith(form);
-        }"""
-    )
+    frame = open_picker(browser_page, sandbox)
     browser_page.route(
         re.compile(r"/b24/app/task/\?task="),
         lambda route: route.fulfill(status=502, content_type="text/html", body="<h1>Bad gateway"),
     )
+
     frame.get_by_label("Task number").fill(str(TASK))
     frame.get_by_role("button", name="Show results").click()
 
     expect(frame.get_by_role("alert")).to_have_text("Something went wrong. Try again.")
-    assert page_errors == []
+    expect(frame.get_by_role("button", name="Show results")).to_be_enabled()
+    assert page_errors == []  # nothing thrown
 
 
 # --- axe-core ----------------------------------------------------------------------------------
@@ -276,6 +288,11 @@ def test_axe_finds_nothing_serious_on_the_screen(browser_page, sandbox, celery_e
     add_box(frame).fill("")
     frame.get_by_role("button", name="Add result", exact=True).click()
     expect(frame.get_by_role("alert")).to_be_visible()
+    assert serious_violations(frame) == []
+
+
+def test_axe_finds_nothing_serious_on_the_task_picker(browser_page, sandbox, celery_eager):
+    frame = open_picker(browser_page, sandbox)
     assert serious_violations(frame) == []
 
 
