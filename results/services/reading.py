@@ -5,8 +5,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 
-from django.utils import timezone
+from django.utils import formats, timezone, translation
 from django.utils.translation import gettext_lazy as _
 
 from b24app.portals.bitrix import (
@@ -70,6 +71,36 @@ class ResultItem:
     can_remove: bool
     change: ResultChange | None = None
     pending_delete: bool = False
+
+    # What the item template shows of its times, as `|date:'c'` and `|date:"DATETIME_FORMAT"`
+    # under `{% localtime off %}` would: the value as Bitrix24 sent it, in the active language's
+    # format. Formatted once per value and language in a process, not per row and open.
+    @property
+    def created_iso(self) -> str:
+        return _iso(self.created_at)
+
+    @property
+    def created_display(self) -> str:
+        return _display(self.created_at, translation.get_language())
+
+    @property
+    def updated_iso(self) -> str:
+        return _iso(self.updated_at)
+
+    @property
+    def updated_display(self) -> str:
+        return _display(self.updated_at, translation.get_language())
+
+
+def _iso(value: datetime | None) -> str:
+    return value.isoformat() if value is not None else ""
+
+
+@lru_cache(maxsize=8192)
+def _display(value: datetime | None, language: str | None) -> str:
+    if value is None:
+        return ""
+    return formats.date_format(value, "DATETIME_FORMAT")
 
 
 def _item(raw: TaskResult, names: dict[int, str]) -> ResultItem:
