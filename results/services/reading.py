@@ -158,7 +158,9 @@ def results_fetch(*, account: Account, task_id: int) -> list[ResultItem]:
         message, reason = next(said for kind, *said in UNREADABLE_BECAUSE if isinstance(exc, kind))
         raise ScreenUnavailable(message, reason=reason) from exc
     _result_page_remember(account.portal, listing.largest_page)
-    names = portal_user_names(account.portal)
+    # The portal's user directory only for the authors Bitrix24 sent no name for.
+    unnamed = any(not raw.author_name for raw in listing.items)
+    names = portal_user_names(account.portal) if unnamed else {}
     items = [_item(raw, names) for raw in listing.items]
     items.sort(key=lambda item: item.id, reverse=True)  # ids grow with creation: newest first
     return _with_pending_changes(items, account=account, task_id=task_id)
