@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
 
+from django.core.signals import setting_changed
 from django.utils import formats, timezone, translation
 from django.utils.translation import gettext_lazy as _
 
@@ -101,6 +102,13 @@ def _display(value: datetime | None, language: str | None) -> str:
     if value is None:
         return ""
     return formats.date_format(value, "DATETIME_FORMAT")
+
+
+def _formats_changed(**kwargs) -> None:
+    _display.cache_clear()  # a test overrode a format or language setting
+
+
+setting_changed.connect(_formats_changed)
 
 
 def _item(raw: TaskResult, names: dict[int, str]) -> ResultItem:
