@@ -31,6 +31,8 @@ from b24app.portals.services.verification import (
     VerifiedAuth,
     application_token_matches,
     auth_verify,
+    identity_recall,
+    identity_remember,
     is_member_id,
 )
 
@@ -192,7 +194,12 @@ def frame_account_open(*, post, domain: str | None) -> Account:
     """
     portal, vouched = _portal_for_frame(post, domain)
     access, refresh = str(post["AUTH_ID"]), str(post.get("REFRESH_ID", ""))
-    profile = _frame_profile(portal, access)
+    # The same AUTH_ID again within its lifetime: who it belongs to is known (`profile` said so
+    # for this portal); the portal itself was checked again above.
+    profile = identity_recall(portal.member_id, access)
+    if profile is None:
+        profile = _frame_profile(portal, access)
+        identity_remember(portal.member_id, access, profile, post.get("AUTH_EXPIRES", ""))
     user_id = profile.id
     account = Account.objects.filter(portal=portal, user_id=user_id).first()
     if not vouched and not _account_live(account):
