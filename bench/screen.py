@@ -186,7 +186,7 @@ def _child(tree: Path, show: bool) -> dict[str, Any]:
 def _print_comparison(revision: str, runs: dict[str, list[dict[str, Any]]]) -> None:
     rows = []
     medians = {}
-    for kind in ("open", "edit"):
+    for kind in ("open", "reopen", "edit"):  # reopen: the same AUTH_ID again
         pooled = {
             side: [sample for run in side_runs for sample in run[kind]["app"]]
             for side, side_runs in runs.items()
@@ -322,18 +322,21 @@ def _run(fake: Any, count: int, as_json: bool = False) -> int:
         session.send = http.wrap(session.send)
         try:
             screen, token = _screens(client, fake, portal, task, anna, stopwatch, http, count)
+            reopen, _ = _screens(
+                client, fake, portal, task, anna, stopwatch, http, count, again=True
+            )
             edit, applied = _edits(client, fake, portal, task, anna, token, stopwatch, http, count)
         finally:
             del session.send
             if os.environ.get("BENCH_SCREEN_DATABASE_URL"):
                 Portal.objects.filter(member_id=portal.member_id).delete()
     elapsed = time.monotonic() - started
-    _print([screen, edit], applied, count, connection, elapsed)
+    _print([screen, reopen, edit], applied, count, connection, elapsed)
     if as_json:
         import b24app
 
         figures = {"b24app": b24app.__file__}
-        for kind, series in (("open", screen), ("edit", edit)):
+        for kind, series in (("open", screen), ("reopen", reopen), ("edit", edit)):
             figures[kind] = {
                 "app": _minus(series.total, series.portal),
                 "total": series.total,
@@ -379,16 +382,21 @@ def _clear_records(fake: Any, portal: Any) -> None:
         fake.requests.clear()
 
 
-def _screens(client, fake, portal, task, user, stopwatch, http, count) -> tuple[Series, str]:
+def _screens(
+    client, fake, portal, task, user, stopwatch, http, count, *, again: bool = False
+) -> tuple[Series, str]:
+    """Placement opens, each with a fresh AUTH_ID, or (`again`) all with the same one, as
+    Bitrix24 posts the person's access token again while it lives."""
     from tests.support.portals import post_frame
 
-    series = Series("screen open")
+    series = Series("open, same AUTH_ID" if again else "screen open")
     options = {"taskId": str(task)}
     token = ""
+    same = portal.frame_post(user, options=options, lang=LANG)
 
     def one(measure: Callable[..., Any] | None) -> None:
         nonlocal token
-        url, fields = portal.frame_post(user, options=options, lang=LANG)
+        url, fields = same if again else portal.frame_post(user, options=options, lang=LANG)
 
         def request():
             return post_frame(client, url, fields)
@@ -483,7 +491,7 @@ def _print(all_series: list[Series], applied: int, count: int, connection, elaps
     where = database["NAME"]
     if connection.vendor != "sqlite":
         where = f"{database.get('HOST') or 'localhost'}:{database.get('PORT') or '-'}/{where}"
-    screen, edit = all_series
+    screen, reopen, edit = all_series
     quarter = max(1, count // 4)
     notes = [
         f"applied: {applied}/{count} (the fake's result text equals the last text sent)",
@@ -496,9 +504,11 @@ def _print(all_series: list[Series], applied: int, count: int, connection, elaps
         "parsing and socket I/O; app's REST calls: wall time inside the app's requests session",
         "(loopback HTTP, requests, http.server and the fake's handling)",
         f"queries: per request, counted on {QUERY_SAMPLES} extra untimed requests of each kind;",
-        f"screen: {_kinds(screen)}; edit: {_kinds(edit)}",
+        f"screen: {_kinds(screen)}; same AUTH_ID: {_kinds(reopen)}; edit: {_kinds(edit)}",
         f"REST: the fake's requests per timed request; screen: {_paths(screen)};",
-        f"edit: {_paths(edit)}",
+        f"same AUTH_ID: {_paths(reopen)}; edit: {_paths(edit)}",
+        "screen open: a fresh AUTH_ID each time; open, same AUTH_ID: one frame POST sent again",
+        "(Bitrix24 posts the person's access token again while it lives)",
         f"edit total median, first {quarter} / last {quarter} edits: "
         f"{fmt(summary(edit.total[:quarter])['median'])} / "
         f"{fmt(summary(edit.total[-quarter:])['median'])} ms; every list reads back the",
