@@ -19,8 +19,11 @@ from django.utils import translation
 register = template.Library()
 
 ITEM_TEMPLATE = "results/_item.html"
-CACHED_ITEMS = 4096
-"""Rendered items kept per process (about 1 KB each); all are dropped when it is full."""
+CACHED_ITEMS = 2048
+"""Rendered items kept per process; all are dropped when it is full."""
+CACHED_TEXT = 2000
+"""A result with a longer text is rendered every time: with its key and its HTML (which holds the
+text twice) the cache stays within about 15 MB per process whatever the texts."""
 
 _rendered: dict[tuple, str] = {}
 
@@ -44,7 +47,7 @@ def _key(compiled, item) -> tuple:
 @register.simple_tag(takes_context=True)
 def result_item(context, item):
     compiled = context.template.engine.get_template(ITEM_TEMPLATE)
-    if item.change is not None or not context.autoescape:
+    if item.change is not None or not context.autoescape or len(item.text) > CACHED_TEXT:
         with context.push(item=item):
             return compiled.render(context)
     key = _key(compiled, item)

@@ -77,3 +77,11 @@ def test_an_item_with_a_change_is_rendered_in_the_whole_context_every_time():
     assert html == _render(INCLUDED, [item], **context)
     assert 'value="token-1"' in html
     assert not result_items._rendered
+
+
+def test_a_long_text_is_rendered_every_time():
+    result_items.cache_clear()
+    text = "x" * (result_items.CACHED_TEXT + 1)
+    item = ResultItem(9, text, 1, "Anna", None, None, False, True, True)
+    assert _render(LIST, [item]) == _render(INCLUDED, [item])
+    assert not result_items._rendered
