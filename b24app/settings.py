@@ -310,7 +310,11 @@ CACHES = {
             "OPTIONS": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5},
         }
         if REDIS_URL
-        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "b24app"}
+        else {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "LOCATION": "b24app",
+            "OPTIONS": {"MAX_ENTRIES": 10_000},  # an identity is a few hundred bytes
+        }
     )
 }
 # Without a broker, background work runs inline in the web process (the embedded default). That
