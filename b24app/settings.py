@@ -298,6 +298,25 @@ REDIS_URL = env.str(
     "REDIS_URL",
     default=CELERY_BROKER_URL if CELERY_BROKER_URL.startswith(("redis://", "rediss://")) else "",
 )
+# Django's cache holds what is worth not asking Bitrix24 again for a few minutes (who a frame's
+# access token belongs to, keyed by an HMAC of it): in Redis when there is one, so every process
+# shares it, else in each process' memory.
+CACHES = {
+    "default": (
+        {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "b24app",
+            "OPTIONS": {"socket_timeout": 0.5, "socket_connect_timeout": 0.5},
+        }
+        if REDIS_URL
+        else {
+            "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+            "LOCATION": "b24app",
+            "OPTIONS": {"MAX_ENTRIES": 10_000},  # an identity is a few hundred bytes
+        }
+    )
+}
 # Without a broker, background work runs inline in the web process (the embedded default). That
 # is no way to serve portals: a change whose first attempt failed is retried only while a screen
 # polls, and nothing refreshes idle tokens. So with DJANGO_DEBUG off it needs saying.

@@ -21,15 +21,27 @@ The database is a fresh SQLite file in a temporary directory, migrated, unless
 ``BENCH_SCREEN_DATABASE_URL`` names another one (an existing database; it is migrated and the
 portal this bench creates is deleted at the end). ``DATABASE_URL`` is ignored. Background work
 runs inline (no Celery broker) and the rate limiter is the in-process one (no Redis).
+
+Side by side with a baseline: ``python -m bench.screen`` checks out ``BENCH_BASELINE`` (a git
+revision of this repository, ``5c45280`` unless set; ``none`` skips the comparison) into a
+temporary ``git worktree``, and runs this module there and here in turn (baseline, now, baseline,
+now; ``BENCH_SCREEN_ROUNDS`` pairs), each run in a process of its own with this venv's python and
+its tree's code first on ``sys.path`` (this very bench file is copied into the baseline's tree, so
+both are measured alike). Each run prints one ``BENCH_SCREEN_JSON {...}`` line (``--json`` asks
+for it); the table compares the app's time (total minus the fake's own handling) over the pooled
+samples of each side.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import os
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +49,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from bench.common import (
@@ -62,6 +75,10 @@ NO_LIMIT = (10**6, 10**6)
 LANG = "en"
 FRAME_TOKEN = re.compile(r'data-frame-token="([^"]+)"')
 RESULT_ITEM = '<li class="result'
+JSON_PREFIX = "BENCH_SCREEN_JSON "
+DEFAULT_BASELINE = "5c45280"
+HERE = Path(__file__).resolve()
+ROOT = HERE.parent.parent
 
 
 @dataclass
@@ -110,6 +127,114 @@ class Stopwatch:
 
 
 def main(argv: list[str]) -> int:
+    baseline = os.environ.get("BENCH_BASELINE", DEFAULT_BASELINE).strip()
+    if "--json" in argv or baseline.lower() in ("", "none", "0"):
+        return _measure(as_json="--json" in argv)
+    return _compare(baseline, max(1, int(os.environ.get("BENCH_SCREEN_ROUNDS", "2"))))
+
+
+def _compare(baseline: str, rounds: int) -> int:
+    """Runs of the baseline's tree and of this one in turn; a table of both side by side."""
+    revision = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", f"{baseline}^{{commit}}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "now": []}
+    with tempfile.TemporaryDirectory(prefix="bench-baseline-") as folder:
+        tree = Path(folder) / "tree"
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tree), revision],
+            check=True,
+        )
+        try:
+            shutil.copyfile(HERE, tree / "bench" / "screen.py")
+            for _ in range(rounds):
+                for side, where in (("baseline", tree), ("now", ROOT)):
+                    runs[side].append(_child(where, show=side == "now"))
+        finally:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False
+            )
+    _print_comparison(revision, runs)
+    return 0 if all(run["ok"] for side in runs.values() for run in side) else 1
+
+
+def _child(tree: Path, show: bool) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(tree), "BENCH_BASELINE": "none"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.screen", "--json"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith(JSON_PREFIX)]
+    if not lines:
+        raise RuntimeError(f"the bench in {tree} printed no figures:\n{done.stdout}{done.stderr}")
+    figures = json.loads(lines[-1][len(JSON_PREFIX) :])
+    if Path(figures["b24app"]).resolve().parent.parent != tree.resolve():
+        raise RuntimeError(f"the bench in {tree} imported {figures['b24app']}")
+    if show:
+        print("\n".join(line for line in done.stdout.splitlines() if line not in lines))
+    figures["ok"] = done.returncode == 0
+    return figures
+
+
+def _print_comparison(revision: str, runs: dict[str, list[dict[str, Any]]]) -> None:
+    rows = []
+    medians = {}
+    for kind in ("open", "reopen", "edit"):  # reopen: the same AUTH_ID again
+        pooled = {
+            side: [sample for run in side_runs for sample in run[kind]["app"]]
+            for side, side_runs in runs.items()
+        }
+        per_run = {
+            side: " ".join(fmt(summary(run[kind]["app"])["median"], 2) for run in side_runs)
+            for side, side_runs in runs.items()
+        }
+        then, now = summary(pooled["baseline"])["median"], summary(pooled["now"])["median"]
+        medians[kind] = (then, now)
+        rows.append(
+            [
+                kind,
+                fmt(then, 2),
+                fmt(now, 2),
+                f"{now / then:.2f}" if then else "-",
+                f"{runs['baseline'][-1][kind]['queries']} -> {runs['now'][-1][kind]['queries']}",
+                f"{runs['baseline'][-1][kind]['rest']} -> {runs['now'][-1][kind]['rest']}",
+                f"{per_run['baseline']} / {per_run['now']}",
+            ]
+        )
+        record(
+            "screen",
+            f"{kind}: app median, baseline {revision} -> now (ratio)",
+            f"{then:.1f} -> {now:.1f} ms ({now / then:.2f}x)" if then else "-",
+        )
+    print_table(
+        f"screen: baseline {revision} vs now",
+        [
+            "request",
+            "baseline app ms",
+            "now app ms",
+            "ratio",
+            "queries",
+            "REST calls",
+            "per-run medians baseline / now",
+        ],
+        rows,
+        [
+            "app = total - the fake's own handling, per request; medians of the pooled samples",
+            f"runs interleaved: {' '.join(['baseline now'] * len(runs['now']))}, each a process of",
+            "its own, this venv's python, its tree's code (this bench file copied into the",
+            f"baseline's temporary worktree); baseline b24app: {runs['baseline'][0]['b24app']}",
+        ],
+    )
+
+
+def _measure(as_json: bool) -> int:
     count = max(1, min(REQUESTS, 10_000))
     with tempfile.TemporaryDirectory(prefix="bench-screen-") as tmp:
         database_url = os.environ.get("BENCH_SCREEN_DATABASE_URL") or (
@@ -129,7 +254,7 @@ def main(argv: list[str]) -> int:
             with override_settings(STATIC_ROOT=os.path.join(tmp, "static")):
                 call_command("collectstatic", interactive=False, verbosity=0)
                 try:
-                    return _run(fake, count)
+                    return _run(fake, count, as_json)
                 finally:
                     connections.close_all()
         finally:
@@ -156,7 +281,7 @@ def _quiet_logs() -> Iterator[None]:
                     handler.setStream(stream)
 
 
-def _run(fake: Any, count: int) -> int:
+def _run(fake: Any, count: int, as_json: bool = False) -> int:
     from django.db import connection
     from django.test import Client
 
@@ -197,13 +322,28 @@ def _run(fake: Any, count: int) -> int:
         session.send = http.wrap(session.send)
         try:
             screen, token = _screens(client, fake, portal, task, anna, stopwatch, http, count)
+            reopen, _ = _screens(
+                client, fake, portal, task, anna, stopwatch, http, count, again=True
+            )
             edit, applied = _edits(client, fake, portal, task, anna, token, stopwatch, http, count)
         finally:
             del session.send
             if os.environ.get("BENCH_SCREEN_DATABASE_URL"):
                 Portal.objects.filter(member_id=portal.member_id).delete()
     elapsed = time.monotonic() - started
-    _print([screen, edit], applied, count, connection, elapsed)
+    _print([screen, reopen, edit], applied, count, connection, elapsed)
+    if as_json:
+        import b24app
+
+        figures = {"b24app": b24app.__file__}
+        for kind, series in (("open", screen), ("reopen", reopen), ("edit", edit)):
+            figures[kind] = {
+                "app": _minus(series.total, series.portal),
+                "total": series.total,
+                "queries": _span(series.queries),
+                "rest": _span(series.calls_per_request),
+            }
+        print(JSON_PREFIX + json.dumps(figures), flush=True)
     return 0 if applied == count else 1
 
 
@@ -242,16 +382,21 @@ def _clear_records(fake: Any, portal: Any) -> None:
         fake.requests.clear()
 
 
-def _screens(client, fake, portal, task, user, stopwatch, http, count) -> tuple[Series, str]:
+def _screens(
+    client, fake, portal, task, user, stopwatch, http, count, *, again: bool = False
+) -> tuple[Series, str]:
+    """Placement opens, each with a fresh AUTH_ID, or (`again`) all with the same one, as
+    Bitrix24 posts the person's access token again while it lives."""
     from tests.support.portals import post_frame
 
-    series = Series("screen open")
+    series = Series("open, same AUTH_ID" if again else "screen open")
     options = {"taskId": str(task)}
     token = ""
+    same = portal.frame_post(user, options=options, lang=LANG)
 
     def one(measure: Callable[..., Any] | None) -> None:
         nonlocal token
-        url, fields = portal.frame_post(user, options=options, lang=LANG)
+        url, fields = same if again else portal.frame_post(user, options=options, lang=LANG)
 
         def request():
             return post_frame(client, url, fields)
@@ -346,7 +491,7 @@ def _print(all_series: list[Series], applied: int, count: int, connection, elaps
     where = database["NAME"]
     if connection.vendor != "sqlite":
         where = f"{database.get('HOST') or 'localhost'}:{database.get('PORT') or '-'}/{where}"
-    screen, edit = all_series
+    screen, reopen, edit = all_series
     quarter = max(1, count // 4)
     notes = [
         f"applied: {applied}/{count} (the fake's result text equals the last text sent)",
@@ -359,9 +504,11 @@ def _print(all_series: list[Series], applied: int, count: int, connection, elaps
         "parsing and socket I/O; app's REST calls: wall time inside the app's requests session",
         "(loopback HTTP, requests, http.server and the fake's handling)",
         f"queries: per request, counted on {QUERY_SAMPLES} extra untimed requests of each kind;",
-        f"screen: {_kinds(screen)}; edit: {_kinds(edit)}",
+        f"screen: {_kinds(screen)}; same AUTH_ID: {_kinds(reopen)}; edit: {_kinds(edit)}",
         f"REST: the fake's requests per timed request; screen: {_paths(screen)};",
-        f"edit: {_paths(edit)}",
+        f"same AUTH_ID: {_paths(reopen)}; edit: {_paths(edit)}",
+        "screen open: a fresh AUTH_ID each time; open, same AUTH_ID: one frame POST sent again",
+        "(Bitrix24 posts the person's access token again while it lives)",
         f"edit total median, first {quarter} / last {quarter} edits: "
         f"{fmt(summary(edit.total[:quarter])['median'])} / "
         f"{fmt(summary(edit.total[-quarter:])['median'])} ms; every list reads back the",

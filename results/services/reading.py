@@ -5,8 +5,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 
-from django.utils import timezone
+from django.core.signals import setting_changed
+from django.utils import formats, timezone, translation
 from django.utils.translation import gettext_lazy as _
 
 from b24app.portals.bitrix import (
@@ -71,6 +73,43 @@ class ResultItem:
     change: ResultChange | None = None
     pending_delete: bool = False
 
+    # What the item template shows of its times, as `|date:'c'` and `|date:"DATETIME_FORMAT"`
+    # under `{% localtime off %}` would: the value as Bitrix24 sent it, in the active language's
+    # format. Formatted once per value and language in a process, not per row and open.
+    @property
+    def created_iso(self) -> str:
+        return _iso(self.created_at)
+
+    @property
+    def created_display(self) -> str:
+        return _display(self.created_at, translation.get_language())
+
+    @property
+    def updated_iso(self) -> str:
+        return _iso(self.updated_at)
+
+    @property
+    def updated_display(self) -> str:
+        return _display(self.updated_at, translation.get_language())
+
+
+def _iso(value: datetime | None) -> str:
+    return value.isoformat() if value is not None else ""
+
+
+@lru_cache(maxsize=8192)
+def _display(value: datetime | None, language: str | None) -> str:
+    if value is None:
+        return ""
+    return formats.date_format(value, "DATETIME_FORMAT")
+
+
+def _formats_changed(**kwargs) -> None:
+    _display.cache_clear()  # a test overrode a format or language setting
+
+
+setting_changed.connect(_formats_changed)
+
 
 def _item(raw: TaskResult, names: dict[int, str]) -> ResultItem:
     """A result as the screen shows it; a name Bitrix24 did not send is the portal's user
@@ -127,7 +166,9 @@ def results_fetch(*, account: Account, task_id: int) -> list[ResultItem]:
         message, reason = next(said for kind, *said in UNREADABLE_BECAUSE if isinstance(exc, kind))
         raise ScreenUnavailable(message, reason=reason) from exc
     _result_page_remember(account.portal, listing.largest_page)
-    names = portal_user_names(account.portal)
+    # The portal's user directory only for the authors Bitrix24 sent no name for.
+    unnamed = any(not raw.author_name for raw in listing.items)
+    names = portal_user_names(account.portal) if unnamed else {}
     items = [_item(raw, names) for raw in listing.items]
     items.sort(key=lambda item: item.id, reverse=True)  # ids grow with creation: newest first
     return _with_pending_changes(items, account=account, task_id=task_id)

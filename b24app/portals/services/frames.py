@@ -31,6 +31,8 @@ from b24app.portals.services.verification import (
     VerifiedAuth,
     application_token_matches,
     auth_verify,
+    identity_recall,
+    identity_remember,
     is_member_id,
 )
 
@@ -192,7 +194,12 @@ def frame_account_open(*, post, domain: str | None) -> Account:
     """
     portal, vouched = _portal_for_frame(post, domain)
     access, refresh = str(post["AUTH_ID"]), str(post.get("REFRESH_ID", ""))
-    profile = _frame_profile(portal, access)
+    # The same AUTH_ID again within its lifetime: who it belongs to is known (`profile` said so
+    # for this portal); the portal itself was checked again above.
+    profile = identity_recall(portal.member_id, access)
+    if profile is None:
+        profile = _frame_profile(portal, access)
+        identity_remember(portal.member_id, access, profile, post.get("AUTH_EXPIRES", ""))
     user_id = profile.id
     account = Account.objects.filter(portal=portal, user_id=user_id).first()
     if not vouched and not _account_live(account):
@@ -203,6 +210,13 @@ def frame_account_open(*, post, domain: str | None) -> Account:
             server_endpoint=portal.oauth_server,
         )
         vouched = True
+    if not vouched and _portal_steady(portal, profile):
+        # The common open: a known person with live tokens on an active portal. Two small
+        # writes at most, and none when they were seen a moment ago.
+        account = _account_seen(account, profile)
+        _portal_seen(portal)
+        account.portal = portal
+        return account
     with transaction.atomic():
         if vouched:
             account = account_tokens_store(
@@ -235,12 +249,44 @@ def frame_account_open(*, post, domain: str | None) -> Account:
     return account
 
 
+SEEN_EVERY = timedelta(minutes=1)
+"""`last_seen_at` (an account's, a portal's) is written again on an open once it is this old:
+it orders accounts and shows when a portal was last used, not each request."""
+
+
+def _portal_steady(portal: Portal, profile: Profile) -> bool:
+    """Whether the open has nothing to repair or start on the portal: it is active, no uninstall
+    report waits to be cleared, and no bindings check is due with an admin here."""
+    return (
+        portal.state == Portal.State.ACTIVE
+        and portal.uninstall_reported_at is None
+        and not (profile.admin and portal_bindings_due(portal))
+    )
+
+
+def _portal_seen(portal: Portal) -> None:
+    now = timezone.now()
+    if portal.last_seen_at is None or now - portal.last_seen_at >= SEEN_EVERY:
+        Portal.objects.filter(pk=portal.pk).update(last_seen_at=now)
+        portal.last_seen_at = now
+
+
 def _account_seen(account: Account, profile: Profile) -> Account:
     """The person opened the app again while their stored tokens hold: what `profile` says
-    about them is remembered, their tokens are kept."""
+    about them is remembered, their tokens are kept. Nothing is written when it says what the
+    account holds and they were seen a moment ago."""
+    now = timezone.now()
+    name = _stored_name(profile.name) or account.display_name
+    if (
+        account.is_admin == profile.admin
+        and account.display_name == name
+        and account.last_seen_at is not None
+        and now - account.last_seen_at < SEEN_EVERY
+    ):
+        return account
     account.is_admin = profile.admin
-    account.display_name = _stored_name(profile.name) or account.display_name
-    account.last_seen_at = timezone.now()
+    account.display_name = name
+    account.last_seen_at = now
     account.save(update_fields=["is_admin", "display_name", "last_seen_at", "updated_at"])
     return account
 

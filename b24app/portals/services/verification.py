@@ -4,8 +4,13 @@ allow-listed OAuth server (`app.info`), a posted `application_token`."""
 from __future__ import annotations
 
 import hmac
+import logging
+import time
 from dataclasses import dataclass
 
+from django.conf import settings
+from django.core.cache import cache
+from django.utils.crypto import salted_hmac
 from django.utils.translation import gettext_lazy as _
 
 from b24app.portals import crypto
@@ -17,10 +22,12 @@ from b24app.portals.bitrix import (
     client_endpoint_for,
     oauth_origin_for,
 )
-from b24app.portals.bitrix.methods import trusted_app_info_parse
+from b24app.portals.bitrix.methods import Profile, trusted_app_info_parse
 from b24app.portals.models import Portal
 from b24app.portals.services.clients import oauth_server, require_configured
 from b24app.portals.services.exceptions import VerificationFailed
+
+logger = logging.getLogger(__name__)
 
 _MEMBER_ID_CHARS = frozenset("0123456789abcdefABCDEF")
 
@@ -115,3 +122,54 @@ def application_token_matches(portal: Portal, application_token: str) -> bool:
     if not portal.application_token_hash or not application_token:
         return False
     return hmac.compare_digest(portal.application_token_hash, crypto.fingerprint(application_token))
+
+
+# --- who a frame's access token belongs to, remembered for its lifetime -------------------------
+
+IDENTITY_TTL_S = 10 * 60
+"""The longest a verified identity (`profile`'s answer) is reused for the same `AUTH_ID`; never
+longer than the token's own `AUTH_EXPIRES`."""
+_IDENTITY_PURPOSE = "b24app.portals.frame-identity"
+_clock = time.time
+
+
+def identity_key(member_id: str, access_token: str) -> str:
+    """The cache key of an access token's verified identity on portal `member_id`: an HMAC-SHA256
+    keyed by the server's secret (`SECRET_KEY`, with a purpose of its own), never the token."""
+    digest = salted_hmac(
+        _IDENTITY_PURPOSE,
+        f"{member_id}\x00{access_token}",
+        secret=settings.SECRET_KEY,
+        algorithm="sha256",
+    ).hexdigest()
+    return f"frame-identity:{member_id}:{digest}"
+
+
+def identity_recall(member_id: str, access_token: str) -> Profile | None:
+    """The identity `profile` gave for this token on this portal, while the token still lives."""
+    try:
+        held = cache.get(identity_key(member_id, access_token))
+    except Exception:  # the cache is down: ask `profile` as if it had nothing
+        logger.warning("frame identity cache unavailable", exc_info=True)
+        return None
+    if not isinstance(held, dict) or held.get("until", 0) <= _clock():
+        return None
+    return Profile(id=int(held["id"]), name=str(held["name"]), admin=bool(held["admin"]))
+
+
+def identity_remember(member_id: str, access_token: str, profile: Profile, expires_in: str) -> None:
+    """Keep `profile`'s answer for this token for the rest of its lifetime (`AUTH_EXPIRES`,
+    seconds), `IDENTITY_TTL_S` at most; nothing for a token that names no lifetime."""
+    try:
+        lifetime = int(expires_in)
+    except (TypeError, ValueError):
+        return
+    ttl = min(lifetime, IDENTITY_TTL_S)
+    if ttl <= 0 or not profile.id:
+        return
+    held = {"id": profile.id, "name": profile.name, "admin": profile.admin}
+    held["until"] = _clock() + ttl
+    try:
+        cache.set(identity_key(member_id, access_token), held, timeout=ttl)
+    except Exception:
+        logger.warning("frame identity cache unavailable", exc_info=True)
