@@ -265,9 +265,7 @@ def _attempt(
         answered = True
     if turn == PROBE and probe_done:
         portal_probe_done(change.portal_id)
-    # A portal found well for this attempt has nothing to reset (an attempt that found it
-    # unavailable meanwhile backs it off after this answer, as if it came later).
-    drains = answered and turn != SEND and portal_answered(change.portal_id)
+    drains = answered and portal_answered(change.portal_id)
     updates["updated_at"] = timezone.now()
     if deferred_for is not None:
         with transaction.atomic():
