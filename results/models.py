@@ -60,9 +60,26 @@ class ResultChange(models.Model):
     delivered_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # The caps on Queued changes (`services.changes`): a Queued change holds a place among its
+    # author's and among its portal's, each below the cap and unique while it is Queued, so
+    # two changes written at once can never both take the last one.
+    account_slot = models.PositiveIntegerField(null=True, blank=True, editable=False)
+    portal_slot = models.PositiveIntegerField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created_at", "-pk"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["account", "account_slot"],
+                condition=Q(state="queued"),
+                name="resultchange_account_slot",
+            ),
+            models.UniqueConstraint(
+                fields=["portal", "portal_slot"],
+                condition=Q(state="queued"),
+                name="resultchange_portal_slot",
+            ),
+        ]
         indexes = [
             models.Index(fields=["state", "next_attempt_at"], name="resultchange_due"),
             models.Index(fields=["portal", "task_id", "state"], name="resultchange_task"),

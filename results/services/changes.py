@@ -8,16 +8,17 @@ import logging
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, connections, transaction
+from django.db.models import Count, Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from b24app.portals.models import Account, Portal
+from b24app.portals.models import Account
 from b24app.portals.ratelimit import WEB_LIMITER_WAIT_S
-from results.models import ResultChange
+from results.models import PortalOutbox, ResultChange
 from results.selectors import result_changes_expired
-from results.services.backoff import GIVE_UP_AFTER, PORTAL_LIMIT_CODES
-from results.services.delivery import result_change_deliver
+from results.services.backoff import GIVE_UP_AFTER, LEASE, PORTAL_LIMIT_CODES
+from results.services.delivery import result_change_deliver, result_change_deliver_claimed
 
 logger = logging.getLogger("results")
 
@@ -74,17 +75,22 @@ def result_change_submit(
         text = _clean_text(text)
     else:
         text = ""
-    with transaction.atomic():
-        _queue_room(account)
-        change = ResultChange.objects.create(
-            portal=account.portal,
-            account=account,
-            task_id=task_id,
-            result_id=result_id,
-            action=action,
-            text_before=text_before.replace("\x00", "")[:MAX_TEXT_LENGTH],
-            text_after=text,
-        )
+    now = timezone.now()
+    change = ResultChange(
+        portal=account.portal,
+        account=account,
+        task_id=task_id,
+        result_id=result_id,
+        action=action,
+        text_before=text_before.replace("\x00", "")[:MAX_TEXT_LENGTH],
+        text_after=text,
+        # Claimed by this request's own attempt as it is written (as `delivery._claim` would).
+        attempts=1,
+        lease_until=now + LEASE,
+        next_attempt_at=now,
+        created_at=now,
+    )
+    portal_held = _write_queued(change)
     logger.info(
         "change %s queued portal=%s user=%s action=%s task=%s",
         change.pk,
@@ -93,20 +99,95 @@ def result_change_submit(
         action,
         task_id,
     )
-    return result_change_deliver(change_id=change.pk, limiter_max_wait=WEB_LIMITER_WAIT_S)
+    return result_change_deliver_claimed(
+        change, portal_held=portal_held, limiter_max_wait=WEB_LIMITER_WAIT_S
+    )
 
 
-def _queue_room(account: Account) -> None:
-    """Refuse a change past the caps on Queued changes: `RESULTS_QUEUED_PER_ACCOUNT` of one
-    person, `RESULTS_QUEUED_PER_PORTAL` of one portal.
+WRITE_TRIES = 10
+"""How often a change is written again after another one written at once took its place."""
 
-    Call inside a transaction, before writing the change: the portal's row lock makes
-    concurrent submissions of the portal count one after another, so no two of them both see
-    the last free place."""
-    Portal.objects.select_for_update().only("pk").get(pk=account.portal_id)
-    queued = ResultChange.objects.filter(state=ResultChange.State.QUEUED)
-    per_account = settings.RESULTS_QUEUED_PER_ACCOUNT
-    if queued.filter(account=account).count() >= per_account:
+
+def _queued(owner: str) -> str:
+    """SQL: the number of Queued changes of the owner (its id the first parameter, then the
+    Queued state)."""
+    return f"(SELECT COUNT(*) FROM {_TABLE} WHERE {owner} = %s AND state = %s)"  # noqa: S608
+
+
+def _free_slot(owner: str, slot: str) -> str:
+    """SQL: the lowest place among the owner's Queued changes that none of them holds (the
+    owner's id and the Queued state, twice): 0, or one past a held place."""
+    return (  # identifiers of this module only; the values are parameters
+        f"(SELECT MIN(c.n) FROM (SELECT 0 AS n UNION ALL SELECT q.{slot} + 1 FROM {_TABLE} q "  # noqa: S608
+        f"WHERE q.{owner} = %s AND q.state = %s AND q.{slot} IS NOT NULL) c "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {_TABLE} o "
+        f"WHERE o.{owner} = %s AND o.state = %s AND o.{slot} = c.n))"
+    )
+
+
+_TABLE = ResultChange._meta.db_table
+_SLOTS = ("account_slot", "portal_slot")
+_FIELDS = [f for f in ResultChange._meta.concrete_fields if f.name != "id" and f.name not in _SLOTS]
+_INSERT = (
+    f"INSERT INTO {_TABLE} ({', '.join(f.column for f in _FIELDS)}, account_slot, portal_slot) "  # noqa: S608
+    f"SELECT {', '.join(['%s'] * len(_FIELDS))}, "
+    f"{_free_slot('account_id', 'account_slot')}, {_free_slot('portal_id', 'portal_slot')} "
+    f"WHERE {_queued('account_id')} < %s AND {_queued('portal_id')} < %s "
+    f"ON CONFLICT DO NOTHING "
+    f"RETURNING id, account_slot, portal_slot, "
+    f"(SELECT failures FROM {PortalOutbox._meta.db_table} WHERE portal_id = %s)"
+)
+
+
+def _write_queued(change: ResultChange) -> bool:
+    """Store a new Queued change unless its author or its portal has too many queued
+    (`QueueFull`, and nothing stored): `RESULTS_QUEUED_PER_ACCOUNT` of one person,
+    `RESULTS_QUEUED_PER_PORTAL` of one portal. Returns whether the portal's outbox had
+    failures then (it backs off, or did until now).
+
+    One statement, no lock: the caps are counted as the row is written, and the row takes the
+    lowest free place among its author's and its portal's Queued changes, which are unique
+    while queued. Two changes written at once see the same places free and pick the same one:
+    the database keeps one of them, and the other is written again, counting the first."""
+    connection = connections[ResultChange.objects.db]
+    for field in _FIELDS:
+        field.pre_save(change, add=True)
+    values = [
+        field.get_db_prep_save(getattr(change, field.attname), connection) for field in _FIELDS
+    ]
+    queued = ResultChange.State.QUEUED
+    account_id, portal_id = change.account_id, change.portal_id
+    caps = (settings.RESULTS_QUEUED_PER_ACCOUNT, settings.RESULTS_QUEUED_PER_PORTAL)
+    params = [
+        *values,
+        *(account_id, queued, account_id, queued, portal_id, queued, portal_id, queued),
+        account_id,
+        queued,
+        caps[0],
+        portal_id,
+        queued,
+        caps[1],
+        portal_id,
+    ]
+    for _try in range(WRITE_TRIES):
+        with connection.cursor() as cursor:
+            cursor.execute(_INSERT, params)
+            row = cursor.fetchone()
+        if row is not None:
+            change.pk, change.account_slot, change.portal_slot, failures = row
+            change._state.adding = False
+            change._state.db = connection.alias
+            return bool(failures)
+        _refuse_if_full(change.account, *caps)
+    raise _portal_full(change.account, caps[1])
+
+
+def _refuse_if_full(account: Account, per_account: int, per_portal: int) -> None:
+    """Raise `QueueFull` if the person or the portal has its cap of Queued changes."""
+    counts = ResultChange.objects.filter(
+        portal_id=account.portal_id, state=ResultChange.State.QUEUED
+    ).aggregate(mine=Count("pk", filter=Q(account_id=account.pk)), portal=Count("pk"))
+    if counts["mine"] >= per_account:
         logger.warning(
             "change refused: queue full portal=%s user=%s queued>=%s",
             account.portal.member_id,
@@ -120,43 +201,77 @@ def _queue_room(account: Account) -> None:
             )
             % {"count": per_account}
         )
-    per_portal = settings.RESULTS_QUEUED_PER_PORTAL
-    if queued.filter(portal_id=account.portal_id).count() >= per_portal:
-        logger.warning(
-            "change refused: portal queue full portal=%s queued>=%s",
-            account.portal.member_id,
-            per_portal,
-        )
-        raise QueueFull(
-            _(
-                "Too many changes on this Bitrix24 are waiting to be sent. Wait until they "
-                "are saved, then try again."
-            )
-        )
+    if counts["portal"] >= per_portal:
+        raise _portal_full(account, per_portal)
 
 
-@transaction.atomic
+def _portal_full(account: Account, per_portal: int) -> QueueFull:
+    logger.warning(
+        "change refused: portal queue full portal=%s queued>=%s",
+        account.portal.member_id,
+        per_portal,
+    )
+    return QueueFull(
+        _(
+            "Too many changes on this Bitrix24 are waiting to be sent. Wait until they "
+            "are saved, then try again."
+        )
+    )
+
+
+_REQUEUE = (
+    f"UPDATE {_TABLE} SET state = %s, next_attempt_at = %s, lease_until = NULL, "  # noqa: S608
+    f"last_error_message = '', idempotency_key = %s, created_at = %s, updated_at = %s, "
+    f"account_slot = {_free_slot('account_id', 'account_slot')}, "
+    f"portal_slot = {_free_slot('portal_id', 'portal_slot')} "
+    f"WHERE id = %s AND state = %s "
+    f"AND {_queued('account_id')} < %s AND {_queued('portal_id')} < %s"
+)
+
+
 def result_change_retry(*, change_id: int, account: Account) -> ResultChange:
     """Queue a change that was not saved once more (same idempotency key: an error is never
     stored by Bitrix24, so the same key cannot replay it). Refused (`QueueFull`) like a new
-    change when the person or the portal has too many changes queued."""
+    change when the person or the portal has too many changes queued: it takes its places
+    among the Queued changes the way a new one does (`_write_queued`)."""
     change = ResultChange.objects.get(pk=change_id, account=account)
-    if change.state == ResultChange.State.FAILED:
+    connection = connections[ResultChange.objects.db]
+    caps = (settings.RESULTS_QUEUED_PER_ACCOUNT, settings.RESULTS_QUEUED_PER_PORTAL)
+    queued, failed = ResultChange.State.QUEUED, ResultChange.State.FAILED
+    for _try in range(WRITE_TRIES):
+        if change.state != failed:
+            return change
+        now = timezone.now()
+        key, created_at = change.idempotency_key, change.created_at
+        if now - change.created_at > GIVE_UP_AFTER:
+            key = ResultChange._meta.get_field("idempotency_key").default()
+            created_at = now
+        at = [connection.ops.adapt_datetimefield_value(value) for value in (now, created_at)]
+        params = [
+            *(queued, at[0], key, at[1], at[0]),
+            *(account.pk, queued, account.pk, queued),
+            *(change.portal_id, queued, change.portal_id, queued),
+            *(change.pk, failed),
+            *(account.pk, queued, caps[0], change.portal_id, queued, caps[1]),
+        ]
         try:
-            _queue_room(account)
-        except QueueFull as exc:
-            exc.task_id = change.task_id
-            raise
-    change = ResultChange.objects.select_for_update().get(pk=change_id, account=account)
-    if change.state == ResultChange.State.FAILED:
-        change.state = ResultChange.State.QUEUED
-        change.next_attempt_at = timezone.now()
-        change.lease_until = None
-        change.last_error_message = ""
-        if timezone.now() - change.created_at > GIVE_UP_AFTER:
-            change.idempotency_key = ResultChange._meta.get_field("idempotency_key").default()
-            change.created_at = timezone.now()
-        change.save()
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(_REQUEUE, params)
+                done = cursor.rowcount
+        except IntegrityError:  # another change took the same place meanwhile: try again
+            done = 0
+        else:
+            if not done:
+                try:
+                    _refuse_if_full(account, *caps)
+                except QueueFull as exc:
+                    exc.task_id = change.task_id
+                    raise
+        change = ResultChange.objects.get(pk=change_id, account=account)
+    if change.state == failed:
+        exc = _portal_full(account, caps[1])
+        exc.task_id = change.task_id
+        raise exc
     return change
 
 

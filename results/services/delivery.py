@@ -47,6 +47,7 @@ from results.services.backoff import (
 )
 from results.services.outbox import (
     PROBE,
+    SEND,
     WAIT,
     change_turn,
     portal_answered,
@@ -183,7 +184,25 @@ def result_change_deliver(*, change_id: int, limiter_max_wait: float | None = No
     if not _claim(change_id):
         return ResultChange.objects.get(pk=change_id)
     change = ResultChange.objects.select_related("account__portal").get(pk=change_id)
-    turn, outbox = portal_turn(change.portal_id)
+    change.portal = change.account.portal  # the same row: not read a second time
+    return _attempt(change, *portal_turn(change.portal_id), limiter_max_wait=limiter_max_wait)
+
+
+def result_change_deliver_claimed(
+    change: ResultChange, *, portal_held: bool, limiter_max_wait: float | None = None
+) -> ResultChange:
+    """The attempt of a change its writer stored already claimed (leased, its attempt counted:
+    `changes.result_change_submit`), with its account and portal in memory. `portal_held`: its
+    portal's outbox had failures when it was written; only then is the portal's turn asked."""
+    turn, outbox = portal_turn(change.portal_id) if portal_held else (SEND, None)
+    return _attempt(change, turn, outbox, limiter_max_wait=limiter_max_wait)
+
+
+def _attempt(
+    change: ResultChange, turn: str, outbox, *, limiter_max_wait: float | None
+) -> ResultChange:
+    """One attempt of a claimed change, its portal's turn known."""
+    change_id = change.pk
     if turn == WAIT:
         return portal_wait(change, outbox)
     interval_s = 1 / portal_rate(change.portal)[1]
@@ -247,11 +266,18 @@ def result_change_deliver(*, change_id: int, limiter_max_wait: float | None = No
     if turn == PROBE and probe_done:
         portal_probe_done(change.portal_id)
     drains = answered and portal_answered(change.portal_id)
-    with transaction.atomic():
-        if deferred_for is not None:
+    updates["updated_at"] = timezone.now()
+    if deferred_for is not None:
+        with transaction.atomic():
             updates["next_attempt_at"] = change_turn(change, deferred_for, interval_s)
-        ResultChange.objects.filter(pk=change_id).update(**updates, updated_at=timezone.now())
-    change.refresh_from_db()
+            ResultChange.objects.filter(pk=change_id).update(**updates)
+    else:
+        ResultChange.objects.filter(pk=change_id).update(**updates)
+    if any(hasattr(value, "resolve_expression") for value in updates.values()):
+        change.refresh_from_db()
+    else:  # what was written is what the row holds: no need to read it back
+        for name, value in updates.items():
+            setattr(change, name, value)
     logger.info(
         "change %s attempt %s -> %s %s", change.pk, change.attempts, change.state, change.last_error
     )

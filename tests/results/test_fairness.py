@@ -240,6 +240,130 @@ def test_queue_cap_holds_under_concurrent_posts(client, fake, portal, celery_eag
     assert ResultChange.objects.filter(account=boris, state=ResultChange.State.QUEUED).count() == 20
 
 
+@pytest.mark.django_db
+def test_a_change_takes_the_lowest_place_a_delivered_one_left(client, fake, portal, down_task):
+    """The places that make the caps exact: unique among the Queued changes, reused once free."""
+    task, tokens = down_task
+    for n in range(3):
+        assert add(client, tokens[BORIS], task, f"change {n}", as_json=True).status_code == 200
+    first, second, third = ResultChange.objects.order_by("pk")
+    assert [c.account_slot for c in (first, second, third)] == [0, 1, 2]
+    assert [c.portal_slot for c in (first, second, third)] == [0, 1, 2]
+    ResultChange.objects.filter(pk=second.pk).update(state=ResultChange.State.SAVED)
+
+    assert add(client, tokens[ANNA], task, "Anna's", as_json=True).status_code == 200
+    assert add(client, tokens[BORIS], task, "change 3", as_json=True).status_code == 200
+
+    annas = ResultChange.objects.get(text_after="Anna's")
+    assert (annas.account_slot, annas.portal_slot) == (0, 1)
+    latest = ResultChange.objects.get(text_after="change 3")
+    assert (latest.account_slot, latest.portal_slot) == (1, 3)
+
+
+@pytest.mark.django_db
+def test_retry_takes_a_free_place_among_the_queued_changes(client, fake, portal, down_task):
+    task, tokens = down_task
+    add(client, tokens[BORIS], task, "one", as_json=True)
+    failed = _queue(Account.objects.get(user_id=BORIS), 1, "refused")[0]
+    ResultChange.objects.filter(pk=failed.pk).update(
+        state=ResultChange.State.FAILED, account_slot=0, portal_slot=0
+    )
+
+    response = frame_post(
+        client, tokens[BORIS], f"/b24/app/changes/{failed.pk}/retry/", as_json=True
+    )
+
+    assert response.status_code == 200, response.content
+    failed.refresh_from_db()
+    assert failed.state == ResultChange.State.QUEUED
+    assert (failed.account_slot, failed.portal_slot) == (1, 1)
+
+
+def _at_once(count: int, work) -> Counter:
+    """`work(n)` in `count` threads released together (own connections); their outcomes."""
+    barrier = threading.Barrier(count)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def run(n: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            try:
+                work(n)
+                outcome = "taken"
+            except services.QueueFull:
+                outcome = "refused"
+            with lock:
+                outcomes.append(outcome)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return Counter(outcomes)
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_portal_cap_holds_under_concurrent_posts_of_several_people(
+    client, fake, portal, celery_eager, settings
+):
+    """A portal with one free place of five, and ten people's edits at once: one is taken."""
+    settings.RESULTS_QUEUED_PER_PORTAL = 5
+    installed(client, portal, ANNA)
+    task = portal.add_task(title="Quarterly report")
+    people = [ANNA, BORIS, *(portal.add_user(name=f"User {n}") for n in range(3))]
+    for user in people[1:]:
+        open_screen(client, portal, user, task)
+    accounts = {a.user_id: a for a in Account.objects.select_related("portal")}
+    PortalOutboxFactory(
+        portal=accounts[ANNA].portal, failures=3, resume_at=timezone.now() + timedelta(minutes=5)
+    )
+    for user in people[:4]:
+        services.result_change_submit(
+            account=accounts[user], task_id=1, action="add", text=f"queued {user}"
+        )
+
+    def submit(n: int) -> None:
+        account = Account.objects.select_related("portal").get(pk=accounts[people[n % 5]].pk)
+        services.result_change_submit(account=account, task_id=1, action="add", text=f"{n}")
+
+    assert _at_once(10, submit) == {"taken": 1, "refused": 9}
+    queued = ResultChange.objects.filter(state=ResultChange.State.QUEUED)
+    assert queued.count() == 5
+    assert sorted(queued.values_list("portal_slot", flat=True)) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_account_cap_holds_under_concurrent_retries_and_posts(client, fake, portal, celery_eager):
+    """18 queued, five changes not saved retried and five new edits at once: two are taken."""
+    installed(client, portal, ANNA)
+    open_screen(client, portal, BORIS, portal.add_task(title="Quarterly report"))
+    boris = Account.objects.select_related("portal").get(user_id=BORIS)
+    _queue(boris, 18, "queued")
+    failed = _queue(boris, 5, "refused")
+    ResultChange.objects.filter(pk__in=[c.pk for c in failed]).update(
+        state=ResultChange.State.FAILED
+    )
+    PortalOutboxFactory(
+        portal=boris.portal, failures=3, resume_at=timezone.now() + timedelta(minutes=5)
+    )
+
+    def work(n: int) -> None:
+        account = Account.objects.select_related("portal").get(pk=boris.pk)
+        if n % 2:
+            services.result_change_resend(change_id=failed[n // 2].pk, account=account)
+        else:
+            services.result_change_submit(account=account, task_id=1, action="add", text=f"{n}")
+
+    assert _at_once(10, work) == {"taken": 2, "refused": 8}
+    assert ResultChange.objects.filter(account=boris, state=ResultChange.State.QUEUED).count() == 20
+
+
 # --- a portal backs off as one ------------------------------------------------------------------
 
 
