@@ -63,7 +63,7 @@ run: install env
 # timers, not on the CPU), then the few tests marked `alone` run by themselves: they measure
 # pacing or latency in real time, which other tests' load would move. Exit status 5 is "no test
 # selected" (PYTEST_ARGS naming files without such tests).
-TEST_WORKERS ?= 6
+TEST_WORKERS ?= 4
 test: install-dev
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxschedchunk 2 -m "not alone" $(PYTEST_ARGS)
 	$(BIN)/python -m pytest -m alone $(PYTEST_ARGS) || [ $$? -eq 5 ]
