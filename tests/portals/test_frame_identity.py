@@ -113,3 +113,27 @@ def test_the_cache_never_holds_the_token(client, portal, opened):
         assert token.encode() not in value
         assert token not in repr(cache.get(key.split(":", 2)[2]))
         assert fields["REFRESH_ID"] not in key and fields["REFRESH_ID"].encode() not in value
+
+
+def test_with_the_shared_redis_unreachable_the_cache_is_not_asked(portal, monkeypatch):
+    """The limiter on the same Redis found it unreachable: the open asks `profile` instead of
+    waiting out the cache's timeouts, and keeps nothing."""
+
+    class Degraded:
+        degraded = True
+
+    asked: list[str] = []
+
+    class Recording:  # errors would be swallowed as "cache down": record the calls instead
+        def get(self, key, *args, **kwargs):
+            asked.append("get")
+
+        def set(self, key, *args, **kwargs):
+            asked.append("set")
+
+    monkeypatch.setattr(verification, "rate_limiter", lambda: Degraded())
+    monkeypatch.setattr(verification, "cache", Recording())
+    profile = verification.Profile(id=1, name="Anna", admin=True)
+    verification.identity_remember(portal.member_id, "a-token", profile, "3600")
+    assert verification.identity_recall(portal.member_id, "a-token") is None
+    assert asked == []

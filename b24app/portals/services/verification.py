@@ -24,7 +24,8 @@ from b24app.portals.bitrix import (
 )
 from b24app.portals.bitrix.methods import Profile, trusted_app_info_parse
 from b24app.portals.models import Portal
-from b24app.portals.services.clients import oauth_server, require_configured
+from b24app.portals.ratelimit import limiter_degraded
+from b24app.portals.services.clients import oauth_server, rate_limiter, require_configured
 from b24app.portals.services.exceptions import VerificationFailed
 
 logger = logging.getLogger(__name__)
@@ -145,8 +146,17 @@ def identity_key(member_id: str, access_token: str) -> str:
     return f"frame-identity:{member_id}:{digest}"
 
 
+def _cache_unreachable() -> bool:
+    """The cache is Redis (`REDIS_URL`) and the shared limiter, on the same Redis, found it
+    unreachable and has not reached it since: skip the cache instead of waiting out its
+    timeouts on every open (the limiter asks Redis again after its retry interval)."""
+    return limiter_degraded(rate_limiter())
+
+
 def identity_recall(member_id: str, access_token: str) -> Profile | None:
     """The identity `profile` gave for this token on this portal, while the token still lives."""
+    if _cache_unreachable():
+        return None
     try:
         held = cache.get(identity_key(member_id, access_token))
     except Exception:  # the cache is down: ask `profile` as if it had nothing
@@ -169,6 +179,8 @@ def identity_remember(member_id: str, access_token: str, profile: Profile, expir
         return
     held = {"id": profile.id, "name": profile.name, "admin": profile.admin}
     held["until"] = _clock() + ttl
+    if _cache_unreachable():
+        return
     try:
         cache.set(identity_key(member_id, access_token), held, timeout=ttl)
     except Exception:
