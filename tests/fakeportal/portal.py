@@ -76,6 +76,9 @@ class FakePortal:
         # and whether placements go too, is not documented): "events_after" (after the
         # ONAPPUPDATE answer), "events_before", "all_after", "all_before" or "kept".
         self.bindings_on_update = "events_after"
+        # `Set-Cookie` values added to every REST answer, as a portal's PHP session or its
+        # balancer may set them (nothing documents whether REST answers carry cookies).
+        self.answer_cookies: list[str] = []
         # Frame commands the page JS records but never answers (a parent that does not answer).
         self.unanswered_commands: set[str] = set()
         self.created_at = fake.now()
@@ -775,6 +778,7 @@ class FakePortal:
             return DROP
         resp = self._route(req, listener, record)
         if resp is not DROP and record["api"] in ("classic", "v3"):
+            resp.headers.extend(("Set-Cookie", cookie) for cookie in self.answer_cookies)
             resp = self.transport.shape(resp, record)
         # A lost_response was carried out: its status is what the portal did, not what the
         # client got (nothing; `injected` says so).

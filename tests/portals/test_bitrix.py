@@ -798,9 +798,15 @@ def test_no_token_or_secret_in_log_records(rsps, config, caplog) -> None:
     # requests-oauthlib dumps token request bodies and responses at DEBUG: those never get out.
     assert not [r for r in caplog.records if r.name.startswith("requests_oauthlib")]
     bitrix_lines = [
-        r for r in caplog.records if r.name == "b24app.bitrix" and r.levelno == logging.INFO
+        r
+        for r in caplog.records
+        if r.name == "b24app.bitrix" and r.getMessage().startswith("bitrix24 call ")
     ]
     assert len(bitrix_lines) == 9  # one per HTTP exchange
+    # A quick success at DEBUG, a failure at INFO: a busy screen writes no line per call.
+    levels = [(r.levelno, "error=-" in r.getMessage()) for r in bitrix_lines]
+    assert {level for level, succeeded in levels if succeeded} == {logging.DEBUG}
+    assert {level for level, succeeded in levels if not succeeded} == {logging.INFO}
     first = bitrix_lines[0].getMessage()
     assert "method=profile" in first and "api=classic" in first and "status=401" in first
     assert "error=expired_token" in first and "duration_ms=" in first

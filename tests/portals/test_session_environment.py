@@ -1,8 +1,10 @@
 """The Bitrix24 session reads the environment's proxy settings once per origin (not on every
-request) and still honours them, and never sends ``~/.netrc`` credentials."""
+request) and still honours them, never sends ``~/.netrc`` credentials, and keeps no cookie a
+portal sets."""
 
 import requests
 
+from b24app.portals.bitrix import BitrixClient
 from b24app.portals.bitrix.config import BitrixConfig
 from b24app.portals.bitrix.transport import build_session
 
@@ -53,3 +55,24 @@ def test_netrc_is_never_read(monkeypatch):
     )
     prepared = _session().prepare_request(requests.Request("POST", "https://portal.example.test/"))
     assert "Authorization" not in prepared.headers
+
+
+def test_cookies_a_portal_sets_are_neither_kept_nor_sent_anywhere(fake, portal):
+    """One session serves every portal: a cookie on one portal's answer must not pile up in it
+    or travel with the next call, to that portal or another."""
+    other = fake.add_portal()
+    other.add_user(name="Olga", last_name="Ivanova", admin=True)
+    portal.answer_cookies = [
+        "PHPSESSID=portal-session-0123456789; path=/; HttpOnly",
+        "BITRIX_SM_GUEST_ID=42; path=/; domain=127.0.0.1",
+    ]
+    session = _session()
+    config = BitrixConfig(client_id="x", client_secret="y", allow_private=True)
+    calls = [(portal, portal.issue_tokens(1)), (portal, portal.issue_tokens(1)), (other, None)]
+    for where, tokens in calls:
+        token = (tokens or where.issue_tokens(1))["access_token"]
+        client = BitrixClient(where.client_endpoint, token, config=config, session=session)
+        assert client.call("profile")["ID"]
+    sent = [r["headers"].get("Cookie") for r in (*portal.requests, *other.requests)]
+    assert sent == [None, None, None]
+    assert len(session.cookies) == 0

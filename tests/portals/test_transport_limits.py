@@ -20,7 +20,13 @@ import uuid
 import pytest
 import redis
 
-from b24app.portals.bitrix import BitrixClient, BitrixConfig, BitrixUnavailable, OAuthServer
+from b24app.portals.bitrix import (
+    BitrixClient,
+    BitrixConfig,
+    BitrixError,
+    BitrixUnavailable,
+    OAuthServer,
+)
 from b24app.portals.breaker import (
     BreakerOpen,
     InflightTimeout,
@@ -104,6 +110,30 @@ def redis_or_skip() -> str:
 def no_secret_in(text: str, *secrets: str) -> None:
     for secret in secrets:
         assert secret not in text
+
+
+# --- the exchange's log line -------------------------------------------------------------------
+
+
+def test_a_quick_success_is_logged_at_debug_a_slow_one_and_a_failure_at_info(
+    portal, anna, config, caplog, monkeypatch
+) -> None:
+    """A busy screen writes no line per successful call; what an operator needs to see (a
+    failure, a call that took long) stays at INFO."""
+    from b24app.portals.bitrix import transport
+
+    monkeypatch.setattr(transport, "SLOW_CALL_S", 0.2)
+    caplog.set_level(logging.DEBUG, logger="b24app.bitrix")
+    client = client_for(portal, anna["access_token"], config)
+    client.call("profile")
+    portal.latency_s = 0.3
+    client.call("profile")
+    portal.latency_s = 0.0
+    with pytest.raises(BitrixError):
+        client_for(portal, "not-a-token", config).call("profile")
+    lines = [r for r in caplog.records if r.getMessage().startswith("bitrix24 call ")]
+    assert [r.levelno for r in lines] == [logging.DEBUG, logging.INFO, logging.INFO]
+    assert "error=-" in lines[1].getMessage() and "error=-" not in lines[2].getMessage()
 
 
 # --- the deadline ------------------------------------------------------------------------------

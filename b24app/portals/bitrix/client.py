@@ -26,6 +26,7 @@ from b24app.portals.bitrix.errors import (
 )
 from b24app.portals.bitrix.netguard import check_base_url, client_endpoint_for
 from b24app.portals.bitrix.transport import (
+    BitrixSession,
     _bounded_request,
     _json_body,
     _log_exchange,
@@ -115,7 +116,7 @@ class BitrixClient:
         limiter_key: str | None = None,
         rate: tuple[int, float] = (50, 2.0),
         limiter_max_wait: float | None = 30.0,
-        session: requests.Session | None = None,
+        session: BitrixSession | None = None,
         breaker: CircuitBreaker | None = None,
         inflight: InflightLimiter | None = None,
         max_inflight: int = 10,
@@ -321,11 +322,10 @@ class BitrixClient:
             sent = True
             try:
                 response = _bounded_request(
-                    lambda **transport: self._session.post(
+                    lambda **transport: self._session.post_json(
                         self._url(method, api),
-                        json={**params, "auth": self._access_token},
+                        {**params, "auth": self._access_token},
                         headers=headers,
-                        allow_redirects=False,
                         **transport,
                     ),
                     self._config,
