@@ -136,10 +136,11 @@ class LiveClient:
     def get(self, path: str, **extra):
         return self.session.get(self.base_url + path, headers=_headers(extra), timeout=30)
 
-    def post(self, path: str, data=None, **extra):
-        return self.session.post(
-            self.base_url + path, data=data or {}, headers=_headers(extra), timeout=30
-        )
+    def post(self, path: str, data=None, content_type: str | None = None, **extra):
+        headers = _headers(extra)
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        return self.session.post(self.base_url + path, data=data or {}, headers=headers, timeout=30)
 
 
 def _headers(extra: dict) -> dict[str, str]:

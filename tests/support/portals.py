@@ -6,9 +6,14 @@ from urllib.parse import urlencode, urlsplit
 
 
 def post_frame(client, url: str, fields: dict):
-    """POST a frame/installer request (query string + form body) to the app."""
+    """POST a frame/installer request (query string + form body) to the app, form-encoded as
+    Bitrix24's own form posts it into the frame."""
     parts = urlsplit(url)
-    return client.post(f"{parts.path}?{parts.query}", fields)
+    return client.post(
+        f"{parts.path}?{parts.query}",
+        data=urlencode(fields, doseq=True),
+        content_type="application/x-www-form-urlencoded",
+    )
 
 
 def post_event(client, pairs):

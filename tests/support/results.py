@@ -4,6 +4,7 @@ the fake portal's records of what reached Bitrix24 and as whom."""
 from __future__ import annotations
 
 import re
+from urllib.parse import urlencode
 
 from tests.celery_worker import kill_worker, start_worker, stop_worker  # noqa: F401 - used by tests
 from tests.support.portals import install, post_frame
@@ -69,10 +70,16 @@ def open_screen(client, portal, user_id: int, task_id: int, lang: str = "en"):
 
 
 def frame_post(client, token: str, path: str, data: dict | None = None, *, as_json=False):
+    """POST to a frame endpoint form-encoded, as the screen's script sends its forms."""
     extra = {"HTTP_X_FRAME_TOKEN": token}
     if as_json:
         extra["HTTP_ACCEPT"] = "application/json"
-    return client.post(path, data or {}, **extra)
+    return client.post(
+        path,
+        urlencode(data or {}, doseq=True),
+        content_type="application/x-www-form-urlencoded",
+        **extra,
+    )
 
 
 def frame_get(client, token: str, path: str, *, as_json=False):
