@@ -69,20 +69,23 @@ def frame_resolve(token: str) -> Frame:
     return Frame(account=account, token=token, language=session.language)
 
 
-def frame_issue(account: Account, language: str) -> Frame:
-    """A new frame session of `account` (a placement just opened, or a session renewed). The
-    account's user is back with fresh tokens: their queued changes are due now
+def frame_issue(account: Account, language: str, *, fresh_tokens: bool = True) -> Frame:
+    """A new frame session of `account` (a placement just opened, or a session renewed). When
+    the account's user is back with fresh tokens, their queued changes are due now
     (`result_changes_resume`)."""
-    result_changes_resume(account=account)
+    if fresh_tokens:
+        result_changes_resume(account=account)
     token = frame.issue(frame.FrameSession(account.portal_id, account.pk, language))
     return Frame(account=account, token=token, language=language)
 
 
 def frame_open(*, post, domain: str | None, language: str) -> Frame:
     """A placement POST from Bitrix24, verified (`frame_account_open`, which raises
-    `FrameRefused`), as a new frame session of the person who opened it."""
-    account = frame_account_open(post=post, domain=domain)
-    return frame_issue(account, language)
+    `FrameRefused`), as a new frame session of the person who opened it. An account that kept
+    the tokens it had (they were live and trusted) had nothing waiting for its tokens: what
+    waits for the portal goes when the portal answers again (`portal_answered`)."""
+    opened = frame_account_open(post=post, domain=domain)
+    return frame_issue(opened.account, language, fresh_tokens=opened.tokens_stored)
 
 
 def frame_renew(*, token: str, access_token: str, refresh_token: str, expires_in: str) -> Frame:

@@ -58,6 +58,7 @@ from b24app.portals.services.exceptions import (
 )
 from b24app.portals.services.frames import (
     FRAME_TOKEN_MARGIN,
+    FrameOpened,
     frame_account_open,
     frame_session_renew,
 )
@@ -127,6 +128,7 @@ __all__ = [
     "circuit_breaker",
     "event_handle",
     "event_receipts_purge",
+    "FrameOpened",
     "frame_account_open",
     "frame_session_renew",
     "http_session",

@@ -4,6 +4,7 @@ who opened it, and the frame session's renewal."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import timedelta
 
 from django.db import transaction
@@ -37,6 +38,16 @@ from b24app.portals.services.verification import (
 )
 
 logger = logging.getLogger("b24app.portals")
+
+
+@dataclass(frozen=True)
+class FrameOpened:
+    """The account a placement POST speaks for, and whether the frame's tokens became its
+    own (a new account, one repaired, or one whose stored token was about to run out): only
+    then is the person back with fresh tokens for what waited for them."""
+
+    account: Account
+    tokens_stored: bool
 
 
 def _portal_for_frame(post, domain: str | None) -> tuple[Portal, bool]:
@@ -177,7 +188,7 @@ def _account_live(account: Account | None) -> bool:
     )
 
 
-def frame_account_open(*, post, domain: str | None) -> Account:
+def frame_account_open(*, post, domain: str | None) -> FrameOpened:
     """Verify a placement POST and return the account of the person who opened the frame.
 
     The portal is checked with its stored `APPLICATION_TOKEN` (constant time), or with the OAuth
@@ -216,7 +227,7 @@ def frame_account_open(*, post, domain: str | None) -> Account:
         account = _account_seen(account, profile)
         _portal_seen(portal)
         account.portal = portal
-        return account
+        return FrameOpened(account, tokens_stored=False)
     with transaction.atomic():
         if vouched:
             account = account_tokens_store(
@@ -246,7 +257,7 @@ def frame_account_open(*, post, domain: str | None) -> Account:
             # update may have dropped them) goes with their visit.
             portal_bindings_check_later(portal_id=portal.pk, account_id=account.pk)
     account.portal = portal
-    return account
+    return FrameOpened(account, tokens_stored=vouched)
 
 
 SEEN_EVERY = timedelta(minutes=1)
