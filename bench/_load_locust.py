@@ -175,6 +175,14 @@ def _edit_problem(response, text: str) -> str | None:
 
 
 def _status(response) -> str:
-    """A non-200 answer: its status, and for no answer at all (status 0) the client's error."""
+    """A non-200 answer: its status and the app's reason (a JSON answer's ``error``, an HTML
+    page's message), and for no answer at all (status 0) the client's error."""
     error = getattr(response, "error", None)
-    return f"status {response.status_code}" + (f" ({error!r:.120})" if error else "")
+    if response.status_code:
+        text = response.text or ""
+        try:
+            error = response.json().get("error")
+        except (ValueError, AttributeError):
+            found = re.search(r'(?:class="message[^"]*"|role="alert")[^>]*>([^<]{1,120})', text)
+            error = found.group(1).strip() if found else None
+    return f"status {response.status_code}" + (f" ({error!s:.120})" if error else "")

@@ -9,7 +9,11 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -201,6 +205,73 @@ def fake_and_database(database_url: str) -> Iterator[Any]:
         yield fake
     finally:
         fake.stop()
+
+
+# --- side by side with a baseline revision ----------------------------------------------------
+
+DEFAULT_BASELINE = "5c45280"
+"""The main of the day issue 12 was filed: the speed figures it asks for are ratios to it."""
+
+
+def baseline_revision() -> str | None:
+    """``BENCH_BASELINE`` (a git revision of this repository; :data:`DEFAULT_BASELINE` unless
+    set), resolved to its short hash; ``None`` when set to ``none`` (no comparison)."""
+    wanted = os.environ.get("BENCH_BASELINE", DEFAULT_BASELINE).strip()
+    if wanted.lower() in ("", "none", "0"):
+        return None
+    return subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", f"{wanted}^{{commit}}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+@contextlib.contextmanager
+def baseline_tree(revision: str, bench_files: Sequence[str]) -> Iterator[Path]:
+    """``revision`` checked out into a temporary ``git worktree``, with this tree's
+    ``bench_files`` (paths under ``bench/``) copied over the baseline's, so that both sides are
+    measured by the same bench; removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="bench-baseline-") as folder:
+        tree = Path(folder) / "tree"
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tree), revision],
+            check=True,
+        )
+        try:
+            for name in bench_files:
+                shutil.copyfile(ROOT / "bench" / name, tree / "bench" / name)
+            yield tree
+        finally:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False
+            )
+
+
+def run_in_tree(
+    tree: Path, module: str, prefix: str, *, env: dict[str, str] | None = None, show: bool = True
+) -> dict[str, Any]:
+    """``python -m <module> --json`` with ``tree``'s code first on ``sys.path`` (this venv's
+    python, no further comparison), its output shown when ``show``; the figures of its last
+    line starting with ``prefix``, with ``ok`` (its exit status was 0)."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--json"],
+        cwd=tree,
+        env={**os.environ, **(env or {}), "PYTHONPATH": str(tree), "BENCH_BASELINE": "none"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith(prefix)]
+    if show:
+        print("\n".join(line for line in done.stdout.splitlines() if not line.startswith(prefix)))
+    if not lines:
+        raise RuntimeError(f"{module} in {tree} printed no figures:\n{done.stdout}{done.stderr}")
+    figures = json.loads(lines[-1][len(prefix) :])
+    if Path(figures["b24app"]).resolve().parent.parent != tree.resolve():
+        raise RuntimeError(f"{module} in {tree} imported {figures['b24app']}")
+    figures["ok"] = done.returncode == 0
+    return figures
 
 
 def skipped(title: str, reason: str) -> int:

@@ -43,12 +43,15 @@ from urllib.parse import urlencode, urlsplit
 from bench.common import (
     ROOT,
     HandlerTimer,
+    baseline_revision,
+    baseline_tree,
     ensure_database,
     fake_and_database,
     fmt,
     print_table,
     record,
     require_loopback,
+    run_in_tree,
     skipped,
     summary,
 )
@@ -71,8 +74,8 @@ STOP_TIMEOUT_S = 60
 every edit sent gets its answer and the final texts at the fake can be checked exactly."""
 EDITS_PER_OPEN = 3
 RESULTS_PER_TASK = 20
-WORKERS = 2
-THREADS = 8
+WORKERS = int(os.environ.get("BENCH_LOAD_WORKERS", "2"))
+THREADS = int(os.environ.get("BENCH_LOAD_THREADS", "8"))
 """gunicorn: one worker per CPU of this 2-CPU machine (a Python process runs Python code on one
 CPU at a time), and the Procfile's 8 threads each, which overlap the waits on PostgreSQL, Redis
 and Bitrix24 in which a request spends much of its time."""
@@ -83,6 +86,18 @@ ACCESS_FORMAT = PROCFILE_ACCESS_FORMAT + " %(D)sus %({x-bench-request}i)s"
 """The Procfile's access log line, plus the request time in microseconds and the request id."""
 ACCESS_TAIL = re.compile(r" (\d+)us (\S+)$")
 LOCUSTFILE = ROOT / "bench" / "_load_locust.py"
+JSON_PREFIX = "BENCH_LOAD_JSON "
+PORTALS = max(1, int(os.environ.get("BENCH_LOAD_PORTALS", "1")))
+"""Portals the users are spread over (round robin): one portal's users share its in-flight cap
+(``B24_PORTAL_MAX_INFLIGHT``), and a web request finding it full answers 503 at once."""
+COMPARE_USERS = os.environ.get("BENCH_LOAD_COMPARE_USERS", "100")
+COMPARE_THINK_S = os.environ.get("BENCH_LOAD_COMPARE_THINK_S", "0.25")
+COMPARE_PORTALS = os.environ.get("BENCH_LOAD_COMPARE_PORTALS", "10")
+"""Side by side with a baseline (the default), each tree runs these users over these portals
+with this mean think time: 100 people asking every quarter of a second want about 400
+requests/s, more than either side serves here, so each side's requests/s is what it can serve;
+ten to a portal, as a vendor's screens are spread over many portals, so no portal's in-flight
+cap turns the surplus into 503s."""
 KINDS = ("open", "edit")
 
 
@@ -121,6 +136,8 @@ class Run:
     people: int
     final_texts_ok: int
     locust_warnings: list[str]
+    call_errors: Counter
+    """The app's failed Bitrix24 calls during the whole run, by error code (its log lines)."""
     wall_s: float
     """The whole locust run: its start, the users' run, their last requests, its exit."""
 
@@ -135,10 +152,75 @@ class Run:
 
 
 def main(argv: list[str]) -> int:
+    revision = None if "--json" in argv else baseline_revision()
+    if revision is None:
+        return _measure(as_json="--json" in argv)
+    return _compare(revision)
+
+
+def _compare(revision: str) -> int:
+    """The baseline's tree and this one under the same load, one after the other, each in a
+    process of its own with a database of its own; a table of their requests/s side by side."""
+    base_url = os.environ.get("BENCH_LOAD_DATABASE_URL") or DEFAULT_DATABASE_URL
+    env = {
+        "BENCH_LOAD_USERS": COMPARE_USERS,
+        "BENCH_LOAD_THINK_S": COMPARE_THINK_S,
+        "BENCH_LOAD_PORTALS": COMPARE_PORTALS,
+    }
+    runs = {}
+    with baseline_tree(revision, ["common.py", "load.py", "_load_locust.py"]) as tree:
+        for side, where in (("baseline", tree), ("now", ROOT)):
+            print(f"== {TITLE}: {side} ({where})", flush=True)
+            side_env = {**env, "BENCH_LOAD_DATABASE_URL": f"{base_url}_{side}"}
+            runs[side] = run_in_tree(where, "bench.load", JSON_PREFIX, env=side_env)
+            if runs[side].get("skipped"):
+                return skipped(TITLE, runs[side]["skipped"])
+    rows = []
+    for then, now in zip(runs["baseline"]["runs"], runs["now"]["runs"], strict=True):
+        ratio = now["rate"] / then["rate"] if then["rate"] else 0.0
+        rows.append(
+            [
+                now["users"],
+                fmt(then["rate"]),
+                fmt(now["rate"]),
+                f"{ratio:.2f}",
+                f"{then['failures']} / {now['failures']}",
+                f"{fmt(then['open_p50'], 0)} / {fmt(now['open_p50'], 0)}",
+                f"{fmt(then['edit_p50'], 0)} / {fmt(now['edit_p50'], 0)}",
+            ]
+        )
+        record(
+            "load",
+            f"{now['users']} users, think {COMPARE_THINK_S} s: req/s, baseline {revision} -> now",
+            f"{then['rate']:.1f} -> {now['rate']:.1f} ({ratio:.2f}x), "
+            f"errors {then['failures']} -> {now['failures']}",
+        )
+    print_table(
+        f"{TITLE}: baseline {revision} vs now",
+        ["users", "baseline req/s", "now req/s", "ratio", "errors", "open p50 ms", "edit p50 ms"],
+        rows,
+        [
+            f"each side: {COMPARE_USERS} users over {COMPARE_PORTALS} portals, think time "
+            f"{COMPARE_THINK_S} s (mean), so that the users",
+            "ask for more than either side serves and req/s is what the app can serve;",
+            "errors: failed requests in the whole run (ramp-up included); the same machine,",
+            "one side after the other, each with a database of its own; this bench's files",
+            "copied into the baseline's temporary worktree;",
+            f"baseline b24app: {runs['baseline']['b24app']}",
+        ],
+    )
+    return 0 if runs["baseline"]["ok"] and runs["now"]["ok"] else 1
+
+
+def _measure(as_json: bool) -> int:
     database_url = os.environ.get("BENCH_LOAD_DATABASE_URL") or DEFAULT_DATABASE_URL
     redis_url = os.environ.get("BENCH_LOAD_REDIS_URL") or DEFAULT_REDIS_URL
     problem = ensure_database(database_url) or _redis_problem(redis_url)
     if problem:
+        if as_json:
+            import b24app
+
+            print(JSON_PREFIX + json.dumps({"b24app": b24app.__file__, "skipped": problem}))
         return skipped(TITLE, problem)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
@@ -159,7 +241,30 @@ def main(argv: list[str]) -> int:
     lost = any(
         run.edits_applied != run.edits_ok or run.final_texts_ok != run.people for run in runs
     )
+    if as_json:
+        print(JSON_PREFIX + json.dumps(_figures(runs)), flush=True)
     return 1 if lost else 0
+
+
+def _figures(runs: list[Run]) -> dict[str, Any]:
+    """What a comparison needs of this tree's runs (``--json``)."""
+    import b24app
+
+    figures = []
+    for run in runs:
+        measured = run.measured
+        figures.append(
+            {
+                "users": run.users,
+                "rate": run.rate(measured),
+                "failures": sum(s.failure is not None for s in run.samples),
+                **{
+                    f"{kind}_p50": summary([s.ms for s in measured if s.kind == kind])["median"]
+                    for kind in KINDS
+                },
+            }
+        )
+    return {"b24app": b24app.__file__, "runs": figures}
 
 
 def _environment(redis_url: str, folder: Path, app_url: str) -> None:
@@ -194,27 +299,46 @@ def _run(fake: Any, folder: Path, server: AppServer) -> list[Run]:
     from b24app.portals.models import Portal
 
     app_url = server.url
-    portal = fake.add_portal(rate_limit=NO_LIMIT)
-    portal.set_rate_limit(*NO_LIMIT)
-    require_loopback(portal.url)
     fake.app_url = app_url
-    installer = portal.add_user(name="Anna", last_name="Smirnova", admin=True)
+    portals = []
+    for _ in range(PORTALS):
+        portal = fake.add_portal(rate_limit=NO_LIMIT)
+        portal.set_rate_limit(*NO_LIMIT)
+        require_loopback(portal.url)
+        portals.append((portal, portal.add_user(name="Anna", last_name="Smirnova", admin=True)))
     server.start()
     try:
         server.wait_ready(READY_TIMEOUT_S)
-        _install(portal, installer)
-        Portal.objects.filter(member_id=portal.member_id).update(
+        for portal, installer in portals:
+            _install(portal, installer)
+        Portal.objects.filter(member_id__in=[portal.member_id for portal, _ in portals]).update(
             rate_limit=f"{NO_LIMIT[0]}/{NO_LIMIT[1]}"
         )
-        timer = HandlerTimer(*portal._listeners, fake._listener)  # private, as bench/screen.py
+        # The installs' calls were paced at the default rate; their schedule (in the shared
+        # Redis) would hold the first opens back at the new one for longer than a web request
+        # waits, and they would be answered 503 (as bench/screen.py does).
+        from b24app.portals import services
+
+        for portal, _ in portals:
+            services.rate_limiter().reset(portal.member_id)
+        listeners = [listener for portal, _ in portals for listener in portal._listeners]
+        timer = HandlerTimer(*listeners, fake._listener)  # private, as bench/screen.py
         runs = []
         for users in USERS:
-            people, tokens = _people(portal, installer, users, app_url)
-            runs.append(_run_once(folder, app_url, people, tokens, timer, portal, server.process))
+            people, tokens = [], {}
+            for index, (portal, installer) in enumerate(portals):
+                share = users // PORTALS + (index < users % PORTALS)
+                more, more_tokens = _people(portal, index, installer, share, app_url, len(people))
+                people.extend(more)
+                tokens.update(more_tokens)
+            fake_portals = [portal for portal, _ in portals]
+            runs.append(
+                _run_once(folder, app_url, people, tokens, timer, fake_portals, server.process)
+            )
         return runs
     finally:
         server.stop()
-        Portal.objects.filter(member_id=portal.member_id).delete()
+        Portal.objects.filter(member_id__in=[portal.member_id for portal, _ in portals]).delete()
 
 
 def _server(folder: Path) -> AppServer:
@@ -249,9 +373,13 @@ def _install(portal: Any, installer: int) -> None:
     portal.mark_installed()
 
 
-def _people(portal: Any, installer: int, count: int, app_url: str) -> tuple[list[dict], dict]:
-    """``count`` new Bitrix24 users, 20 to a task of 20 results with one result each (the
-    installer's the rest), and each one's frame POST; and their access tokens -> user ids."""
+def _people(
+    portal: Any, index: int, installer: int, count: int, app_url: str, numbered_from: int
+) -> tuple[list[dict], dict]:
+    """``count`` new Bitrix24 users of ``portal`` (the ``index``-th), 20 to a task of 20
+    results with one result each (the installer's the rest), and each one's frame POST; and
+    their access tokens -> person. A person's ``user`` is their number among all portals'
+    people (from ``numbered_from``); ``bitrix_user`` their id on their portal."""
     people, tokens = [], {}
     for first in range(0, count, RESULTS_PER_TASK):
         group = [
@@ -273,9 +401,12 @@ def _people(portal: Any, installer: int, count: int, app_url: str) -> tuple[list
             if not url.startswith(f"{app_url}/"):
                 raise RuntimeError(f"the frame POST goes to {url}, not to the app")
             parts = urlsplit(url)
+            person = numbered_from + len(people) + 1
             people.append(
                 {
-                    "user": author,
+                    "user": person,
+                    "portal": index,
+                    "bitrix_user": author,
                     "task": task,
                     "result": result,
                     "text": text,
@@ -283,7 +414,7 @@ def _people(portal: Any, installer: int, count: int, app_url: str) -> tuple[list
                     "open_body": urlencode(fields),
                 }
             )
-            tokens[fields["AUTH_ID"]] = author
+            tokens[fields["AUTH_ID"]] = person
     return people, tokens
 
 
@@ -293,7 +424,7 @@ def _run_once(
     people: list[dict],
     tokens: dict[str, int],
     timer: HandlerTimer,
-    portal: Any,
+    portals: list[Any],
     gunicorn: subprocess.Popen,
 ) -> Run:
     """One locust run with one user per person; its samples read, attributed and checked."""
@@ -318,6 +449,7 @@ def _run_once(
     ]
     timer.handled.clear()
     timer.recording = True
+    log_offset = _size(folder / "gunicorn.out")
     meter = CpuMeter(gunicorn.pid)
     started = time.monotonic()
     try:
@@ -344,7 +476,7 @@ def _run_once(
     samples, window = _read_samples(samples_path)
     _gunicorn_times(samples, folder / "access.log")
     paths, stray = _portal_times(samples, timer, tokens, window)
-    edits_ok, applied, final_ok = _check_edits(samples, people, portal)
+    edits_ok, applied, final_ok = _check_edits(samples, people, portals)
     start, end = window
     return Run(
         users=users,
@@ -357,6 +489,7 @@ def _run_once(
         edits_applied=applied,
         people=len(people),
         final_texts_ok=final_ok,
+        call_errors=_call_errors(folder / "gunicorn.out", since=log_offset),
         locust_warnings=[
             line
             for line in log_path.read_text(encoding="utf-8").splitlines()
@@ -367,6 +500,29 @@ def _run_once(
 
 
 # --- reading the run ---------------------------------------------------------------------------
+
+CALL_ERROR = re.compile(r"(?:bitrix24 call method=(\S+) .*|(placement) refused) error=(\S+)")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _call_errors(app_output: Path, since: int) -> Counter:
+    """``(method, code)`` of the app's failed Bitrix24 calls logged after byte ``since``, and
+    ``("placement", code)`` of the opens it refused (a call refused before it was sent, by the
+    rate limiter or the in-flight cap, shows only there)."""
+    errors: Counter = Counter()
+    with open(app_output, "rb") as output:
+        output.seek(since)
+        for line in output.read().decode("utf-8", errors="replace").splitlines():
+            match = CALL_ERROR.search(line)
+            if match and match.group(3) != "-":
+                errors[match.group(1) or match.group(2), match.group(3)] += 1
+    return errors
 
 
 def _read_samples(path: Path) -> tuple[list[Sample], tuple[float, float]]:
@@ -432,25 +588,29 @@ def _portal_times(
     return paths, stray
 
 
-def _check_edits(samples: list[Sample], people: list[dict], portal: Any) -> tuple[int, int, int]:
+def _check_edits(
+    samples: list[Sample], people: list[dict], portals: list[Any]
+) -> tuple[int, int, int]:
     """Edits answered 2xx, how many of them the fake applied with their text, and the people
     whose result at the fake carries the text of their last edit answered 2xx."""
-    applied = defaultdict(set)
-    for call in portal.calls(method="tasks.task.result.update", api="v3"):
-        body = call["body"] if isinstance(call["body"], dict) else {}
-        fields = body.get("fields") if isinstance(body.get("fields"), dict) else {}
-        if call["status"] == 200 and not call["replayed"]:
-            applied[body.get("id")].add(fields.get("text"))
-    result_of = {person["user"]: person for person in people}
+    applied = defaultdict(set)  # (portal index, result id) -> texts applied
+    for index, portal in enumerate(portals):
+        for call in portal.calls(method="tasks.task.result.update", api="v3"):
+            body = call["body"] if isinstance(call["body"], dict) else {}
+            fields = body.get("fields") if isinstance(body.get("fields"), dict) else {}
+            if call["status"] == 200 and not call["replayed"]:
+                applied[index, body.get("id")].add(fields.get("text"))
+    result_of = {person["user"]: (person["portal"], person["result"]) for person in people}
     ok = sorted(
         (sample for sample in samples if sample.kind == "edit" and sample.failure is None),
         key=lambda sample: sample.start,
     )
     last_text = {sample.user: sample.text for sample in ok}
-    found = sum(sample.text in applied[result_of[sample.user]["result"]] for sample in ok)
+    found = sum(sample.text in applied[result_of[sample.user]] for sample in ok)
     final_ok = 0
     for person in people:
         expected = last_text.get(person["user"], person["text"])
+        portal = portals[person["portal"]]
         items = {int(item["id"]): item for item in portal.results(person["task"])}
         final_ok += items[person["result"]]["text"] == expected
     return len(ok), found, final_ok
@@ -567,7 +727,8 @@ def _print(runs: list[Run], database_url: str, redis_url: str, elapsed: float) -
             "Procfile's threads); production settings with loopback allowances, DEBUG off,",
             "static files collected, whitenoise; background work inline (no broker); the",
             f"rate limiter in Redis {_where(redis_url)}; database {_where(database_url)}",
-            f"each user: open, then {EDITS_PER_OPEN} edits of its own result, "
+            f"people spread over {PORTALS} portal(s); each user: open, then {EDITS_PER_OPEN} "
+            "edits of its own result, "
             + (
                 f"think time {THINK_S / 2:g}-{THINK_S * 3 / 2:g} s after every request"
                 if THINK_S
@@ -633,6 +794,11 @@ def _run_notes(run: Run) -> list[str]:
         f"  the fake's share of gunicorn's time: open {share['open']}, edit {share['edit']}",
         f"  CPU in % of one CPU over the window: {cpu or 'not sampled'}",
         f"  CPU per measured request: {cpu_per_request or '-'}",
+        "  the app's failed Bitrix24 calls and refused opens: "
+        + (
+            ", ".join(f"{m} {code} x{n}" for (m, code), n in run.call_errors.most_common(6))
+            or "none"
+        ),
         *(f"  locust: {warning.strip()}" for warning in run.locust_warnings),
     ]
     return notes

@@ -8,12 +8,14 @@ on 127.0.0.1 with its rate limit raised to 10^6/10^6 (the fake's and the Portal 
   ``APPLICATION_TOKEN``, ``profile`` with the posted token, the user's tokens stored, the task's
   ``tasks.task.result.list``, the screen rendered;
 * ``POST /b24/app/results/<id>/edit/`` with ``Accept: application/json``: the frame token read,
-  the ``ResultChange`` written and delivered inline (``tasks.task.result.update``), the list read
-  again and rendered into the JSON answer. Every edit is checked at the fake afterwards.
+  the ``ResultChange`` written and delivered inline (``tasks.task.result.update``), the change's
+  state answered as JSON for the screen to lay over its list. Every edit is checked at the fake
+  afterwards.
 
 Beside the whole request's wall time, the fake's own handling of the REST calls made during the
-request is measured by wrapping its listeners' handlers (as ``bench/client.py`` does), and the
-app's HTTP calls by wrapping the app's shared ``requests`` session. Queries per request are
+request is measured around the fake's HTTP request handler (http.server's parsing of the request,
+the fake's handling and the answer written), and the app's HTTP calls by wrapping the app's shared
+``requests`` session. Queries per request are
 counted with ``CaptureQueriesContext`` on extra, untimed requests (on SQLite the capture itself
 runs a query per statement to quote its parameters, so it would distort the timings).
 
@@ -40,8 +42,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -49,15 +49,19 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 from bench.common import (
+    ROOT,
+    baseline_revision,
+    baseline_tree,
     fmt,
     in_process_environment,
     print_table,
     record,
     require_loopback,
+    run_in_tree,
     setup_django,
     start_fake,
     summary,
@@ -67,6 +71,10 @@ BENCH_ORDER = 30
 TITLE = "screen open and edit round trip"
 
 REQUESTS = int(os.environ.get("BENCH_SCREEN_REQUESTS", "200"))
+PROFILE = os.environ.get("BENCH_SCREEN_PROFILE", "").strip()
+"""``open``, ``reopen`` or ``edit``: that kind's timed requests run under cProfile, and the
+functions that took the most time are printed after the table (the figures then include the
+profiler's own overhead)."""
 WARMUP = 20
 QUERY_SAMPLES = 5
 """Extra, untimed requests of each kind whose database queries are counted."""
@@ -76,9 +84,6 @@ LANG = "en"
 FRAME_TOKEN = re.compile(r'data-frame-token="([^"]+)"')
 RESULT_ITEM = '<li class="result'
 JSON_PREFIX = "BENCH_SCREEN_JSON "
-DEFAULT_BASELINE = "5c45280"
-HERE = Path(__file__).resolve()
-ROOT = HERE.parent.parent
 
 
 @dataclass
@@ -100,9 +105,11 @@ class Stopwatch:
     """Accumulates the time spent in wrapped callables (any thread) since the last ``take``."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._ns = 0
         self._paths: list[str] = []
+        self._running = 0
+        """Timed calls begun (``begin``) and not yet added: ``take`` waits for them."""
 
     def wrap(self, inner: Callable[..., Any], label: Callable[..., str] | None = None):
         def timed(*args, **kwargs):
@@ -118,69 +125,47 @@ class Stopwatch:
 
         return timed
 
-    def take(self) -> tuple[float, list[str]]:
-        """Milliseconds and labels recorded since the last call; starts again from zero."""
+    def begin(self) -> None:
         with self._lock:
+            self._running += 1
+
+    def add(self, elapsed_ns: int, label: str) -> None:
+        """The end of a call ``begin`` announced."""
+        with self._lock:
+            self._ns += elapsed_ns
+            self._paths.append(label)
+            self._running -= 1
+            self._lock.notify_all()
+
+    def take(self) -> tuple[float, list[str]]:
+        """Milliseconds and labels recorded since the last call; starts again from zero. Calls
+        still running are waited for (up to a second): the fake's thread may have written its
+        answer and not yet been given the interpreter back to record it."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._running <= 0, timeout=1.0)
             ms, paths = self._ns / 1e6, self._paths
             self._ns, self._paths = 0, []
         return ms, paths
 
 
 def main(argv: list[str]) -> int:
-    baseline = os.environ.get("BENCH_BASELINE", DEFAULT_BASELINE).strip()
-    if "--json" in argv or baseline.lower() in ("", "none", "0"):
+    revision = None if "--json" in argv else baseline_revision()
+    if revision is None:
         return _measure(as_json="--json" in argv)
-    return _compare(baseline, max(1, int(os.environ.get("BENCH_SCREEN_ROUNDS", "2"))))
+    return _compare(revision, max(1, int(os.environ.get("BENCH_SCREEN_ROUNDS", "2"))))
 
 
-def _compare(baseline: str, rounds: int) -> int:
+def _compare(revision: str, rounds: int) -> int:
     """Runs of the baseline's tree and of this one in turn; a table of both side by side."""
-    revision = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", f"{baseline}^{{commit}}"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
     runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "now": []}
-    with tempfile.TemporaryDirectory(prefix="bench-baseline-") as folder:
-        tree = Path(folder) / "tree"
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(tree), revision],
-            check=True,
-        )
-        try:
-            shutil.copyfile(HERE, tree / "bench" / "screen.py")
-            for _ in range(rounds):
-                for side, where in (("baseline", tree), ("now", ROOT)):
-                    runs[side].append(_child(where, show=side == "now"))
-        finally:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False
-            )
+    with baseline_tree(revision, ["common.py", "screen.py"]) as tree:
+        for _ in range(rounds):
+            for side, where in (("baseline", tree), ("now", ROOT)):
+                runs[side].append(
+                    run_in_tree(where, "bench.screen", JSON_PREFIX, show=side == "now")
+                )
     _print_comparison(revision, runs)
     return 0 if all(run["ok"] for side in runs.values() for run in side) else 1
-
-
-def _child(tree: Path, show: bool) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(tree), "BENCH_BASELINE": "none"}
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.screen", "--json"],
-        cwd=tree,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith(JSON_PREFIX)]
-    if not lines:
-        raise RuntimeError(f"the bench in {tree} printed no figures:\n{done.stdout}{done.stderr}")
-    figures = json.loads(lines[-1][len(JSON_PREFIX) :])
-    if Path(figures["b24app"]).resolve().parent.parent != tree.resolve():
-        raise RuntimeError(f"the bench in {tree} imported {figures['b24app']}")
-    if show:
-        print("\n".join(line for line in done.stdout.splitlines() if line not in lines))
-    figures["ok"] = done.returncode == 0
-    return figures
 
 
 def _print_comparison(revision: str, runs: dict[str, list[dict[str, Any]]]) -> None:
@@ -316,18 +301,23 @@ def _run(fake: Any, count: int, as_json: bool = False) -> int:
         # The install's calls were paced at the default rate; their schedule would hold the
         # first screens back at the new one for longer than a web request waits.
         services.rate_limiter().reset(portal.member_id)
-        for listener in (*portal._listeners, fake._listener):  # private, as bench/client.py
-            listener.app = stopwatch.wrap(listener.app, lambda request: request.path)
         session = services.http_session()
         session.send = http.wrap(session.send)
         try:
-            screen, token = _screens(client, fake, portal, task, anna, stopwatch, http, count)
-            reopen, _ = _screens(
-                client, fake, portal, task, anna, stopwatch, http, count, again=True
-            )
-            edit, applied = _edits(client, fake, portal, task, anna, token, stopwatch, http, count)
+            _time_fake_requests(stopwatch)
+            with _profiled("open"):
+                screen, token = _screens(client, fake, portal, task, anna, stopwatch, http, count)
+            with _profiled("reopen"):
+                reopen, _ = _screens(
+                    client, fake, portal, task, anna, stopwatch, http, count, again=True
+                )
+            with _profiled("edit"):
+                edit, applied = _edits(
+                    client, fake, portal, task, anna, token, stopwatch, http, count
+                )
         finally:
             del session.send
+            _time_fake_requests(None)
             if os.environ.get("BENCH_SCREEN_DATABASE_URL"):
                 Portal.objects.filter(member_id=portal.member_id).delete()
     elapsed = time.monotonic() - started
@@ -345,6 +335,75 @@ def _run(fake: Any, count: int, as_json: bool = False) -> int:
             }
         print(JSON_PREFIX + json.dumps(figures), flush=True)
     return 0 if applied == count else 1
+
+
+@contextlib.contextmanager
+def _profiled(kind: str) -> Iterator[None]:
+    """cProfile over one kind's requests when ``BENCH_SCREEN_PROFILE`` names it (see PROFILE)."""
+    if PROFILE != kind:
+        yield
+        return
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+        stats = pstats.Stats(profiler, stream=sys.stderr)
+        for order in ("tottime", "cumulative"):
+            print(f"\n== profile of {kind!r} requests, by {order}", file=sys.stderr)
+            stats.sort_stats(order).print_stats(45)
+
+
+def _time_fake_requests(stopwatch: Stopwatch | None) -> None:
+    """The fake's whole handling of each request goes to ``stopwatch`` (``None`` stops it): from
+    parsing the request line's headers to the last byte of its answer written, http.server's
+    parsing and the socket writes included, so none of the fake's own work counts as the app's.
+    Only the wait for the request's first line (the app still preparing it, or an idle
+    keep-alive connection) is left out."""
+    from tests.fakeportal import server
+
+    handler = server._Handler  # private, as bench/client.py wraps the listeners
+    saved = handler.__dict__.get("_bench_saved")
+    if saved is not None:
+        for name, original in saved.items():
+            setattr(handler, name, original)
+        del handler._bench_saved
+    if stopwatch is None:
+        return
+    originals = {"parse_request": handler.parse_request}
+    methods = [name for name in dir(handler) if name.startswith("do_")]
+    originals.update({name: getattr(handler, name) for name in methods})
+    handler._bench_saved = originals
+
+    def parse_request(self) -> bool:
+        self._bench_started = time.perf_counter_ns()
+        stopwatch.begin()
+        try:
+            parsed = originals["parse_request"](self)
+        except BaseException:
+            stopwatch.add(time.perf_counter_ns() - self._bench_started, "-")
+            raise
+        if not parsed:  # http.server answered the error itself; no do_* method follows
+            stopwatch.add(time.perf_counter_ns() - self._bench_started, "-")
+        return parsed
+
+    def answering(name: str) -> Callable[[Any], None]:
+        def answer(self) -> None:
+            try:
+                originals[name](self)
+            finally:
+                path = self.path.split("?", 1)[0]
+                stopwatch.add(time.perf_counter_ns() - self._bench_started, path)
+
+        return answer
+
+    handler.parse_request = parse_request
+    for name in methods:
+        setattr(handler, name, answering(name))
 
 
 def _timed(request: Callable[[], Any], series: Series, stopwatch: Stopwatch, http: Stopwatch):
@@ -387,8 +446,6 @@ def _screens(
 ) -> tuple[Series, str]:
     """Placement opens, each with a fresh AUTH_ID, or (`again`) all with the same one, as
     Bitrix24 posts the person's access token again while it lives."""
-    from tests.support.portals import post_frame
-
     series = Series("open, same AUTH_ID" if again else "screen open")
     options = {"taskId": str(task)}
     token = ""
@@ -399,7 +456,7 @@ def _screens(
         url, fields = same if again else portal.frame_post(user, options=options, lang=LANG)
 
         def request():
-            return post_frame(client, url, fields)
+            return _post_form(client, url, fields)
 
         response = measure(request) if measure else request()
         html = response.content.decode()
@@ -423,6 +480,19 @@ def _screens(
     return series, token
 
 
+def _post_form(client, url: str, fields: dict, **headers):
+    """A form-encoded POST, as Bitrix24 posts the placement into the frame and as the screen's
+    script sends a change (encoded here, not by the tree's test helpers, so that the baseline and
+    this tree get the same bytes)."""
+    parts = urlsplit(url)
+    return client.post(
+        f"{parts.path}?{parts.query}" if parts.query else parts.path,
+        data=urlencode(fields, doseq=True),
+        content_type="application/x-www-form-urlencoded",
+        **headers,
+    )
+
+
 def _edits(client, fake, portal, task, user, token, stopwatch, http, count) -> tuple[Series, int]:
     series = Series("edit round trip")
     own = [item for item in portal.results(task) if int(item["authorId"]) == user]
@@ -437,8 +507,8 @@ def _edits(client, fake, portal, task, user, token, stopwatch, http, count) -> t
         fields = {"task": str(task), "text": text, "text_before": before}
 
         def request():
-            return client.post(
-                url, fields, HTTP_X_FRAME_TOKEN=token, HTTP_ACCEPT="application/json"
+            return _post_form(
+                client, url, fields, HTTP_X_FRAME_TOKEN=token, HTTP_ACCEPT="application/json"
             )
 
         response = measure(request) if measure else request()
@@ -500,9 +570,9 @@ def _print(all_series: list[Series], applied: int, count: int, connection, elaps
         f"one django.test.Client; {elapsed:.1f} s in all",
         "wall-clock milliseconds per request (nearest rank; the median is the middle value);",
         "app = total - portal and 'without REST calls' are per request, then ranked",
-        "portal: the fake's request handlers (portal and OAuth server), without http.server's",
-        "parsing and socket I/O; app's REST calls: wall time inside the app's requests session",
-        "(loopback HTTP, requests, http.server and the fake's handling)",
+        "portal: the fake's handling of each request (portal and OAuth server): http.server's",
+        "parsing, the handler, the answer written; app's REST calls: wall time inside the app's",
+        "requests session (loopback HTTP, requests, http.server and the fake's handling)",
         f"queries: per request, counted on {QUERY_SAMPLES} extra untimed requests of each kind;",
         f"screen: {_kinds(screen)}; same AUTH_ID: {_kinds(reopen)}; edit: {_kinds(edit)}",
         f"REST: the fake's requests per timed request; screen: {_paths(screen)};",
