@@ -21,7 +21,9 @@ runs a query per statement to quote its parameters, so it would distort the timi
 
 The database is a fresh SQLite file in a temporary directory, migrated, unless
 ``BENCH_SCREEN_DATABASE_URL`` names another one (an existing database; it is migrated and the
-portal this bench creates is deleted at the end). ``DATABASE_URL`` is ignored. Background work
+portal this bench creates is deleted at the end; side by side, each side uses that name with
+``_baseline`` or ``_now`` appended, created when missing). ``DATABASE_URL`` is ignored.
+Background work
 runs inline (no Celery broker) and the rate limiter is the in-process one (no Redis).
 
 Side by side with a baseline: ``python -m bench.screen`` checks out ``BENCH_BASELINE`` (a git
@@ -56,6 +58,7 @@ from bench.common import (
     ROOT,
     baseline_revision,
     baseline_tree,
+    ensure_database,
     fmt,
     in_process_environment,
     print_table,
@@ -63,6 +66,7 @@ from bench.common import (
     require_loopback,
     run_in_tree,
     setup_django,
+    skipped,
     start_fake,
     summary,
 )
@@ -158,11 +162,18 @@ def main(argv: list[str]) -> int:
 def _compare(revision: str, rounds: int) -> int:
     """Runs of the baseline's tree and of this one in turn; a table of both side by side."""
     runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "now": []}
+    database_url = os.environ.get("BENCH_SCREEN_DATABASE_URL", "")
     with baseline_tree(revision, ["common.py", "screen.py"]) as tree:
         for _ in range(rounds):
             for side, where in (("baseline", tree), ("now", ROOT)):
+                env = {}
+                if database_url:  # each side's schema in a database of its own
+                    env["BENCH_SCREEN_DATABASE_URL"] = f"{database_url}_{side}"
+                    problem = ensure_database(env["BENCH_SCREEN_DATABASE_URL"])
+                    if problem:
+                        return skipped(TITLE, problem)
                 runs[side].append(
-                    run_in_tree(where, "bench.screen", JSON_PREFIX, show=side == "now")
+                    run_in_tree(where, "bench.screen", JSON_PREFIX, env=env, show=side == "now")
                 )
     _print_comparison(revision, runs)
     return 0 if all(run["ok"] for side in runs.values() for run in side) else 1
@@ -213,8 +224,9 @@ def _print_comparison(revision: str, runs: dict[str, list[dict[str, Any]]]) -> N
         [
             "app = total - the fake's own handling, per request; medians of the pooled samples",
             f"runs interleaved: {' '.join(['baseline now'] * len(runs['now']))}, each a process of",
-            "its own, this venv's python, its tree's code (this bench file copied into the",
-            f"baseline's temporary worktree); baseline b24app: {runs['baseline'][0]['b24app']}",
+            "its own, this venv's python, its tree's code (this bench's files copied into the",
+            f"baseline's temporary worktree); database: {runs['now'][-1]['database']};",
+            f"baseline b24app: {runs['baseline'][0]['b24app']}",
         ],
     )
 
@@ -325,7 +337,8 @@ def _run(fake: Any, count: int, as_json: bool = False) -> int:
     if as_json:
         import b24app
 
-        figures = {"b24app": b24app.__file__}
+        database = connection.settings_dict
+        figures = {"b24app": b24app.__file__, "database": f"{connection.vendor} {database['NAME']}"}
         for kind, series in (("open", screen), ("reopen", reopen), ("edit", edit)):
             figures[kind] = {
                 "app": _minus(series.total, series.portal),
