@@ -9,6 +9,11 @@ SANDBOX_OAUTH_PORT ?= 8101
 # The sandbox's own app credentials: they exist only inside the fake portal on this machine.
 SANDBOX_CLIENT_ID := app.sandbox000000001.00000001
 SANDBOX_CLIENT_SECRET := sandbox-client-secret-not-a-real-one
+# The sandbox portal is the same portal at every start, so db.sqlite3 keeps one row for it: a
+# fixed, made-up member_id, and in SANDBOX_STATE (gitignored) its application_token and the
+# tokens it issued, so those the app stored still work after a restart.
+SANDBOX_MEMBER_ID := 5a4db0c5000000000000000000000001
+SANDBOX_STATE := .sandbox-portal.json
 
 .PHONY: run test install install-dev install-bench env lint lock bench clean
 
@@ -55,7 +60,8 @@ run: install env
 		B24_APP_URL=http://localhost:$(PORT); \
 	$(BIN)/python -m tests.fakeportal --app-url http://localhost:$(PORT) \
 		--port $(SANDBOX_PORT) --oauth-port $(SANDBOX_OAUTH_PORT) \
-		--client-id $$B24_CLIENT_ID --client-secret $$B24_CLIENT_SECRET & sandbox=$$!; \
+		--client-id $$B24_CLIENT_ID --client-secret $$B24_CLIENT_SECRET \
+		--member-id $(SANDBOX_MEMBER_ID) --state $(SANDBOX_STATE) & sandbox=$$!; \
 	trap 'kill $$sandbox 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/python manage.py runserver $(PORT)
 

@@ -61,6 +61,30 @@ class AccountInline(MaskedTokens, admin.TabularInline):
         return False
 
 
+class AppStatusFilter(admin.SimpleListFilter):
+    """The app's status in words; a letter Bitrix24 sent that is not one of `Portal.AppStatus`
+    is listed too, as "Unknown (X)", once a portal has it."""
+
+    title = "app status"
+    parameter_name = "app_status"
+
+    def lookups(self, request, model_admin):
+        known = Portal.AppStatus.choices
+        others = (
+            Portal.objects.exclude(app_status__in=[*Portal.AppStatus.values, ""])
+            .order_by("app_status")
+            .values_list("app_status", flat=True)
+            .distinct()
+        )
+        return [
+            *known,
+            *((letter, Portal(app_status=letter).app_status_label) for letter in others),
+        ]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(app_status=self.value()) if self.value() else queryset
+
+
 @admin.register(Portal)
 class PortalAdmin(admin.ModelAdmin):
     list_display = (
@@ -68,7 +92,7 @@ class PortalAdmin(admin.ModelAdmin):
         "member_id",
         "state",
         "state_reason",
-        "app_status",
+        "app_status_shown",
         "installed_at",
         "last_seen_at",
         "accounts_count",
@@ -77,7 +101,7 @@ class PortalAdmin(admin.ModelAdmin):
     )
     list_filter = (
         "state",
-        "app_status",
+        AppStatusFilter,
         "bindings",
         ("uninstall_reported_at", admin.EmptyFieldListFilter),
     )
@@ -87,7 +111,7 @@ class PortalAdmin(admin.ModelAdmin):
         "domain",
         "client_endpoint",
         "oauth_server",
-        "app_status",
+        "app_status_shown",
         "state",
         "state_reason",
         "state_changed_at",
@@ -125,6 +149,10 @@ class PortalAdmin(admin.ModelAdmin):
         return format_html(
             '<a href="{}?portal__id__exact={}">{}</a>', url, portal.pk, portal.accounts_count
         )
+
+    @admin.display(description="app status", ordering="app_status")
+    def app_status_shown(self, portal: Portal) -> str:
+        return portal.app_status_label or self.get_empty_value_display()
 
     @admin.display(description="last refresh error")
     def last_refresh_error(self, portal: Portal) -> str:

@@ -12,6 +12,7 @@ from datetime import datetime
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 from b24app.portals import crypto
 from b24app.portals.ratelimit import parse_rate
@@ -37,10 +38,24 @@ class Portal(models.Model):
     oauth_server = models.CharField(
         max_length=200, help_text="Allow-listed OAuth server origin that vouched for the portal"
     )
+
+    class AppStatus(models.TextChoices):
+        """The app's status on the portal: the one letter Bitrix24 sends as `status` with
+        tokens, `app.info` and frame POSTs (protocol §2.2, §2.7, §3.2). A letter not listed
+        here is stored as it came and shown as "Unknown (X)" (`app_status_label`)."""
+
+        FREE = "F", _("Free")
+        DEMO = "D", _("Demo")
+        TRIAL = "T", _("Trial")
+        PAID = "P", _("Paid")
+        LOCAL = "L", _("Local")
+        SUBSCRIPTION = "S", _("Subscription")
+
     app_status = models.CharField(
         max_length=1,
+        choices=AppStatus.choices,
         blank=True,
-        help_text="L local, F free, D demo, T trial, P paid, S subscription",
+        help_text="As Bitrix24 last reported it; a letter not listed is kept as it came",
     )
     # Only a SHA-256 of the application_token is kept: it is compared, never sent anywhere.
     application_token_hash = models.CharField(max_length=64, blank=True)
@@ -105,6 +120,16 @@ class Portal(models.Model):
     @property
     def origin(self) -> str:
         return self.base_url
+
+    @property
+    def app_status_label(self) -> str:
+        """The app's status in words: "Free", "Trial"…; a letter Bitrix24 sent that is not one
+        of `AppStatus` as "Unknown (X)"; "" when none was reported."""
+        if not self.app_status:
+            return ""
+        if self.app_status in self.AppStatus.values:
+            return str(self.get_app_status_display())
+        return str(_("Unknown (%(letter)s)") % {"letter": self.app_status})
 
     def set_state(self, state: str, reason: str = "", *, at: datetime | None = None) -> None:
         self.blocked_by_operator = False
