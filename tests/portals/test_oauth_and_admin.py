@@ -221,6 +221,7 @@ def test_command_portals_lists_connections(client, fake, portal, blocked):
     text = out.getvalue()
     assert blocked.domain in text and blocked.member_id in text and "blocked" in text
     assert "invalid_grant" in text
+    assert blocked.app_status_label and str(blocked.app_status_label) in text  # a word, not F
     for token in issued_tokens(fake, portal):
         assert token not in text
 

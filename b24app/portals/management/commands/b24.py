@@ -69,7 +69,7 @@ class Command(BaseCommand):
                     portal.domain,
                     portal.member_id,
                     portal.state,
-                    portal.app_status or "-",
+                    str(portal.app_status_label) or "-",
                     str(portal.accounts_count),
                     portal.last_seen_at.strftime("%Y-%m-%d %H:%M") if portal.last_seen_at else "-",
                     " / ".join(part for part in (portal.state_reason, error) if part) or "-",
