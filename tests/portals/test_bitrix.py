@@ -297,7 +297,7 @@ CLASSIC_ERRORS = [  # §6.1, §6.2, §5.1, §5.4
     ("OVERLOAD_LIMIT", 503, BitrixUnavailable),
     ("ERROR_BATCH_METHOD_NOT_ALLOWED", 405, BitrixError),
     ("ERROR_BATCH_LENGTH_EXCEEDED", 400, BitrixValidationError),
-    ("NO_AUTH_FOUND", 401, BitrixAuthError),
+    ("NO_AUTH_FOUND", 401, BitrixTokenExpired),  # renewed once, as an expired one (§6)
     ("INVALID_REQUEST", 400, BitrixError),
     ("ACCESS_DENIED", 403, BitrixAccessDenied),
     ("INVALID_CREDENTIALS", 403, BitrixAccessDenied),

@@ -134,8 +134,11 @@ class BitrixValidationError(BitrixError):
         return f"{super().__str__()} [{details}]" if details else super().__str__()
 
 
-TOKEN_EXPIRED_CODES = frozenset({"expired_token", "invalid_token"})
-"""Refresh the access token and repeat the call once (§2.3, §6.2)."""
+TOKEN_EXPIRED_CODES = frozenset({"expired_token", "invalid_token", "NO_AUTH_FOUND"})
+"""Refresh the access token and repeat the call once (§2.3, §6.2). `NO_AUTH_FOUND` too: the
+portal does not know this access token (it was revoked, or the portal lost it) while the
+refresh token may still be good; a second refusal is the end (`BitrixAuthError`), and the
+person's next frame brings a token the app takes instead."""
 
 AUTH_ERROR_CODES = frozenset(
     {
@@ -143,7 +146,6 @@ AUTH_ERROR_CODES = frozenset(
         "bad_verification_code",
         "invalid_client",
         "wrong_client",
-        "NO_AUTH_FOUND",
         "PAYMENT_REQUIRED",
         "PORTAL_DELETED",
         "NOT_INSTALLED",
