@@ -387,11 +387,30 @@ CELERY_BEAT_SCHEDULE = {
 # --- Logging ------------------------------------------------------------------------------------
 
 LOG_LEVEL = env.str("DJANGO_LOG_LEVEL", default="INFO")
+# DJANGO_LOG_FORMAT: the formatter of each value; both run after the same masking filter.
+LOG_FORMATTERS = {"text": "b24app.logs.OneLineFormatter", "json": "b24app.logs.JsonLineFormatter"}
+
+
+def _log_format() -> str:
+    """DJANGO_LOG_FORMAT (`text` by default), or a start-up error naming the allowed values."""
+    raw = env.str("DJANGO_LOG_FORMAT", default="text")
+    value = raw.strip().lower() or "text"
+    if value not in LOG_FORMATTERS:
+        allowed = " or ".join(f"`{name}`" for name in LOG_FORMATTERS)
+        # A long value is not echoed: it may be a secret pasted into the wrong variable.
+        shown = repr(raw) if len(raw) <= 12 else f"a {len(raw)}-character value"
+        raise ImproperlyConfigured(
+            f"DJANGO_LOG_FORMAT must be {allowed} (default `text`), not {shown}."
+        )
+    return value
+
+
+LOG_FORMAT = _log_format()
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "filters": {"mask_secrets": {"()": "b24app.logs.SecretMaskingFilter"}},
-    "formatters": {"line": {"()": "b24app.logs.OneLineFormatter"}},
+    "formatters": {"line": {"()": LOG_FORMATTERS[LOG_FORMAT]}},
     "handlers": {
         "stdout": {
             "class": "logging.StreamHandler",
