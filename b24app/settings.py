@@ -426,3 +426,30 @@ LOGGING = {
         "celery": {"level": LOG_LEVEL},
     },
 }
+
+# --- Error reports (Sentry) ---------------------------------------------------------------------
+
+# Off unless SENTRY_DSN is set; on, every process that loads these settings (web and Celery
+# workers) reports errors, masked like the logs (b24app/errorreports.py).
+SENTRY_DSN = env.str("SENTRY_DSN", default="")
+SENTRY_ENVIRONMENT = env.str("SENTRY_ENVIRONMENT", default="")
+
+
+def _sample_rate(name: str) -> float:
+    """A fraction from 0 to 1 (default 0), or a start-up error naming the variable."""
+    raw = env.str(name, default="").strip()
+    try:
+        rate = float(raw) if raw else 0.0
+    except ValueError:
+        rate = -1.0
+    if not 0.0 <= rate <= 1.0:  # also refuses nan
+        shown = repr(raw) if len(raw) <= 12 else f"a {len(raw)}-character value"
+        raise ImproperlyConfigured(f"{name} must be a number from 0 to 1, not {shown}.")
+    return rate
+
+
+SENTRY_TRACES_SAMPLE_RATE = _sample_rate("SENTRY_TRACES_SAMPLE_RATE")
+if SENTRY_DSN:
+    from b24app.errorreports import start_error_reports
+
+    start_error_reports(SENTRY_DSN, SENTRY_ENVIRONMENT, SENTRY_TRACES_SAMPLE_RATE)
