@@ -2,11 +2,15 @@
 
 Code must never log a secret; :class:`SecretMaskingFilter` is the net under that rule: it masks
 every record with :func:`b24app.masking.mask_secrets` (what it masks is described there).
+Lines are text (:class:`OneLineFormatter`) or JSON objects (:class:`JsonLineFormatter`), as
+`DJANGO_LOG_FORMAT` says.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 from datetime import UTC, datetime
 
 from b24app.masking import mask_secrets
@@ -25,6 +29,10 @@ def claimed_id(value: object) -> str:
     return text if len(text) <= CLAIMED_ID_CHARS else text[:CLAIMED_ID_CHARS] + "…"
 
 
+# Set on a record by SecretMaskingFilter: its message, exception and stack texts are masked.
+MASKED_ATTR = "b24_secrets_masked"
+
+
 class SecretMaskingFilter(logging.Filter):
     """Render the record's message (and exception text) once, masked, so no handler sees secrets."""
 
@@ -37,15 +45,21 @@ class SecretMaskingFilter(logging.Filter):
             record.exc_text = mask_secrets(record.exc_text)
         if record.stack_info:
             record.stack_info = mask_secrets(record.stack_info)
+        setattr(record, MASKED_ATTR, True)
         return True
+
+
+def _utc_stamp(record: logging.LogRecord) -> str:
+    """`2026-11-28T14:00:00.123Z`: the record's time in UTC, to the millisecond."""
+    stamp = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    return stamp[:-3] + "Z"
 
 
 class OneLineFormatter(logging.Formatter):
     """`2026-11-28T14:00:00.123Z INFO logger message | traceback` on a single line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
-        line = f"{stamp}Z {record.levelname} {record.name} {record.getMessage()}"
+        line = f"{_utc_stamp(record)} {record.levelname} {record.name} {record.getMessage()}"
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
@@ -53,3 +67,59 @@ class OneLineFormatter(logging.Formatter):
         if record.stack_info:
             line += " | " + record.stack_info
         return line.replace("\r", "\\r").replace("\n", "\\n")
+
+
+# Attributes every LogRecord has; any other attribute came with `extra=` (or from a library).
+_RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+    MASKED_ATTR,
+}
+# Unicode line breaks that json.dumps(ensure_ascii=False) leaves as they are but that some line
+# readers (str.splitlines among them) split on.
+_LINE_BREAKS = {"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object per line, for a log aggregator: `time`, `level`, `logger`, `message`, and
+    `exception` (the traceback) and `stack` when the record has them.
+
+    Extra attributes of the record (`extra=`, such as Django's `status_code`) are kept when they
+    are plain values (text, numbers, booleans, null), text masked; others (a request, a dict of
+    task arguments) are left out: their text could carry anything. They never replace the fields
+    above. The masking filter renders the message and the traceback masked before this runs; a
+    record that did not pass through it (the formatter used alone) is masked here.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        message, exception, stack = record.getMessage(), record.exc_text, record.stack_info
+        if record.exc_info and not exception:
+            exception = self.formatException(record.exc_info)
+        if not getattr(record, MASKED_ATTR, False):  # not through the filter: mask here
+            message = mask_secrets(message)
+            exception = mask_secrets(exception) if exception else exception
+            stack = mask_secrets(stack) if stack else stack
+        entry: dict[str, object] = {
+            "time": _utc_stamp(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": message,
+        }
+        if exception:
+            entry["exception"] = exception
+        if stack:
+            entry["stack"] = stack
+        for name, value in record.__dict__.items():
+            if name in _RECORD_ATTRS or name in entry or name.startswith("_"):
+                continue
+            if isinstance(value, str):
+                entry[name] = mask_secrets(value)
+            elif value is None or isinstance(value, bool | int):
+                entry[name] = value
+            elif isinstance(value, float):
+                entry[name] = value if math.isfinite(value) else str(value)
+        line = json.dumps(entry, ensure_ascii=False)
+        for char, escaped in _LINE_BREAKS.items():
+            line = line.replace(char, escaped)
+        return line

@@ -15,6 +15,8 @@ so an operator can still tell two tokens apart; a value shorter than eight chara
   are not plain hex such as event `access_token`s), and the configured `DJANGO_SECRET_KEY`,
   `B24_FRAME_SIGNING_KEY`, `B24_HEALTH_TOKEN`, `B24_CLIENT_SECRET` and `B24_TOKEN_KEYS` values
   wherever they appear.
+- :func:`mask_field`: the value of a named field in structured data (a header, a dict item of an
+  error report): all of it when the name names a secret, else as :func:`mask_secrets` does.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["MASK", "mask_secret", "mask_secrets", "redact"]
+__all__ = ["MASK", "mask_field", "mask_secret", "mask_secrets", "redact"]
 
 MASK = "***"
 
@@ -93,3 +95,22 @@ def mask_secrets(text: str) -> str:
     )
     text = _LONG_HEX.sub(lambda m: mask_secret(m.group(0)), text)
     return _EVENT_TOKEN.sub(lambda m: mask_secret(m.group(0)), text)
+
+
+# A field name that names a secret: one of the names above as a whole (`AUTH_ID`,
+# `auth[access_token]`, `code`; not `status_code`), or any name ending in token, secret,
+# password, authorization or cookie (`X-Frame-Token`, `frame_token`, `HTTP_AUTHORIZATION`).
+_SECRET_NAME = re.compile(
+    r"(?:^|[^A-Za-z0-9_])(?:"
+    + _SECRET_FIELD_NAMES
+    + r")\]?$|(?:token|secret|password|authorization|cookie)\]?$",
+    re.IGNORECASE,
+)
+
+
+def mask_field(name: str, value: str) -> str:
+    """The value of the field `name` (a header, a dict item), masked as a whole, four characters
+    kept, when the name names a secret; any other value as :func:`mask_secrets` masks text."""
+    if _SECRET_NAME.search(name.strip()):
+        return mask_secret(value)
+    return mask_secrets(value)

@@ -387,11 +387,30 @@ CELERY_BEAT_SCHEDULE = {
 # --- Logging ------------------------------------------------------------------------------------
 
 LOG_LEVEL = env.str("DJANGO_LOG_LEVEL", default="INFO")
+# DJANGO_LOG_FORMAT: the formatter of each value; both run after the same masking filter.
+LOG_FORMATTERS = {"text": "b24app.logs.OneLineFormatter", "json": "b24app.logs.JsonLineFormatter"}
+
+
+def _log_format() -> str:
+    """DJANGO_LOG_FORMAT (`text` by default), or a start-up error naming the allowed values."""
+    raw = env.str("DJANGO_LOG_FORMAT", default="text")
+    value = raw.strip().lower() or "text"
+    if value not in LOG_FORMATTERS:
+        allowed = " or ".join(f"`{name}`" for name in LOG_FORMATTERS)
+        # A long value is not echoed: it may be a secret pasted into the wrong variable.
+        shown = repr(raw) if len(raw) <= 12 else f"a {len(raw)}-character value"
+        raise ImproperlyConfigured(
+            f"DJANGO_LOG_FORMAT must be {allowed} (default `text`), not {shown}."
+        )
+    return value
+
+
+LOG_FORMAT = _log_format()
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "filters": {"mask_secrets": {"()": "b24app.logs.SecretMaskingFilter"}},
-    "formatters": {"line": {"()": "b24app.logs.OneLineFormatter"}},
+    "formatters": {"line": {"()": LOG_FORMATTERS[LOG_FORMAT]}},
     "handlers": {
         "stdout": {
             "class": "logging.StreamHandler",
@@ -407,3 +426,30 @@ LOGGING = {
         "celery": {"level": LOG_LEVEL},
     },
 }
+
+# --- Error reports (Sentry) ---------------------------------------------------------------------
+
+# Off unless SENTRY_DSN is set; on, every process that loads these settings (web and Celery
+# workers) reports errors, masked like the logs (b24app/errorreports.py).
+SENTRY_DSN = env.str("SENTRY_DSN", default="")
+SENTRY_ENVIRONMENT = env.str("SENTRY_ENVIRONMENT", default="")
+
+
+def _sample_rate(name: str) -> float:
+    """A fraction from 0 to 1 (default 0), or a start-up error naming the variable."""
+    raw = env.str(name, default="").strip()
+    try:
+        rate = float(raw) if raw else 0.0
+    except ValueError:
+        rate = -1.0
+    if not 0.0 <= rate <= 1.0:  # also refuses nan
+        shown = repr(raw) if len(raw) <= 12 else f"a {len(raw)}-character value"
+        raise ImproperlyConfigured(f"{name} must be a number from 0 to 1, not {shown}.")
+    return rate
+
+
+SENTRY_TRACES_SAMPLE_RATE = _sample_rate("SENTRY_TRACES_SAMPLE_RATE")
+if SENTRY_DSN:
+    from b24app.errorreports import start_error_reports
+
+    start_error_reports(SENTRY_DSN, SENTRY_ENVIRONMENT, SENTRY_TRACES_SAMPLE_RATE)
