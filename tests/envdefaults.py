@@ -22,6 +22,10 @@ TEST_ENV = {
 for _name, _value in TEST_ENV.items():
     os.environ.setdefault(_name, _value)
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "b24app.settings")
+# Never the machine's error reports: a test's deliberate failures (and the secrets the tests
+# plant) must not reach a real Sentry project. Its tests start the SDK themselves, on a
+# transport that only records.
+os.environ["SENTRY_DSN"] = ""
 
 
 def _redis_database(url: str, number: int) -> str:
