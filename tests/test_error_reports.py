@@ -8,9 +8,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import subprocess
-import sys
 from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
@@ -25,6 +23,7 @@ from b24app import errorreports
 from b24app import settings as settings_module
 from b24app.celery import app as celery_app
 from tests.b24app.test_logs import APP_TOKEN, CLIENT_SECRET, EVENT_ACCESS, FRAME_AUTH_ID, REFRESH
+from tests.support.processes import django_process
 
 ROOT = Path(__file__).resolve().parents[1]
 DSN = "https://public@example.invalid/1"
@@ -325,21 +324,8 @@ def test_mask_event_masks_every_string_and_field_and_keeps_the_release():
 
 
 def _start_django(env_overrides: dict[str, str], code: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SENTRY_")}
-    env.update(
-        {
-            "DJANGO_SETTINGS_MODULE": "b24app.settings",
-            "DJANGO_ENV_FILE": str(ROOT / "tests" / "no-such.env"),
-            **env_overrides,
-        }
-    )
-    return subprocess.run(
-        [sys.executable, "-c", f"import django; django.setup()\n{code}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    return django_process(
+        code, env=env_overrides, leave_out=lambda name: name.startswith("SENTRY_")
     )
 
 

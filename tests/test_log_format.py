@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from django.core.exceptions import ImproperlyConfigured
 from b24app import settings as settings_module
 from b24app.logs import JsonLineFormatter, OneLineFormatter, SecretMaskingFilter
 from tests.b24app.test_logs import APP_TOKEN, CLIENT_SECRET, EVENT_ACCESS, FRAME_AUTH_ID, REFRESH
+from tests.support.processes import django_process
 
 ROOT = Path(__file__).resolve().parents[1]
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -234,24 +234,8 @@ def test_log_format_refusal_does_not_echo_a_long_value(monkeypatch):
 
 
 def _start_django(log_format: str | None, code: str) -> subprocess.CompletedProcess:
-    """A fresh process that loads the settings (no .env) and runs `code` after django.setup()."""
-    env = {k: v for k, v in os.environ.items() if k != "DJANGO_LOG_FORMAT"}
-    env.update(
-        {
-            "DJANGO_SETTINGS_MODULE": "b24app.settings",
-            "DJANGO_ENV_FILE": str(ROOT / "tests" / "no-such.env"),
-        }
-    )
-    if log_format is not None:
-        env["DJANGO_LOG_FORMAT"] = log_format
-    return subprocess.run(
-        [sys.executable, "-c", f"import django; django.setup()\n{code}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    env = {} if log_format is None else {"DJANGO_LOG_FORMAT": log_format}
+    return django_process(code, env=env, leave_out=lambda name: name == "DJANGO_LOG_FORMAT")
 
 
 LOG_A_TOKEN = (
