@@ -9,7 +9,6 @@ import io
 import json
 import logging
 import subprocess
-from pathlib import Path
 from wsgiref.util import setup_testing_defaults
 
 import pytest
@@ -25,7 +24,6 @@ from b24app.celery import app as celery_app
 from tests.b24app.test_logs import APP_TOKEN, CLIENT_SECRET, EVENT_ACCESS, FRAME_AUTH_ID, REFRESH
 from tests.support.processes import django_process
 
-ROOT = Path(__file__).resolve().parents[1]
 DSN = "https://public@example.invalid/1"
 # Values no pattern recognises: only leaving them out keeps them out of a report.
 ODD_LOCAL = "Unusual-Shape-Local-Value-01"

@@ -8,7 +8,6 @@ import logging
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
@@ -18,7 +17,6 @@ from b24app.logs import JsonLineFormatter, OneLineFormatter, SecretMaskingFilter
 from tests.b24app.test_logs import APP_TOKEN, CLIENT_SECRET, EVENT_ACCESS, FRAME_AUTH_ID, REFRESH
 from tests.support.processes import django_process
 
-ROOT = Path(__file__).resolve().parents[1]
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 # The configured client secret, free-standing in a text (no key names it): masked by its value.
 CONFIGURED_SECRET = "Cfg-Client-Secret-Zq81-Lm42-Wx07"
