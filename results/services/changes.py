@@ -5,6 +5,8 @@ returning user's changes made due, and delivered changes purged after their rete
 from __future__ import annotations
 
 import logging
+import random
+import time
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -104,8 +106,20 @@ def result_change_submit(
     )
 
 
-WRITE_TRIES = 10
+WRITE_TRIES = 40
 """How often a change is written again after another one written at once took its place."""
+WRITE_PAUSE_S = 0.002
+"""Up to this many seconds times the tries so far, at random, before writing again: writers
+who keep choosing the same free place at the same moment fall out of step (under a stream of
+people's changes to one portal a writer could otherwise lose every try and be told the queue is
+full when it is not)."""
+
+
+def _pause_before_try(tries: int) -> None:
+    time.sleep(_JITTER.uniform(0, WRITE_PAUSE_S * tries))
+
+
+_JITTER = random.Random()
 
 
 def _queued(owner: str) -> str:
@@ -179,6 +193,7 @@ def _write_queued(change: ResultChange) -> bool:
             change._state.db = connection.alias
             return bool(failures)
         _refuse_if_full(change.account, *caps)
+        _pause_before_try(_try + 1)
     raise _portal_full(change.account, caps[1])
 
 
@@ -260,6 +275,7 @@ def result_change_retry(*, change_id: int, account: Account) -> ResultChange:
                 done = cursor.rowcount
         except IntegrityError:  # another change took the same place meanwhile: try again
             done = 0
+            _pause_before_try(_try + 1)
         else:
             if not done:
                 try:

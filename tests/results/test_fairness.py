@@ -339,6 +339,38 @@ def test_portal_cap_holds_under_concurrent_posts_of_several_people(
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
+def test_far_from_the_caps_concurrent_writers_of_one_portal_are_all_taken(
+    client, fake, portal, celery_eager, settings
+):
+    """Twelve people of one portal, each writing 15 changes one after another, all at the same
+    time, while the portal backs off: every change is stored. They compete for the same lowest
+    free places; a writer who keeps losing that race must not be told the queue is full."""
+    settings.RESULTS_QUEUED_PER_ACCOUNT = settings.RESULTS_QUEUED_PER_PORTAL = 1000
+    installed(client, portal, ANNA)
+    task = portal.add_task(title="Quarterly report")
+    people = [ANNA, BORIS, *(portal.add_user(name=f"User {n}") for n in range(10))]
+    for user in people[1:]:
+        open_screen(client, portal, user, task)
+    accounts = {a.user_id: a for a in Account.objects.select_related("portal")}
+    PortalOutboxFactory(
+        portal=accounts[ANNA].portal, failures=3, resume_at=timezone.now() + timedelta(minutes=5)
+    )
+
+    def submit(n: int) -> None:
+        account = Account.objects.select_related("portal").get(pk=accounts[people[n]].pk)
+        for k in range(15):
+            services.result_change_submit(
+                account=account, task_id=1, action="add", text=f"{n}-{k}"
+            )
+
+    assert _at_once(len(people), submit) == {"taken": len(people)}
+    queued = ResultChange.objects.filter(state=ResultChange.State.QUEUED)
+    assert queued.count() == 15 * len(people)
+    assert sorted(queued.values_list("portal_slot", flat=True)) == list(range(15 * len(people)))
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
 def test_account_cap_holds_under_concurrent_retries_and_posts(client, fake, portal, celery_eager):
     """18 queued, five changes not saved retried and five new edits at once: two are taken."""
     installed(client, portal, ANNA)
