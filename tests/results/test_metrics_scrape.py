@@ -179,3 +179,20 @@ def test_metrics_scrape_carries_no_token_secret_member_id_or_domain(
     assert len(secrets) > 7
     for secret in secrets:
         assert secret not in text
+
+
+@pytest.mark.postgres
+def test_metrics_outbox_query_is_one_indexed_query_on_postgresql():
+    """The scrape's one query reads only Queued rows, through an index (with sequential scans
+    off: the planner would scan an almost empty test table whole anyway)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as captured:
+        list(metrics.OutboxCollector().collect())
+    [query] = captured.captured_queries
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute("EXPLAIN " + query["sql"])
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "Index" in plan and "Seq Scan" not in plan, plan
