@@ -28,3 +28,12 @@ access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(M)sms'
 
 # Behind the TLS proxy, which must be the only way in (docs/SECURITY.md, "Known limits").
 forwarded_allow_ips = "*"
+
+
+def child_exit(server, worker):
+    """A worker that exited leaves its metric files in PROMETHEUS_MULTIPROC_DIR: prometheus-client
+    drops its live gauges' values there (its counters and histograms stay in /metrics' sums)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

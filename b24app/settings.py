@@ -171,6 +171,20 @@ B24_TOKEN_KEYS = _token_keys()
 # Bearer token that shows /healthz's detail (timings, error types, modes); unset: nobody sees it.
 B24_HEALTH_TOKEN = env.str("B24_HEALTH_TOKEN", default="")
 
+# --- Metrics ------------------------------------------------------------------------------------
+
+# Bearer token of GET /metrics (Prometheus, b24app/metrics.py); unset or empty: /metrics answers
+# 404. Multi-process metrics (gunicorn, Celery) need PROMETHEUS_MULTIPROC_DIR, which
+# prometheus-client reads from the environment itself (docs/OPERATIONS.md, "Metrics").
+MIN_METRICS_TOKEN_LENGTH = 16
+B24_METRICS_TOKEN = env.str("B24_METRICS_TOKEN", default="").strip()
+if B24_METRICS_TOKEN and len(B24_METRICS_TOKEN) < MIN_METRICS_TOKEN_LENGTH:
+    raise ImproperlyConfigured(
+        f"B24_METRICS_TOKEN is too short: it must be at least {MIN_METRICS_TOKEN_LENGTH} "
+        "characters (or unset, to turn /metrics off). Make one with: "
+        'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+    )
+
 # --- Django -------------------------------------------------------------------------------------
 
 INSTALLED_APPS = [

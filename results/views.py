@@ -20,6 +20,7 @@ from django.utils.translation import gettext as _
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from b24app import metrics
 from b24app.ids import parse_id
 from b24app.languages import frame_language
 from b24app.logs import claimed_id
@@ -145,6 +146,7 @@ def screen(request):
             exc.code,
             claimed_id(request.POST.get("member_id", "")),
         )
+        metrics.frame_refused(exc.reason, exc.code)
         return refused(request, exc.message, status_of(exc), code=exc.code, cause=exc)
     placement = str(request.POST.get("PLACEMENT", "DEFAULT"))[:64].upper()
     task_id = _task_from_placement(

@@ -17,6 +17,7 @@ from django.utils import translation
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from b24app import metrics
 from b24app.framing import allow_portal_framing, claimed_portal_origin
 from b24app.languages import frame_language
 from b24app.logs import claimed_id
@@ -92,6 +93,7 @@ def events(request):
     data = payload.get("data")
     if not isinstance(event, str) or not isinstance(auth, dict):
         logger.warning("event refused: malformed body")
+        metrics.event_refused(services.EventKind.MALFORMED, "malformed_event")
         return JsonResponse({"error": "malformed_event"}, status=400)
     outcome = services.event_handle(
         event=event,
@@ -107,6 +109,7 @@ def events(request):
             claimed_id(auth.get("member_id", "")),
             outcome.code,
         )
+        metrics.event_refused(outcome.kind, outcome.code)
         response = JsonResponse({"error": outcome.code}, status=status)
         if status == 503:  # Bitrix24 or its OAuth server busy (for whoever resends)
             response["Retry-After"] = str(busy_retry_after_s(None))

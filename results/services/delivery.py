@@ -16,6 +16,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from b24app import metrics
 from b24app.portals.bitrix import (
     IDEMPOTENCY_KEY_REUSED,
     BitrixAccessDenied,
@@ -204,6 +205,7 @@ def _attempt(
     """One attempt of a claimed change, its portal's turn known."""
     change_id = change.pk
     if turn == WAIT:
+        metrics.delivery_waits()
         return portal_wait(change, outbox)
     interval_s = 1 / portal_rate(change.portal)[1]
     # While Redis is unreachable a web request sends no write: each process would pace on its
@@ -281,6 +283,7 @@ def _attempt(
     logger.info(
         "change %s attempt %s -> %s %s", change.pk, change.attempts, change.state, change.last_error
     )
+    metrics.delivery_ended(change.state, deferred=deferred_for is not None)
     if change.state == ResultChange.State.QUEUED:
         result_change_schedule_on_commit(change)
     if drains:

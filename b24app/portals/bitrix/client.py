@@ -13,6 +13,7 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 
+from b24app import metrics
 from b24app.masking import mask_secret
 from b24app.portals.bitrix.config import BitrixConfig
 from b24app.portals.bitrix.errors import (
@@ -382,6 +383,7 @@ class BitrixClient:
                     "no request slot for this portal within the allowed wait",
                     retry_after=exc.retry_after,
                 ) from exc
+            metrics.limiter_waited(waited)
         if self._inflight is None:
             return waited, None
         wait = self._config.deadline
@@ -429,6 +431,7 @@ class BitrixClient:
 
     def _exception_for(self, method: str, error: _ErrorInfo) -> BitrixError:
         if error.code == "QUERY_LIMIT_EXCEEDED":
+            metrics.query_limit_exceeded(method)
             seconds = error.retry_after
             if seconds is None:
                 seconds = max(1.0, self._burst * QUERY_LIMIT_PENALTY_SHARE / self._rate)

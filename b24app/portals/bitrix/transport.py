@@ -26,6 +26,7 @@ from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
 from requests.utils import get_environ_proxies
 
+from b24app import metrics
 from b24app.portals.bitrix.config import BitrixConfig
 from b24app.portals.bitrix.errors import BitrixError, BitrixUnavailable
 from b24app.portals.bitrix.netguard import GuardedAdapter
@@ -395,6 +396,7 @@ def _log_exchange(
     http: str = "POST",
 ) -> None:
     duration = time.monotonic() - started
+    metrics.rest_call(method, api, duration, error)
     noteworthy = error is not None or duration >= SLOW_CALL_S or waited >= SLOW_CALL_S
     logger.log(
         logging.INFO if noteworthy else logging.DEBUG,

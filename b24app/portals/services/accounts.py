@@ -9,6 +9,7 @@ from datetime import timedelta
 from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
+from b24app import metrics
 from b24app.portals import crypto
 from b24app.portals.bitrix import (
     BitrixAuthError,
@@ -193,6 +194,7 @@ def account_tokens_refresh(*, account_id: int, seen_version: int | None = None) 
             "another renewal of this user's tokens is still under way",
             retry_after=REFRESH_BUSY_RETRY_S,
         ) from exc
+    metrics.token_refreshed(failure)
     if failure is not None:
         logger.warning(
             "token refresh failed portal=%s user=%s error=%s",
