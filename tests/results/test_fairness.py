@@ -359,9 +359,7 @@ def test_far_from_the_caps_concurrent_writers_of_one_portal_are_all_taken(
     def submit(n: int) -> None:
         account = Account.objects.select_related("portal").get(pk=accounts[people[n]].pk)
         for k in range(15):
-            services.result_change_submit(
-                account=account, task_id=1, action="add", text=f"{n}-{k}"
-            )
+            services.result_change_submit(account=account, task_id=1, action="add", text=f"{n}-{k}")
 
     assert _at_once(len(people), submit) == {"taken": len(people)}
     queued = ResultChange.objects.filter(state=ResultChange.State.QUEUED)
