@@ -13,8 +13,8 @@ so an operator can still tell two tokens apart; a value shorter than eight chara
   OAuth authorization code arrives in the callback's query string), free-standing strings shaped
   like Bitrix24 tokens (long hex runs such as `AUTH_ID`, 32-char lowercase alphanumerics that
   are not plain hex such as event `access_token`s), and the configured `DJANGO_SECRET_KEY`,
-  `B24_FRAME_SIGNING_KEY`, `B24_HEALTH_TOKEN`, `B24_CLIENT_SECRET` and `B24_TOKEN_KEYS` values
-  wherever they appear.
+  `B24_FRAME_SIGNING_KEY`, `B24_HEALTH_TOKEN`, `B24_METRICS_TOKEN`, `B24_CLIENT_SECRET` and
+  `B24_TOKEN_KEYS` values wherever they appear.
 - :func:`mask_field`: the value of a named field in structured data (a header, a dict item of an
   error report): all of it when the name names a secret, else as :func:`mask_secrets` does.
 """
@@ -77,6 +77,7 @@ def _configured_secrets() -> list[str]:
             settings.SECRET_KEY,
             settings.B24_FRAME_SIGNING_KEY,
             settings.B24_HEALTH_TOKEN,
+            settings.B24_METRICS_TOKEN,
             settings.B24_CLIENT_SECRET,
             *settings.B24_TOKEN_KEYS,
         ]

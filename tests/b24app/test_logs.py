@@ -54,6 +54,11 @@ def test_mask_secrets_hides_the_frame_signing_key(settings):
     )
 
 
+def test_mask_secrets_hides_the_metrics_token(settings):
+    settings.B24_METRICS_TOKEN = "metrics-token-Rk3wZ9qL2mT7vB5nC8xJ4hD6"
+    assert settings.B24_METRICS_TOKEN not in mask_secrets(f"oops {settings.B24_METRICS_TOKEN}")
+
+
 def test_mask_secrets_hides_the_health_token(settings):
     settings.B24_HEALTH_TOKEN = "health-token-Qm8vX2pL7wR4tN8bC1yH6sF5"
     assert settings.B24_HEALTH_TOKEN not in mask_secrets(f"Bearer {settings.B24_HEALTH_TOKEN}")
