@@ -42,6 +42,7 @@ DENY = ("'none'", "DENY")
 FRAME = "frame"  # frame endpoints: the frame token decides
 ROUTES = {
     "healthz": "plain",
+    "metrics": "plain",  # text for Prometheus; 404 without B24_METRICS_TOKEN
     "b24/install/": "install",
     "b24/events/": "plain",
     "b24/oauth/start/": "plain",
