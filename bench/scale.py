@@ -446,6 +446,11 @@ def _prepare_fake(fake: Any) -> WebPortal:
             state_reason="",
             last_refresh_error="",
         )
+        # The web portal's people open it with tokens this run's fake issues: the ones a
+        # previous run stored (still live by their expiry, unknown to this fake) are not kept.
+        Account.objects.filter(portal__member_id=web.member_id).update(
+            expires_at=_now() - IDLE_AGE, state=Account.State.ACTIVE, state_reason=""
+        )
         Portal.objects.filter(member_id=web.member_id).update(
             domain=web.domain,
             client_endpoint=web.client_endpoint,
