@@ -306,6 +306,22 @@ def _at_once(count: int, work) -> Counter:
     return Counter(outcomes)
 
 
+def _people_of_a_held_portal(client, portal, count: int) -> tuple[list[int], dict[int, Account]]:
+    """The app installed by Anna and `count` people in all (Anna, Boris, new users) who opened
+    it, their accounts by user id; the portal backs off, so their changes' quick tries send
+    nothing and the writes overlap."""
+    installed(client, portal, ANNA)
+    task = portal.add_task(title="Quarterly report")
+    people = [ANNA, BORIS, *(portal.add_user(name=f"User {n}") for n in range(count - 2))]
+    for user in people[1:]:
+        open_screen(client, portal, user, task)
+    accounts = {a.user_id: a for a in Account.objects.select_related("portal")}
+    PortalOutboxFactory(
+        portal=accounts[ANNA].portal, failures=3, resume_at=timezone.now() + timedelta(minutes=5)
+    )
+    return people, accounts
+
+
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
 def test_portal_cap_holds_under_concurrent_posts_of_several_people(
@@ -313,15 +329,7 @@ def test_portal_cap_holds_under_concurrent_posts_of_several_people(
 ):
     """A portal with one free place of five, and ten people's edits at once: one is taken."""
     settings.RESULTS_QUEUED_PER_PORTAL = 5
-    installed(client, portal, ANNA)
-    task = portal.add_task(title="Quarterly report")
-    people = [ANNA, BORIS, *(portal.add_user(name=f"User {n}") for n in range(3))]
-    for user in people[1:]:
-        open_screen(client, portal, user, task)
-    accounts = {a.user_id: a for a in Account.objects.select_related("portal")}
-    PortalOutboxFactory(
-        portal=accounts[ANNA].portal, failures=3, resume_at=timezone.now() + timedelta(minutes=5)
-    )
+    people, accounts = _people_of_a_held_portal(client, portal, 5)
     for user in people[:4]:
         services.result_change_submit(
             account=accounts[user], task_id=1, action="add", text=f"queued {user}"
@@ -346,15 +354,7 @@ def test_far_from_the_caps_concurrent_writers_of_one_portal_are_all_taken(
     time, while the portal backs off: every change is stored. They compete for the same lowest
     free places; a writer who keeps losing that race must not be told the queue is full."""
     settings.RESULTS_QUEUED_PER_ACCOUNT = settings.RESULTS_QUEUED_PER_PORTAL = 1000
-    installed(client, portal, ANNA)
-    task = portal.add_task(title="Quarterly report")
-    people = [ANNA, BORIS, *(portal.add_user(name=f"User {n}") for n in range(10))]
-    for user in people[1:]:
-        open_screen(client, portal, user, task)
-    accounts = {a.user_id: a for a in Account.objects.select_related("portal")}
-    PortalOutboxFactory(
-        portal=accounts[ANNA].portal, failures=3, resume_at=timezone.now() + timedelta(minutes=5)
-    )
+    people, accounts = _people_of_a_held_portal(client, portal, 12)
 
     def submit(n: int) -> None:
         account = Account.objects.select_related("portal").get(pk=accounts[people[n]].pk)
