@@ -163,17 +163,20 @@ def _compare(revision: str, rounds: int) -> int:
     """Runs of the baseline's tree and of this one in turn; a table of both side by side."""
     runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "now": []}
     database_url = os.environ.get("BENCH_SCREEN_DATABASE_URL", "")
+    envs: dict[str, dict[str, str]] = {side: {} for side in runs}
+    if database_url:  # each side's schema in a database of its own
+        for side, env in envs.items():
+            env["BENCH_SCREEN_DATABASE_URL"] = f"{database_url}_{side}"
+            problem = ensure_database(env["BENCH_SCREEN_DATABASE_URL"])
+            if problem:
+                return skipped(TITLE, problem)
     with baseline_tree(revision, ["common.py", "screen.py"]) as tree:
         for _ in range(rounds):
             for side, where in (("baseline", tree), ("now", ROOT)):
-                env = {}
-                if database_url:  # each side's schema in a database of its own
-                    env["BENCH_SCREEN_DATABASE_URL"] = f"{database_url}_{side}"
-                    problem = ensure_database(env["BENCH_SCREEN_DATABASE_URL"])
-                    if problem:
-                        return skipped(TITLE, problem)
                 runs[side].append(
-                    run_in_tree(where, "bench.screen", JSON_PREFIX, env=env, show=side == "now")
+                    run_in_tree(
+                        where, "bench.screen", JSON_PREFIX, env=envs[side], show=side == "now"
+                    )
                 )
     _print_comparison(revision, runs)
     return 0 if all(run["ok"] for side in runs.values() for run in side) else 1
