@@ -126,6 +126,17 @@ def test_metrics_labels_outside_the_fixed_sets_become_other(client, settings):
         assert made_up not in after.text
 
 
+def test_metrics_label_sets_follow_the_codes_they_name():
+    """The fixed label sets are copies (the metrics module cannot import the services it counts
+    for without a cycle): a refusal reason or an event's refusal kind added there must be
+    added here too, or it would be counted as `other`."""
+    from b24app.portals.services import EventKind, FrameRefusal
+
+    assert {reason.value for reason in FrameRefusal} == metrics.FRAME_REASONS
+    refusals = {EventKind.MALFORMED, EventKind.REFUSED, EventKind.UNAVAILABLE}
+    assert refusals == metrics.EVENT_KINDS
+
+
 def test_metrics_child_exit_hook_marks_the_gunicorn_worker_dead(tmp_path, monkeypatch):
     """gunicorn.conf.py's `child_exit` drops the exited worker's live-gauge files."""
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
